@@ -1,0 +1,43 @@
+// The portability header: everything a kernel needs that differs between CUDA and HIP. Kernels
+// include this and never name cuda* or hip* runtime calls, warp sizes or shuffle intrinsics
+// directly, so the same .cu sources compile as HIP (hip/hip_compat.h maps the names on AMD).
+#pragma once
+
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+#include "../hip/hip_compat.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace octavo::gpu {
+using Stream = cudaStream_t;
+using Error = cudaError_t;
+inline constexpr Error kSuccess = cudaSuccess;
+inline const char* error_string(Error error) { return cudaGetErrorString(error); }
+inline Error get_last_error() { return cudaGetLastError(); }
+inline Error device_count(int* count) { return cudaGetDeviceCount(count); }
+
+/// Threads in a warp: 32 on NVIDIA (64 on most AMD GPUs, see hip_compat.h). Never hard-code it.
+inline constexpr int kWarpSize = 32;
+
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T value, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask, kWarpSize);
+}
+template <typename T>
+__device__ __forceinline__ T shfl(T value, int src_lane) {
+  return __shfl_sync(0xffffffffu, value, src_lane, kWarpSize);
+}
+
+using bf16 = __nv_bfloat16;
+using fp16 = __half;
+}  // namespace octavo::gpu
+#endif
+
+namespace octavo::gpu {
+/// 16 bytes: the widest load a thread issues in one instruction on both vendors.
+struct alignas(16) Vec16 {
+  uint32_t words[4];
+};
+}  // namespace octavo::gpu
