@@ -1,0 +1,112 @@
+"""Offline throughput: random prompts through LLM.generate, every output run to its length.
+
+    python bench/throughput.py --model DIR [--device cpu] --num-prompts 64 \
+        --input-len 100:1024 --output-len 100:1024
+    python bench/throughput.py --random-model tiny-llama --num-prompts 16 --input-len 32 --output-len 32
+
+Lengths are drawn as BENCH.md prescribes: random.Random(seed), (randint(in), randint(out)) per
+request. Prints one JSON line: requests, prompt and output tokens, wall seconds, output and total
+tokens per second, the device and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def build_random_model(name: str, directory: str) -> None:
+    """A random-weight checkpoint of a named shape (tiny ones for the CPU)."""
+    import torch
+    import transformers
+
+    shapes = {
+        "tiny-llama": transformers.LlamaConfig(
+            vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+        "qwen3-0.6b": transformers.Qwen3Config(
+            vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+            max_position_embeddings=40960, tie_word_embeddings=True),
+    }
+    if name not in shapes:
+        raise SystemExit(f"unknown random model {name!r}; known: {', '.join(shapes)}")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(shapes[name]).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
+    from conftest import build_tokenizer
+
+    build_tokenizer(directory)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face checkpoint directory")
+    source.add_argument("--random-model", help="tiny-llama | qwen3-0.6b (random bf16 weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=parse_range, default=(100, 1024), help="N or LOW:HIGH")
+    parser.add_argument("--output-len", type=parse_range, default=(100, 1024), help="N or LOW:HIGH")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    args = parser.parse_args()
+
+    from octavo import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model
+        if args.random_model:
+            model_dir = scratch
+            build_random_model(args.random_model, model_dir)
+        rng = random.Random(args.seed)
+        lengths = [(rng.randint(*args.input_len), rng.randint(*args.output_len))
+                   for _ in range(args.num_prompts)]
+        llm = LLM(model=model_dir, device=args.device, dtype=args.dtype,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=max(i + o for i, o in lengths) + 1)
+        vocab = llm.model_spec["vocab_size"]
+        token_rng = random.Random(args.seed + 1)
+        prompts = [[token_rng.randrange(vocab) for _ in range(i)] for i, _ in lengths]
+        params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k)
+                  for k, (_, o) in enumerate(lengths)]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+
+    prompt_tokens = sum(i for i, _ in lengths)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({
+        "bench": "throughput", "model": args.random_model or args.model, "device": args.device,
+        "requests": args.num_prompts, "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens, "wall_s": round(wall, 3),
+        "output_tok_s": round(output_tokens / wall, 1),
+        "total_tok_s": round((prompt_tokens + output_tokens) / wall, 1),
+        "commit": commit(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

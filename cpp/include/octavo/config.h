@@ -1,0 +1,29 @@
+// Engine configuration as plain structs. Field names follow vLLM's engine arguments.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace octavo {
+
+struct EngineConfig {
+  std::string device = "cpu";  // "cpu", "cuda", "cuda:N"
+  /// Storage dtype of weights and KV cache: "auto" (the checkpoint's), "float32", "float16",
+  /// "bfloat16". The CPU backend computes in fp32 whatever the storage.
+  std::string dtype = "auto";
+  int max_model_len = 0;             // 0: the model's max_position_embeddings
+  int max_num_seqs = 256;            // running requests per step
+  int max_num_batched_tokens = 0;    // tokens per step; 0: max(8192, max_model_len) capped sensibly
+  int block_size = 16;               // tokens per KV block
+  bool enable_prefix_caching = true;
+  /// Fixed KV pool size in blocks (vLLM: num_gpu_blocks_override); 0: sized from memory.
+  int num_kv_blocks = 0;
+  /// CPU backend: bytes given to the KV pool when num_kv_blocks is 0 (vLLM's CPU KV space).
+  size_t cpu_kv_cache_bytes = size_t{4} << 30;
+  uint64_t seed = 0;                 // seeds requests that bring no seed of their own
+  std::vector<int32_t> eos_token_ids;  // EOS ids of the model (generation config)
+};
+
+}  // namespace octavo

@@ -1,0 +1,73 @@
+// octavo::Engine: the synchronous engine. add_request() queues a prompt, step() runs one
+// continuous-batching step (every running request advances: a prompt chunk or one decoded token)
+// and returns what each request gained; abort() drops a request. Not thread-safe: one thread
+// drives it (AsyncEngine, later, runs it on its own thread).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <octavo/config.h>
+#include <octavo/model_spec.h>
+#include <octavo/request.h>
+#include <octavo/sampling_params.h>
+
+namespace octavo {
+
+/// A weight in host memory, in canonical naming (model_spec.h). The engine copies it during
+/// construction; the caller keeps `data` alive until the constructor returns.
+struct HostTensor {
+  std::string name;
+  std::string dtype;  // "float32", "float16" or "bfloat16"
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+};
+
+struct EngineStats {
+  int num_running = 0;
+  int num_waiting = 0;
+  int num_kv_blocks = 0;
+  int num_free_kv_blocks = 0;        // free plus evictable (cached, unreferenced)
+  int num_evictable_kv_blocks = 0;   // cached prefix blocks no request holds (reusable, evictable)
+  uint64_t num_preemptions = 0;
+  uint64_t prefix_cache_queries = 0; // tokens looked up in the prefix cache
+  uint64_t prefix_cache_hits = 0;    // tokens found there
+  uint64_t prompt_tokens = 0;        // prompt tokens computed (cache hits excluded)
+  uint64_t generation_tokens = 0;
+};
+
+class Engine {
+ public:
+  /// Builds the backend, loads the weights (validating every name and shape against the spec)
+  /// and sizes the KV pool. Throws InvalidArgument / FormatError / OutOfMemory with the reason.
+  Engine(const ModelSpec& spec, const EngineConfig& config, const std::vector<HostTensor>& weights);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  /// Queues a request. Throws InvalidArgument when it can never run: an empty prompt, a token id
+  /// outside the vocabulary, a prompt longer than max_model_len or than the whole KV pool, bad
+  /// sampling params.
+  RequestId add_request(std::vector<int32_t> prompt_token_ids, const SamplingParams& params);
+
+  /// One scheduling step. Returns an entry for every request that gained tokens or finished.
+  std::vector<RequestOutput> step();
+
+  /// Finishes a request with reason kAbort; its output appears in the next step(). Unknown or
+  /// already-finished ids are ignored.
+  void abort(RequestId id);
+
+  bool has_unfinished() const;
+  EngineStats stats() const;
+  /// The configuration after defaults were resolved (max_model_len, pool size, ...).
+  const EngineConfig& config() const;
+  const ModelSpec& spec() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace octavo

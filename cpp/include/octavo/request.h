@@ -1,0 +1,41 @@
+// What a request produces, step by step.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace octavo {
+
+using RequestId = uint64_t;
+
+enum class FinishReason : uint8_t {
+  kNone,    // still running
+  kLength,  // max_tokens or max_model_len reached
+  kStop,    // EOS or a stop token sampled
+  kAbort,   // aborted by the caller (or rejected: error holds why)
+};
+
+const char* to_string(FinishReason reason);  // "length", "stop", "abort", "" for kNone
+
+/// One token's log-probabilities: the sampled token's, and the top-N when asked.
+struct TokenLogprobs {
+  float logprob = 0.0f;               // of the sampled token
+  int32_t rank = 0;                   // 1-based rank of the sampled token (0 when not in the top-N)
+  std::vector<int32_t> top_ids;       // descending probability
+  std::vector<float> top_logprobs;
+};
+
+/// The tokens a step added to one request, and whether it finished.
+struct RequestOutput {
+  RequestId id = 0;
+  std::vector<int32_t> new_token_ids;
+  std::vector<TokenLogprobs> new_logprobs;  // one per new token when logprobs were asked for
+  float cumulative_logprob = 0.0f;          // over every output token so far
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+  int32_t stop_token_id = -1;               // the stop token that ended it, if any
+  std::string error;                        // set when the request was rejected
+};
+
+}  // namespace octavo

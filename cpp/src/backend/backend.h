@@ -1,0 +1,83 @@
+// A backend: device memory plus the ops of ops.h on one stream. The executor drives a model
+// through this interface only, so it never knows which device it runs on.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "backend/ops.h"
+
+namespace octavo {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;  // "cpu", "cuda:0"
+  /// The activation dtype this backend computes in for a model stored in `weight_dtype`.
+  virtual DType act_dtype(DType weight_dtype) const = 0;
+
+  // Memory. allocate() returns memory aligned to at least 256 bytes or throws OutOfMemory.
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void release(void* pointer) = 0;
+  /// Host -> device and device -> host copies, ordered with the ops on this backend's stream.
+  virtual void upload(void* device, const void* host, size_t bytes) = 0;
+  virtual void download(void* host, const void* device, size_t bytes) = 0;
+  /// Blocks until every op issued so far has finished.
+  virtual void synchronize() = 0;
+
+  // The ops (contracts in ops.h).
+  virtual void copy_blocks(const CopyBlocksParams& p) = 0;
+  virtual void embedding(const EmbeddingParams& p) = 0;
+  virtual void norm(const NormParams& p) = 0;
+  virtual void gemm(const GemmParams& p) = 0;
+  virtual void rotary(const RotaryParams& p) = 0;
+  virtual void write_kv(const WriteKVParams& p) = 0;
+  virtual void paged_attention(const AttentionParams& p) = 0;
+  virtual void activation(const ActivationParams& p) = 0;
+  virtual void gather_rows(const GatherRowsParams& p) = 0;
+  virtual void add_logit_bias(const LogitBiasParams& p) = 0;
+  virtual void sample(const SampleParams& p) = 0;
+};
+
+/// Owns one allocation of a backend; moves, never copies.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend& backend, size_t bytes)
+      : backend_(&backend), data_(bytes ? backend.allocate(bytes) : nullptr), bytes_(bytes) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    reset();
+    backend_ = other.backend_;
+    data_ = other.data_;
+    bytes_ = other.bytes_;
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void reset() {
+    if (data_) backend_->release(data_);
+    data_ = nullptr;
+  }
+  Backend* backend_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+/// Makes the backend for a device string: "cpu", "cuda" or "cuda:N". Throws InvalidArgument for
+/// an unknown device or one this build lacks, naming the devices it has.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+}  // namespace octavo

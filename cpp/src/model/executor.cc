@@ -1,0 +1,571 @@
+#include "model/executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include <octavo/error.h>
+
+#include "model/dtype_convert.h"
+#include "model/rope.h"
+
+namespace octavo {
+namespace {
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+struct ExpectedWeight {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+// Every canonical weight the spec needs, with its shape (model_spec.h lists the names).
+std::vector<ExpectedWeight> expected_weights(const ModelSpec& s) {
+  std::vector<ExpectedWeight> w;
+  const int64_t hidden = s.hidden_size, inter = s.intermediate_size;
+  const bool has_norm_weight = s.norm != NormKind::kLayerNormNoWeight;
+  auto add_norm = [&](const std::string& prefix) {
+    if (has_norm_weight) w.push_back({prefix + ".weight", {hidden}});
+    if (has_norm_weight && s.norm_bias) w.push_back({prefix + ".bias", {hidden}});
+  };
+  w.push_back({"embed_tokens.weight", {s.vocab_size, hidden}});
+  if (s.positions == PositionKind::kLearned) {
+    w.push_back({"embed_positions.weight", {s.max_position_embeddings + s.position_offset, hidden}});
+  }
+  const int64_t qkv_rows = s.q_size() + 2 * int64_t(s.kv_size());
+  for (int l = 0; l < s.num_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add_norm(p + "input_norm");
+    w.push_back({p + "qkv.weight", {qkv_rows, hidden}});
+    if (s.qkv_bias) w.push_back({p + "qkv.bias", {qkv_rows}});
+    if (s.qk_norm) {
+      w.push_back({p + "q_norm.weight", {s.head_dim}});
+      w.push_back({p + "k_norm.weight", {s.head_dim}});
+    }
+    w.push_back({p + "o.weight", {hidden, s.q_size()}});
+    if (s.o_bias) w.push_back({p + "o.bias", {hidden}});
+    if (s.residual != ResidualKind::kParallelOneNorm) add_norm(p + "post_attn_norm");
+    const bool glu = is_glu(s.activation);
+    const std::string mlp_in = glu ? "gate_up" : "up";
+    w.push_back({p + mlp_in + ".weight", {(glu ? 2 : 1) * inter, hidden}});
+    if (s.mlp_bias) w.push_back({p + mlp_in + ".bias", {(glu ? 2 : 1) * inter}});
+    w.push_back({p + "down.weight", {hidden, inter}});
+    if (s.mlp_bias) w.push_back({p + "down.bias", {hidden}});
+  }
+  add_norm("final_norm");
+  if (!s.tied_embeddings) w.push_back({"lm_head.weight", {s.vocab_size, hidden}});
+  return w;
+}
+
+// ALiBi slopes as BLOOM and MPT define them: a geometric sequence from 2^(-8/n) for the nearest
+// power of two n, interleaved with the odd steps of the next power when heads are not a power of 2.
+std::vector<float> alibi_slopes(int num_heads) {
+  int closest = 1;
+  while (closest * 2 <= num_heads) closest *= 2;
+  const double base = std::pow(2.0, -std::pow(2.0, -(std::log2(closest) - 3)));
+  std::vector<float> slopes;
+  for (int i = 1; i <= closest; ++i) slopes.push_back(float(std::pow(base, i)));
+  if (closest != num_heads) {
+    const double extra_base = std::pow(2.0, -std::pow(2.0, -(std::log2(2 * closest) - 3)));
+    for (int i = 1; int(slopes.size()) < num_heads; i += 2) {
+      slopes.push_back(float(std::pow(extra_base, i)));
+    }
+  }
+  return slopes;
+}
+
+template <typename T>
+T* carve(std::byte*& cursor, size_t count) {
+  constexpr size_t kAlign = 64;
+  T* out = reinterpret_cast<T*>(cursor);
+  cursor += (count * sizeof(T) + kAlign - 1) / kAlign * kAlign;
+  return out;
+}
+
+}  // namespace
+
+void StepBatch::clear() {
+  token_ids.clear();
+  positions.clear();
+  slot_mapping.clear();
+  query_start.assign(1, 0);
+  context_lens.clear();
+  block_tables.clear();
+  block_table_width = 0;
+  block_copies.clear();
+  sample_rows.clear();
+  sampling.clear();
+  bias_offsets.assign(1, 0);
+  bias_token_ids.clear();
+  bias_values.clear();
+  num_top_logprobs = 0;
+}
+
+size_t Executor::kv_block_bytes(const ModelSpec& spec, int block_size, DType cache_dtype) {
+  KVCacheShape shape{spec.num_layers, 1, spec.num_kv_heads, block_size, spec.head_dim, cache_dtype};
+  return shape.block_bytes() * spec.num_layers;
+}
+
+Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
+                   const ExecutorLimits& limits, int num_kv_blocks, int block_size,
+                   const std::vector<HostTensor>& weights)
+    : spec_(spec),
+      backend_(backend),
+      weight_dtype_(weight_dtype),
+      act_dtype_(backend.act_dtype(weight_dtype)),
+      limits_(limits) {
+  spec_.validate();
+  if (act_dtype_ != DType::kFloat32) {
+    // The LM head writes logits in the activation dtype; the sampler reads fp32.
+    throw InvalidArgument("executor: only fp32 activations are supported so far");
+  }
+  load_weights(weights);
+
+  kv_shape_ = KVCacheShape{spec_.num_layers, num_kv_blocks, spec_.num_kv_heads, block_size,
+                           spec_.head_dim, weight_dtype_};
+  kv_cache_ = DeviceBuffer(backend_, kv_shape_.total_bytes());
+
+  if (spec_.positions == PositionKind::kRotary) {
+    std::vector<float> table = rope_cos_sin_table(spec_.rope, spec_.head_dim, limits_.max_model_len);
+    rope_cos_sin_ = DeviceBuffer(backend_, table.size() * sizeof(float));
+    backend_.upload(rope_cos_sin_.data(), table.data(), table.size() * sizeof(float));
+  }
+  if (spec_.positions == PositionKind::kAlibi) {
+    std::vector<float> slopes = alibi_slopes(spec_.num_heads);
+    alibi_slopes_ = DeviceBuffer(backend_, slopes.size() * sizeof(float));
+    backend_.upload(alibi_slopes_.data(), slopes.data(), slopes.size() * sizeof(float));
+  }
+
+  const size_t T = limits_.max_num_tokens, S = limits_.max_num_seqs;
+  const size_t act = dtype_size(act_dtype_);
+  const size_t hidden = spec_.hidden_size, inter = spec_.intermediate_size;
+  residual_ = DeviceBuffer(backend_, T * hidden * act);
+  hidden_ = DeviceBuffer(backend_, T * hidden * act);
+  if (spec_.residual == ResidualKind::kParallelTwoNorms) hidden2_ = DeviceBuffer(backend_, T * hidden * act);
+  qkv_ = DeviceBuffer(backend_, T * (spec_.q_size() + 2 * size_t(spec_.kv_size())) * act);
+  attn_out_ = DeviceBuffer(backend_, T * spec_.q_size() * act);
+  delta_ = DeviceBuffer(backend_, T * hidden * act);
+  mlp_in_ = DeviceBuffer(backend_, T * (is_glu(spec_.activation) ? 2 : 1) * inter * act);
+  mlp_act_ = DeviceBuffer(backend_, T * inter * act);
+  sample_hidden_ = DeviceBuffer(backend_, S * hidden * act);
+  logits_ = DeviceBuffer(backend_, S * size_t(spec_.vocab_size) * sizeof(float));
+  sampled_ = DeviceBuffer(backend_, S * (sizeof(int32_t) + sizeof(float)) * (1 + kMaxTopLogprobs));
+
+  // Step inputs: sized for the largest step so that the per-step upload never reallocates.
+  const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
+  max_bias_entries_ = S * 64;
+  const size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
+                            S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
+                            max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4;
+  step_inputs_ = DeviceBuffer(backend_, step_bytes);
+  step_staging_.resize(step_bytes);
+}
+
+void Executor::load_weights(const std::vector<HostTensor>& weights) {
+  std::unordered_map<std::string, const HostTensor*> by_name;
+  for (const HostTensor& t : weights) {
+    if (!by_name.emplace(t.name, &t).second) {
+      throw FormatError("weight '" + t.name + "' was given twice");
+    }
+  }
+  for (const ExpectedWeight& e : expected_weights(spec_)) {
+    auto it = by_name.find(e.name);
+    if (it == by_name.end()) {
+      throw FormatError("missing weight '" + e.name + "' (shape " + shape_string(e.shape) + ") for " +
+                        spec_.architecture);
+    }
+    const HostTensor& t = *it->second;
+    if (t.shape != e.shape) {
+      throw FormatError("weight '" + e.name + "' has shape " + shape_string(t.shape) + "; " +
+                        spec_.architecture + " with this config needs " + shape_string(e.shape));
+    }
+    const DType source = parse_dtype(t.dtype, "weight '" + e.name + "'");
+    size_t count = 1;
+    for (int64_t d : t.shape) count *= size_t(d);
+    std::vector<std::byte> converted(count * dtype_size(weight_dtype_));
+    convert_dtype(t.data, source, converted.data(), weight_dtype_, count);
+    DeviceBuffer buffer(backend_, converted.size());
+    backend_.upload(buffer.data(), converted.data(), converted.size());
+    weights_.emplace(e.name, std::move(buffer));
+    by_name.erase(it);
+  }
+  if (!by_name.empty()) {
+    throw FormatError("unexpected weight '" + by_name.begin()->first + "' for " +
+                      spec_.architecture + " (" + std::to_string(by_name.size()) +
+                      " weights the spec does not use)");
+  }
+
+  embed_tokens_ = weight("embed_tokens.weight");
+  embed_positions_ = weight("embed_positions.weight");
+  final_norm_w_ = weight("final_norm.weight");
+  final_norm_b_ = weight("final_norm.bias");
+  lm_head_w_ = spec_.tied_embeddings ? embed_tokens_ : weight("lm_head.weight");
+  const bool glu = is_glu(spec_.activation);
+  for (int l = 0; l < spec_.num_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    Layer layer;
+    layer.input_norm_w = weight(p + "input_norm.weight");
+    layer.input_norm_b = weight(p + "input_norm.bias");
+    layer.qkv_w = weight(p + "qkv.weight");
+    layer.qkv_b = weight(p + "qkv.bias");
+    layer.q_norm_w = weight(p + "q_norm.weight");
+    layer.k_norm_w = weight(p + "k_norm.weight");
+    layer.o_w = weight(p + "o.weight");
+    layer.o_b = weight(p + "o.bias");
+    layer.post_norm_w = weight(p + "post_attn_norm.weight");
+    layer.post_norm_b = weight(p + "post_attn_norm.bias");
+    layer.mlp_in_w = weight(p + (glu ? "gate_up.weight" : "up.weight"));
+    layer.mlp_in_b = weight(p + (glu ? "gate_up.bias" : "up.bias"));
+    layer.down_w = weight(p + "down.weight");
+    layer.down_b = weight(p + "down.bias");
+    layers_.push_back(layer);
+  }
+}
+
+const void* Executor::weight(const std::string& name) const {
+  auto it = weights_.find(name);
+  return it == weights_.end() ? nullptr : it->second.data();
+}
+
+void Executor::upload_step(const StepBatch& b) {
+  const int32_t T = b.num_tokens(), R = b.num_requests(), S = b.num_samples();
+  const size_t bias_entries = b.bias_token_ids.size();
+  if (T > limits_.max_num_tokens || R > limits_.max_num_seqs || S > limits_.max_num_seqs ||
+      bias_entries > max_bias_entries_ || b.block_copies.size() > size_t(4 * limits_.max_num_seqs)) {
+    throw InvalidArgument("step of " + std::to_string(T) + " tokens, " + std::to_string(R) +
+                          " requests exceeds the executor's limits (" +
+                          std::to_string(limits_.max_num_tokens) + " tokens, " +
+                          std::to_string(limits_.max_num_seqs) + " requests)");
+  }
+  std::byte* base = step_staging_.data();
+  std::byte* cursor = base;
+  auto stage = [&](auto* dst_host, const auto& src) {
+    std::memcpy(dst_host, src.data(), src.size() * sizeof(src[0]));
+  };
+  int32_t* token_ids = carve<int32_t>(cursor, T);
+  int32_t* positions = carve<int32_t>(cursor, T);
+  int64_t* slots = carve<int64_t>(cursor, T);
+  int32_t* query_start = carve<int32_t>(cursor, R + 1);
+  int32_t* context_lens = carve<int32_t>(cursor, R);
+  int32_t* block_tables = carve<int32_t>(cursor, b.block_tables.size());
+  int32_t* sample_rows = carve<int32_t>(cursor, S);
+  SamplingRow* sampling = carve<SamplingRow>(cursor, S);
+  int32_t* bias_offsets = carve<int32_t>(cursor, S + 1);
+  int32_t* bias_ids = carve<int32_t>(cursor, bias_entries);
+  float* bias_values = carve<float>(cursor, bias_entries);
+  BlockCopy* copies = carve<BlockCopy>(cursor, b.block_copies.size());
+  stage(token_ids, b.token_ids);
+  stage(positions, b.positions);
+  stage(slots, b.slot_mapping);
+  stage(query_start, b.query_start);
+  stage(context_lens, b.context_lens);
+  stage(block_tables, b.block_tables);
+  stage(sample_rows, b.sample_rows);
+  stage(sampling, b.sampling);
+  stage(bias_offsets, b.bias_offsets);
+  stage(bias_ids, b.bias_token_ids);
+  stage(bias_values, b.bias_values);
+  stage(copies, b.block_copies);
+  const size_t used = size_t(cursor - base);
+  backend_.upload(step_inputs_.data(), base, used);
+
+  auto device = [&](auto* host_pointer) {
+    using T = std::remove_pointer_t<decltype(host_pointer)>;
+    return reinterpret_cast<T*>(step_inputs_.as<std::byte>() +
+                                (reinterpret_cast<std::byte*>(host_pointer) - base));
+  };
+  d_token_ids_ = device(token_ids);
+  d_positions_ = device(positions);
+  d_slot_mapping_ = device(slots);
+  d_query_start_ = device(query_start);
+  d_context_lens_ = device(context_lens);
+  d_block_tables_ = device(block_tables);
+  d_sample_rows_ = device(sample_rows);
+  d_sampling_ = device(sampling);
+  d_bias_offsets_ = device(bias_offsets);
+  d_bias_token_ids_ = device(bias_ids);
+  d_bias_values_ = device(bias_values);
+  d_block_copies_ = device(copies);
+}
+
+void Executor::norm(const void* in, void* residual, void* out, int rows, const void* w,
+                    const void* b) {
+  NormParams p{};
+  p.in = in;
+  p.residual = residual;
+  p.out = out;
+  p.weight = w;
+  p.bias = b;
+  p.rows = rows;
+  p.hidden = spec_.hidden_size;
+  p.row_stride = spec_.hidden_size;
+  p.eps = spec_.norm_eps;
+  p.kind = uint8_t(spec_.norm);
+  p.weight_dtype = weight_dtype_;
+  p.act_dtype = act_dtype_;
+  backend_.norm(p);
+}
+
+void Executor::gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
+                    bool accumulate) {
+  GemmParams p{};
+  p.in = in;
+  p.weight = w;
+  p.bias = b;
+  p.out = out;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.in_stride = k;
+  p.out_stride = n;
+  p.accumulate = accumulate;
+  p.weight_dtype = weight_dtype_;
+  p.act_dtype = act_dtype_;
+  backend_.gemm(p);
+}
+
+// One decoder layer. On entry, residual_ holds the residual stream minus the previous layer's
+// last sub-block output, which waits in delta_ (first layer: residual_ holds the embeddings and
+// delta_ is unused); the fused residual-add + norm folds it in.
+void Executor::run_layer(int l, const StepBatch& batch, bool first) {
+  const Layer& w = layers_[l];
+  const int T = batch.num_tokens();
+  const int hidden = spec_.hidden_size, q_size = spec_.q_size(), kv_size = spec_.kv_size();
+  const size_t act = dtype_size(act_dtype_);
+
+  norm(first ? residual_.data() : delta_.data(), first ? nullptr : residual_.data(), hidden_.data(),
+       T, w.input_norm_w, w.input_norm_b);
+  if (spec_.residual == ResidualKind::kParallelTwoNorms) {
+    norm(residual_.data(), nullptr, hidden2_.data(), T, w.post_norm_w, w.post_norm_b);
+  }
+
+  // QKV. With QK norm, q, k and v are computed as three contiguous matrices so that each head is
+  // one row for the per-head norm; otherwise one fused GEMM writes [T, q | k | v].
+  auto* qkv = qkv_.as<std::byte>();
+  void *q, *k, *v;
+  int64_t q_stride, kv_stride;
+  if (spec_.qk_norm) {
+    q = qkv;
+    k = qkv + size_t(T) * q_size * act;
+    v = qkv + size_t(T) * (q_size + kv_size) * act;
+    q_stride = q_size;
+    kv_stride = kv_size;
+    const auto* wb = static_cast<const std::byte*>(w.qkv_w);
+    const auto* bb = static_cast<const std::byte*>(w.qkv_b);
+    const size_t wrow = size_t(hidden) * dtype_size(weight_dtype_), brow = dtype_size(weight_dtype_);
+    gemm(hidden_.data(), wb, bb, q, T, q_size, hidden);
+    gemm(hidden_.data(), wb + q_size * wrow, bb ? bb + q_size * brow : nullptr, k, T, kv_size, hidden);
+    gemm(hidden_.data(), wb + (q_size + kv_size) * wrow, bb ? bb + (q_size + kv_size) * brow : nullptr,
+         v, T, kv_size, hidden);
+    NormParams p{};
+    p.hidden = spec_.head_dim;
+    p.row_stride = spec_.head_dim;
+    p.eps = spec_.norm_eps;
+    p.kind = uint8_t(spec_.norm == NormKind::kRMSNormPlusOne ? NormKind::kRMSNormPlusOne
+                                                              : NormKind::kRMSNorm);
+    p.weight_dtype = weight_dtype_;
+    p.act_dtype = act_dtype_;
+    p.in = p.out = q;
+    p.rows = T * spec_.num_heads;
+    p.weight = w.q_norm_w;
+    backend_.norm(p);
+    p.in = p.out = k;
+    p.rows = T * spec_.num_kv_heads;
+    p.weight = w.k_norm_w;
+    backend_.norm(p);
+  } else {
+    const int width = q_size + 2 * kv_size;
+    gemm(hidden_.data(), w.qkv_w, w.qkv_b, qkv, T, width, hidden);
+    q = qkv;
+    k = qkv + size_t(q_size) * act;
+    v = qkv + size_t(q_size + kv_size) * act;
+    q_stride = kv_stride = width;
+  }
+
+  if (spec_.positions == PositionKind::kRotary) {
+    RotaryParams r{};
+    r.q = q;
+    r.k = k;
+    r.positions = d_positions_;
+    r.cos_sin = rope_cos_sin_.as<float>();
+    r.num_tokens = T;
+    r.num_heads = spec_.num_heads;
+    r.num_kv_heads = spec_.num_kv_heads;
+    r.head_dim = spec_.head_dim;
+    r.rotary_dim = spec_.rotary_dim();
+    r.max_position = limits_.max_model_len;
+    r.q_stride = q_stride;
+    r.k_stride = kv_stride;
+    r.pairing = uint8_t(spec_.rope.pairing);
+    r.act_dtype = act_dtype_;
+    backend_.rotary(r);
+  }
+
+  void* layer_cache = kv_cache_.as<std::byte>() + size_t(l) * kv_shape_.layer_bytes();
+  WriteKVParams wkv{};
+  wkv.k = k;
+  wkv.v = v;
+  wkv.layer_cache = layer_cache;
+  wkv.slot_mapping = d_slot_mapping_;
+  wkv.num_tokens = T;
+  wkv.num_kv_heads = spec_.num_kv_heads;
+  wkv.head_dim = spec_.head_dim;
+  wkv.block_size = kv_shape_.block_size;
+  wkv.k_stride = wkv.v_stride = kv_stride;
+  wkv.act_dtype = act_dtype_;
+  wkv.cache_dtype = kv_shape_.dtype;
+  backend_.write_kv(wkv);
+
+  AttentionParams a{};
+  a.q = q;
+  a.layer_cache = layer_cache;
+  a.out = attn_out_.data();
+  a.query_start = d_query_start_;
+  a.context_lens = d_context_lens_;
+  a.block_tables = d_block_tables_;
+  a.alibi_slopes = spec_.positions == PositionKind::kAlibi ? alibi_slopes_.as<float>() : nullptr;
+  a.num_requests = batch.num_requests();
+  a.num_tokens = T;
+  a.num_heads = spec_.num_heads;
+  a.num_kv_heads = spec_.num_kv_heads;
+  a.head_dim = spec_.head_dim;
+  a.block_size = kv_shape_.block_size;
+  a.max_blocks_per_request = batch.block_table_width;
+  a.q_stride = q_stride;
+  a.sliding_window = spec_.window_of(l);
+  a.scale = spec_.softmax_scale();
+  a.softcap = spec_.attn_logit_softcap;
+  a.act_dtype = act_dtype_;
+  a.cache_dtype = kv_shape_.dtype;
+  backend_.paged_attention(a);
+
+  gemm(attn_out_.data(), w.o_w, w.o_b, delta_.data(), T, hidden, q_size);
+
+  const void* mlp_input = hidden_.data();
+  if (spec_.residual == ResidualKind::kSequential) {
+    norm(delta_.data(), residual_.data(), hidden_.data(), T, w.post_norm_w, w.post_norm_b);
+  } else if (spec_.residual == ResidualKind::kParallelTwoNorms) {
+    mlp_input = hidden2_.data();
+  }
+  const int inter = spec_.intermediate_size;
+  const bool glu = is_glu(spec_.activation);
+  gemm(mlp_input, w.mlp_in_w, w.mlp_in_b, mlp_in_.data(), T, (glu ? 2 : 1) * inter, hidden);
+  ActivationParams ap{};
+  ap.in = mlp_in_.data();
+  ap.out = mlp_act_.data();
+  ap.num_tokens = T;
+  ap.inter = inter;
+  ap.activation = uint8_t(spec_.activation);
+  ap.act_dtype = act_dtype_;
+  backend_.activation(ap);
+  // Parallel blocks sum attention and MLP into one delta; sequential ones start a fresh delta.
+  const bool accumulate = spec_.residual != ResidualKind::kSequential;
+  gemm(mlp_act_.data(), w.down_w, w.down_b, delta_.data(), T, hidden, inter, accumulate);
+}
+
+StepResult Executor::execute(const StepBatch& batch) {
+  StepResult result;
+  const int T = batch.num_tokens(), S = batch.num_samples();
+  if (T == 0) return result;
+  upload_step(batch);
+
+  if (!batch.block_copies.empty()) {
+    CopyBlocksParams c{};
+    c.cache = kv_cache_.data();
+    c.layer_stride = int64_t(kv_shape_.layer_bytes());
+    c.block_bytes = int64_t(kv_shape_.block_bytes());
+    c.num_layers = kv_shape_.num_layers;
+    c.num_blocks = kv_shape_.num_blocks;
+    c.copies = d_block_copies_;
+    c.num_copies = int32_t(batch.block_copies.size());
+    backend_.copy_blocks(c);
+  }
+
+  EmbeddingParams e{};
+  e.token_ids = d_token_ids_;
+  e.table = embed_tokens_;
+  e.position_ids = d_positions_;
+  e.positions = embed_positions_;
+  e.out = residual_.data();
+  e.num_tokens = T;
+  e.hidden = spec_.hidden_size;
+  e.vocab_size = spec_.vocab_size;
+  e.num_positions = spec_.max_position_embeddings + spec_.position_offset;
+  e.position_offset = spec_.position_offset;
+  e.scale = spec_.embedding_scale;
+  e.weight_dtype = weight_dtype_;
+  e.act_dtype = act_dtype_;
+  backend_.embedding(e);
+
+  for (int l = 0; l < spec_.num_layers; ++l) run_layer(l, batch, l == 0);
+  if (S == 0) return result;
+
+  // Only the rows that sample go through the final norm and the LM head. The final residual add
+  // is row-wise, so gathering first and adding after is the same sum on fewer rows.
+  const size_t act = dtype_size(act_dtype_);
+  GatherRowsParams g{};
+  g.rows = d_sample_rows_;
+  g.num_rows = S;
+  g.width = spec_.hidden_size;
+  g.act_dtype = act_dtype_;
+  g.in = delta_.data();
+  g.out = sample_hidden_.data();
+  backend_.gather_rows(g);
+  auto* gathered_residual = hidden_.as<std::byte>();  // free now: reuse as [S, hidden]
+  g.in = residual_.data();
+  g.out = gathered_residual;
+  backend_.gather_rows(g);
+  norm(sample_hidden_.data(), gathered_residual, sample_hidden_.data(), S, final_norm_w_,
+       final_norm_b_);
+  (void)act;
+
+  gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), S, spec_.vocab_size,
+       spec_.hidden_size);
+
+  if (!batch.bias_token_ids.empty()) {
+    LogitBiasParams lb{};
+    lb.logits = logits_.as<float>();
+    lb.row_offsets = d_bias_offsets_;
+    lb.token_ids = d_bias_token_ids_;
+    lb.bias = d_bias_values_;
+    lb.num_rows = S;
+    lb.vocab_size = spec_.vocab_size;
+    backend_.add_logit_bias(lb);
+  }
+
+  const int top = std::min(batch.num_top_logprobs, kMaxTopLogprobs);
+  auto* out = sampled_.as<std::byte>();
+  SampleParams sp{};
+  sp.logits = logits_.as<float>();
+  sp.rows = d_sampling_;
+  sp.sampled = reinterpret_cast<int32_t*>(out);
+  sp.sampled_logprob = reinterpret_cast<float*>(out + S * 4);
+  sp.top_ids = reinterpret_cast<int32_t*>(out + S * 8);
+  sp.top_logprobs = reinterpret_cast<float*>(out + S * 8 + size_t(S) * top * 4);
+  sp.num_rows = S;
+  sp.vocab_size = spec_.vocab_size;
+  sp.num_top = top;
+  sp.final_softcap = spec_.final_logit_softcap;
+  backend_.sample(sp);
+
+  // One download brings back every sampled id and logprob.
+  std::vector<std::byte> host(size_t(S) * 8 * (1 + top));
+  backend_.download(host.data(), out, host.size());
+  backend_.synchronize();
+  auto read = [&](auto& vec, size_t offset, size_t count) {
+    vec.resize(count);
+    std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
+  };
+  read(result.sampled, 0, S);
+  read(result.sampled_logprob, size_t(S) * 4, S);
+  read(result.top_ids, size_t(S) * 8, size_t(S) * top);
+  read(result.top_logprobs, size_t(S) * 8 + size_t(S) * top * 4, size_t(S) * top);
+  return result;
+}
+
+}  // namespace octavo

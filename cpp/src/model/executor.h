@@ -1,0 +1,147 @@
+// The executor: owns the weights, the KV pool and the step workspace on one backend, and runs the
+// generic decoder over one step. It never decides who runs (the scheduler does); it receives a
+// packed StepBatch and returns the sampled tokens.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <octavo/engine.h>
+#include <octavo/model_spec.h>
+
+#include "backend/backend.h"
+
+namespace octavo {
+
+/// One step, packed on the host (DESIGN.md, "One step"). Request r owns query rows
+/// [query_start[r], query_start[r + 1]) and block-table row r.
+struct StepBatch {
+  std::vector<int32_t> token_ids;      // [num_tokens]
+  std::vector<int32_t> positions;      // [num_tokens]
+  std::vector<int64_t> slot_mapping;   // [num_tokens]
+  std::vector<int32_t> query_start;    // [num_requests + 1]
+  std::vector<int32_t> context_lens;   // [num_requests]: cached + new tokens
+  std::vector<int32_t> block_tables;   // [num_requests, block_table_width]
+  int32_t block_table_width = 0;
+  std::vector<BlockCopy> block_copies; // copy-on-write copies to make before the forward
+  // Sampling: one entry per request whose last scheduled token is the sequence's last.
+  std::vector<int32_t> sample_rows;    // query row whose hidden state samples
+  std::vector<SamplingRow> sampling;
+  std::vector<int32_t> bias_offsets;   // [num_samples + 1] into bias_token_ids / bias_values
+  std::vector<int32_t> bias_token_ids;
+  std::vector<float> bias_values;
+  int32_t num_top_logprobs = 0;        // top-N reported for every sampled row
+
+  int32_t num_tokens() const { return int32_t(token_ids.size()); }
+  int32_t num_requests() const { return int32_t(context_lens.size()); }
+  int32_t num_samples() const { return int32_t(sample_rows.size()); }
+  void clear();
+};
+
+struct StepResult {
+  std::vector<int32_t> sampled;        // [num_samples]
+  std::vector<float> sampled_logprob;  // [num_samples]
+  std::vector<int32_t> top_ids;        // [num_samples, num_top_logprobs]
+  std::vector<float> top_logprobs;     // [num_samples, num_top_logprobs]
+};
+
+struct ExecutorLimits {
+  int max_num_tokens = 0;   // tokens in one step
+  int max_num_seqs = 0;     // requests in one step
+  int max_model_len = 0;    // positions are below this
+};
+
+class Executor {
+ public:
+  /// Loads and validates the weights (every canonical name the spec needs, with its shape; no
+  /// extras), converting them to `weight_dtype`; allocates the KV pool of `num_kv_blocks` blocks
+  /// and the step workspace.
+  Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype, const ExecutorLimits& limits,
+           int num_kv_blocks, int block_size, const std::vector<HostTensor>& weights);
+
+  StepResult execute(const StepBatch& batch);
+
+  const KVCacheShape& kv_shape() const { return kv_shape_; }
+  /// Bytes one KV block takes across all layers.
+  static size_t kv_block_bytes(const ModelSpec& spec, int block_size, DType cache_dtype);
+
+ private:
+  struct Layer {
+    const void* input_norm_w = nullptr;
+    const void* input_norm_b = nullptr;
+    const void* qkv_w = nullptr;
+    const void* qkv_b = nullptr;
+    const void* q_norm_w = nullptr;
+    const void* k_norm_w = nullptr;
+    const void* o_w = nullptr;
+    const void* o_b = nullptr;
+    const void* post_norm_w = nullptr;
+    const void* post_norm_b = nullptr;
+    const void* mlp_in_w = nullptr;  // gate_up (GLU) or up
+    const void* mlp_in_b = nullptr;
+    const void* down_w = nullptr;
+    const void* down_b = nullptr;
+  };
+
+  void load_weights(const std::vector<HostTensor>& weights);
+  const void* weight(const std::string& name) const;     // nullptr when absent
+  void upload_step(const StepBatch& batch);
+  void run_layer(int layer_index, const StepBatch& batch, bool first);
+  void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
+  void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
+            bool accumulate = false);
+
+  ModelSpec spec_;
+  Backend& backend_;
+  DType weight_dtype_;
+  DType act_dtype_;
+  ExecutorLimits limits_;
+  KVCacheShape kv_shape_;
+
+  std::unordered_map<std::string, DeviceBuffer> weights_;
+  std::vector<Layer> layers_;
+  const void* embed_tokens_ = nullptr;
+  const void* embed_positions_ = nullptr;
+  const void* final_norm_w_ = nullptr;
+  const void* final_norm_b_ = nullptr;
+  const void* lm_head_w_ = nullptr;
+
+  DeviceBuffer kv_cache_;
+  DeviceBuffer rope_cos_sin_;   // [max_model_len, rotary_dim] fp32
+  DeviceBuffer alibi_slopes_;   // [num_heads] fp32
+
+  // Step inputs: one device buffer, one upload per step; the pointers below point into it.
+  DeviceBuffer step_inputs_;
+  std::vector<std::byte> step_staging_;
+  int32_t* d_token_ids_ = nullptr;
+  int32_t* d_positions_ = nullptr;
+  int64_t* d_slot_mapping_ = nullptr;
+  int32_t* d_query_start_ = nullptr;
+  int32_t* d_context_lens_ = nullptr;
+  int32_t* d_block_tables_ = nullptr;
+  int32_t* d_sample_rows_ = nullptr;
+  SamplingRow* d_sampling_ = nullptr;
+  int32_t* d_bias_offsets_ = nullptr;
+  int32_t* d_bias_token_ids_ = nullptr;
+  float* d_bias_values_ = nullptr;
+  BlockCopy* d_block_copies_ = nullptr;
+  size_t max_bias_entries_ = 0;
+
+  // Workspace, act dtype unless noted.
+  DeviceBuffer residual_;   // [T, hidden]
+  DeviceBuffer hidden_;     // [T, hidden] normed input of a sub-block
+  DeviceBuffer hidden2_;    // [T, hidden] second norm of a two-norm parallel block
+  DeviceBuffer qkv_;        // [T, q + 2 kv]
+  DeviceBuffer attn_out_;   // [T, q]
+  DeviceBuffer delta_;      // [T, hidden] a sub-block's output before the residual add
+  DeviceBuffer mlp_in_;     // [T, 2 * inter]
+  DeviceBuffer mlp_act_;    // [T, inter]
+  DeviceBuffer sample_hidden_;  // [S, hidden]
+  DeviceBuffer logits_;     // [S, vocab] fp32
+  DeviceBuffer sampled_;    // [S] int32, [S] fp32 logprob, [S, top] ids and logprobs
+  static constexpr int kMaxTopLogprobs = 20;
+};
+
+}  // namespace octavo

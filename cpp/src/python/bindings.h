@@ -1,0 +1,9 @@
+// One function per binding file; module.cc calls them all. Bindings convert and forward only.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+void bind_kv_cache(nanobind::module_& m);
+void bind_ops(nanobind::module_& m);
+void bind_engine(nanobind::module_& m);
+void bind_safetensors(nanobind::module_& m);

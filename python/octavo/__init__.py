@@ -1,0 +1,36 @@
+"""octavo: an LLM inference and serving engine built around PagedAttention."""
+
+__version__ = "0.1.0"
+
+
+def backends() -> list:
+    """Backends compiled into this build: always "cpu", plus "cuda" when built with it."""
+    from octavo import _C
+
+    return list(_C.backends)
+
+
+def cmake_prefix() -> str:
+    """The prefix to give CMake (CMAKE_PREFIX_PATH) so that find_package(octavo) finds the C++
+    package installed inside this Python package."""
+    import os
+
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+from octavo.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from octavo.sampling_params import SamplingParams  # noqa: E402
+
+
+def __getattr__(name):
+    # LLM pulls in the compiled module; import it on first use so that the pure-Python parts
+    # (SamplingParams, outputs, tokenizer) import without it.
+    if name == "LLM":
+        from octavo.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'octavo' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "backends",
+           "cmake_prefix", "__version__"]

@@ -1,0 +1,172 @@
+"""Builds the C++ engine from a Hugging Face checkpoint directory and engine arguments.
+
+Shared by `LLM` and the server: read config.json, map it to a ModelSpec, map the checkpoint's
+tensors to canonical weights, size the engine, and hand everything to `octavo._C.Engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from octavo import _C
+from octavo.models import load_model
+
+logger = logging.getLogger("octavo")
+
+
+@dataclass
+class EngineArgs:
+    """Engine arguments, named as vLLM names them.
+
+    model: path to a Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
+    dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16"; storage of weights and KV.
+    max_model_len: longest prompt + output, in tokens; None: the model's max_position_embeddings.
+    max_num_seqs: requests running at once (default 256).
+    max_num_batched_tokens: tokens per step; None: min(8192, max_model_len), at least max_num_seqs.
+    block_size: tokens per KV block (power of two, default 16).
+    enable_prefix_caching: reuse cached KV of shared prompt prefixes (default True).
+    num_gpu_blocks_override: fix the KV pool size in blocks instead of sizing it from memory.
+    kv_cache_memory_bytes: on the CPU, bytes given to the KV pool (default 4 GiB).
+    seed: seeds requests that bring no seed of their own.
+    device: "cpu" (CUDA arrives with the CUDA backend).
+    """
+
+    model: str
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    seed: int = 0
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+_ENUM_FIELDS = {
+    "norm": "NormKind",
+    "activation": "Activation",
+    "positions": "PositionKind",
+    "residual": "ResidualKind",
+}
+_ROPE_ENUM_FIELDS = {"pairing": "RotaryPairing", "scaling": "RopeScaling"}
+
+
+def _enum(enum_name: str, value: str):
+    enum = getattr(_C, enum_name)
+    try:
+        return getattr(enum, value)
+    except AttributeError:
+        raise ValueError(f"unknown {enum_name} {value!r}") from None
+
+
+def to_cpp_spec(spec: dict) -> "_C.ModelSpec":
+    """A ModelSpec dict (models/*.py) as the C++ struct."""
+    cpp = _C.ModelSpec()
+    for key, value in spec.items():
+        if key == "rope":
+            rope = _C.RopeConfig()
+            for rope_key, rope_value in (value or {}).items():
+                if rope_value is None:
+                    continue
+                if rope_key in _ROPE_ENUM_FIELDS:
+                    rope_value = _enum(_ROPE_ENUM_FIELDS[rope_key], rope_value)
+                setattr(rope, rope_key, rope_value)
+            cpp.rope = rope
+        elif key in _ENUM_FIELDS:
+            setattr(cpp, key, _enum(_ENUM_FIELDS[key], value))
+        elif value is not None:
+            setattr(cpp, key, value)
+    cpp.validate()
+    return cpp
+
+
+def read_eos_token_ids(model_dir: str, config: dict, tokenizer=None) -> list:
+    """EOS ids: generation_config.json's, else config.json's, else the tokenizer's."""
+    candidates = []
+    generation_config = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(generation_config):
+        with open(generation_config) as f:
+            candidates.append(json.load(f).get("eos_token_id"))
+    candidates.append(config.get("eos_token_id"))
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    for value in candidates:
+        if value is None:
+            continue
+        return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    return []
+
+
+def create_engine(args: EngineArgs, tokenizer=None):
+    """Returns (engine, spec dict, config dict). Raises ValueError for a bad checkpoint or argument."""
+    model_dir = args.model
+    if not os.path.isdir(model_dir):
+        raise ValueError(
+            f"model {model_dir!r} is not a directory; give a local Hugging Face checkpoint "
+            "directory (config.json, *.safetensors)")
+    spec, weights, checkpoint_dtype, config = load_model(model_dir)
+    cpp_spec = to_cpp_spec(spec)
+
+    engine_config = _C.EngineConfig()
+    engine_config.device = args.device
+    engine_config.dtype = checkpoint_dtype if args.dtype == "auto" else args.dtype
+    if args.max_model_len is not None:
+        engine_config.max_model_len = int(args.max_model_len)
+    engine_config.max_num_seqs = int(args.max_num_seqs)
+    if args.max_num_batched_tokens is not None:
+        engine_config.max_num_batched_tokens = int(args.max_num_batched_tokens)
+    engine_config.block_size = int(args.block_size)
+    engine_config.enable_prefix_caching = bool(args.enable_prefix_caching)
+    if args.num_gpu_blocks_override is not None:
+        engine_config.num_kv_blocks = int(args.num_gpu_blocks_override)
+    if args.kv_cache_memory_bytes is not None:
+        engine_config.cpu_kv_cache_bytes = int(args.kv_cache_memory_bytes)
+    engine_config.seed = int(args.seed) & 0xFFFFFFFFFFFFFFFF
+    engine_config.eos_token_ids = read_eos_token_ids(model_dir, config, tokenizer)
+
+    weight_tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]
+    engine = _C.Engine(cpp_spec, engine_config, weight_tuples)
+    del weight_tuples
+    resolved = engine.config
+    logger.info(
+        "octavo: %s on %s, %s; KV pool %d blocks x %d tokens = %d tokens; max_model_len %d",
+        spec.get("architecture"), resolved.device, resolved.dtype, resolved.num_kv_blocks,
+        resolved.block_size, resolved.num_kv_blocks * resolved.block_size, resolved.max_model_len)
+    return engine, spec, config
+
+
+def to_cpp_sampling_params(params) -> "_C.SamplingParams":
+    """octavo.SamplingParams (validated) as the C++ struct."""
+    cpp = _C.SamplingParams()
+    cpp.temperature = float(params.temperature)
+    cpp.top_p = float(params.top_p)
+    cpp.top_k = int(params.top_k) if params.top_k and params.top_k > 0 else 0
+    cpp.min_p = float(params.min_p)
+    cpp.seed = None if params.seed is None else int(params.seed) & 0xFFFFFFFFFFFFFFFF
+    cpp.max_tokens = params.max_tokens
+    cpp.min_tokens = int(params.min_tokens)
+    cpp.stop_token_ids = list(params.stop_token_ids or [])
+    cpp.ignore_eos = bool(params.ignore_eos)
+    cpp.want_logprobs = params.logprobs is not None
+    cpp.logprobs = int(params.logprobs or 0)
+    return cpp
+
+
+def engine_args_from_kwargs(model: str, kwargs: dict[str, Any]) -> EngineArgs:
+    known = set(EngineArgs.__dataclass_fields__) - {"model", "extra"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(known))}")
+    return EngineArgs(model=model, **kwargs)

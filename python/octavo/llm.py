@@ -1,0 +1,223 @@
+"""LLM: offline batched generation, as vLLM users write it.
+
+    from octavo import LLM, SamplingParams
+    llm = LLM(model="path/to/hf-checkpoint", device="cpu")
+    for out in llm.generate(["Paris is a"], SamplingParams(temperature=0, max_tokens=16)):
+        print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from octavo.engine_core import (
+    create_engine,
+    engine_args_from_kwargs,
+    to_cpp_sampling_params,
+)
+from octavo.outputs import CompletionOutput, Logprob, RequestOutput
+from octavo.sampling_params import SamplingParams
+from octavo.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+PromptType = Union[str, dict, Sequence[int]]
+
+
+class _Running:
+    """Python-side state of one request while the engine runs it."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.token_ids: list[int] = []
+        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[int] = None
+        self.tokenizer = tokenizer
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+    def absorb(self, out) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.detokenizer.add(out.new_token_ids)
+        self.cumulative_logprob = out.cumulative_logprob
+        if self.logprobs is not None:
+            for token, lp in zip(out.new_token_ids, out.new_logprobs):
+                entry = {
+                    token_id: Logprob(logprob, rank=rank + 1,
+                                      decoded_token=self.tokenizer.decode([token_id]))
+                    for rank, (token_id, logprob) in enumerate(zip(lp.top_ids, lp.top_logprobs))
+                }
+                if token not in entry:
+                    entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
+                                           decoded_token=self.tokenizer.decode([token]))
+                self.logprobs.append(entry)
+        if out.finished:
+            self.detokenizer.flush()
+            self.finish_reason = out.finish_reason
+            if out.stop_token_id >= 0:
+                self.stop_reason = out.stop_token_id
+
+    def to_output(self) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=self.detokenizer.output_text,
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[completion],
+            finished=self.finish_reason is not None,
+        )
+
+
+class LLM:
+    """An engine over one model, for offline generation.
+
+    Args:
+        model: a local Hugging Face checkpoint directory.
+        tokenizer: tokenizer directory (default: `model`).
+        dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+        max_model_len: longest prompt + output in tokens (default: the model's limit).
+        max_num_seqs: requests running at once (default 256).
+        max_num_batched_tokens: tokens per step (default min(8192, max_model_len)).
+        block_size: tokens per KV-cache block (default 16).
+        enable_prefix_caching: reuse the KV of shared prompt prefixes (default True).
+        num_gpu_blocks_override: fix the KV pool size, in blocks.
+        kv_cache_memory_bytes: CPU KV pool size in bytes (default 4 GiB).
+        seed: seeds requests that bring no seed of their own (default 0).
+        device: "cpu".
+    """
+
+    def __init__(self, model: str, tokenizer: Optional[str] = None, **engine_kwargs: Any):
+        args = engine_args_from_kwargs(model, {"tokenizer": tokenizer, **engine_kwargs})
+        self.tokenizer = load_tokenizer(args.tokenizer or model,
+                                        trust_remote_code=args.trust_remote_code)
+        self.engine, self.model_spec, self.model_config = create_engine(args, self.tokenizer)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def _to_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise TypeError(f"a prompt is a str, a list of token ids or a dict; got {type(prompt).__name__}")
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType], None] = None,
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
+    ) -> list[RequestOutput]:
+        """Generates completions for the prompts, batched; returns one RequestOutput per prompt,
+        in order. A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}.
+        `sampling_params` is one SamplingParams for all prompts or one per prompt (default:
+        SamplingParams())."""
+        if prompts is None and prompt_token_ids is not None:
+            prompts = [list(ids) for ids in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("generate() needs prompts")
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts; "
+                                 "give one, or one per prompt")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Generates replies to conversations (lists of {"role", "content"} messages), formatted by
+        the tokenizer's chat template. One conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("the tokenizer has no chat template; pass chat_template=...")
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message)
+            # The template already holds any BOS: encode without adding special tokens again.
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
+        running: dict[int, _Running] = {}
+        order: list[int] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                text, token_ids = self._to_prompt(prompt)
+                engine_id = self.engine.add_request(token_ids, to_cpp_sampling_params(params))
+                running[engine_id] = _Running(str(next(self._request_counter)), text, token_ids,
+                                              params, self.tokenizer)
+                order.append(engine_id)
+        except BaseException:
+            for engine_id in order:
+                self.engine.abort(engine_id)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    state = running.get(out.id)
+                    if state is None:
+                        continue
+                    state.absorb(out)
+                    if out.finished and progress is not None:
+                        progress.update(1)
+        except BaseException:
+            for engine_id in order:
+                self.engine.abort(engine_id)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        return [running[engine_id].to_output() for engine_id in order]

@@ -1,0 +1,142 @@
+"""Hugging Face architectures as ModelSpecs: one module per family, each with
+
+    spec_from_config(config: dict) -> dict
+        ModelSpec fields (cpp/include/octavo/model_spec.h) as a plain dict; enums as snake_case
+        strings ("rms_norm", "silu_glu", "rotary", ...), `rope` as a dict of RopeConfig fields,
+        `sliding_window` as one window per layer (0 = full attention).
+    weight_plan(names, spec) -> WeightPlan
+        where each canonical tensor comes from; ValueError naming a missing HF tensor.
+    canonical_weights(get_tensor, names, spec) -> Iterator[(canonical_name, ndarray)]
+        the canonical tensors (q|k|v and gate|up fused by rows), dtype-agnostic byte moves.
+
+Adding an architecture is a module here plus its entry in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import numpy as np
+
+from octavo.models import llama, mistral, qwen2, qwen3
+from octavo.models._common import gather
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    arch: family
+    for family in (llama, mistral, qwen2, qwen3)
+    for arch in family.ARCHITECTURES
+}
+
+# For configs saved without "architectures" (a bare XConfig().save_pretrained).
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Weight dtypes the engine loads; anything else (quantized checkpoints) is refused by name.
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def get_model_family(config: dict) -> ModuleType:
+    """The family module for config["architectures"] (the first supported entry), or for
+    config["model_type"] when the config names no architecture."""
+    archs = list(config.get("architectures") or [])
+    if not archs and config.get("model_type") in _MODEL_TYPES:
+        archs = [_MODEL_TYPES[config["model_type"]]]
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    named = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
+    raise ValueError(
+        f"unsupported architecture {named}; supported: {', '.join(sorted(ARCHITECTURES))}")
+
+
+def normalize_dtype(dtype) -> str | None:
+    """"float32" | "float16" | "bfloat16" for the spellings configs use ("torch.bfloat16",
+    "bf16", "half", ...); None for "auto", None or anything else."""
+    if dtype is None:
+        return None
+    name = str(dtype).lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name)
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{model_dir!r} has no config.json (expected a Hugging Face model directory)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _safetensors_api():
+    """(find_safetensors_files, SafetensorsFile): the compiled reader when this build has it,
+    else the numpy one."""
+    try:
+        from octavo import _C
+
+        return _C.find_safetensors_files, _C.SafetensorsFile
+    except (ImportError, AttributeError):
+        from octavo.models import _safetensors_reader
+
+        return _safetensors_reader.find_safetensors_files, _safetensors_reader.SafetensorsFile
+
+
+WeightsFactory = Callable[[], Iterator[tuple[str, np.ndarray, str]]]
+
+
+def load_model(model_dir: str) -> tuple[dict, WeightsFactory, str, dict]:
+    """Reads a Hugging Face model directory (config.json + *.safetensors).
+
+    Returns (spec, weights, dtype, config): the ModelSpec dict; a function that returns a fresh
+    iterator of (canonical_name, array, tensor_dtype), arrays being memory-mapped views unless
+    fused (tensor_dtype: "float32" | "float16" | "bfloat16", bfloat16 arrays hold uint16 bits;
+    each tensor reports its own, since checkpoints may mix them); the model's dtype
+    (config "dtype" / "torch_dtype", else that of the embedding); and config.json as a dict.
+
+    Everything that can be checked without reading tensor data is checked here: the architecture,
+    the config, and that every tensor the spec needs exists.
+    """
+    config = read_config(model_dir)
+    family = get_model_family(config)
+    spec = family.spec_from_config(config)
+
+    find_files, SafetensorsFile = _safetensors_api()
+    paths = list(find_files(model_dir))
+    if not paths:
+        raise ValueError(
+            f"{model_dir!r} has no .safetensors files (octavo reads safetensors checkpoints; "
+            f"convert .bin weights with transformers' save_pretrained(safe_serialization=True))")
+    files = [SafetensorsFile(p) for p in paths]
+    where = {name: f for f in files for name in f.keys()}
+    plan = family.weight_plan(where.keys(), spec)
+
+    def tensor_dtype(name: str) -> str:
+        dtype = where[name].dtype(name)
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"tensor {name!r} has dtype {dtype}; octavo loads {', '.join(WEIGHT_DTYPES)} "
+                f"weights (quantized checkpoints are not supported yet)")
+        return dtype
+
+    dtype = normalize_dtype(config.get("dtype", config.get("torch_dtype")))
+    if dtype is None:
+        dtype = tensor_dtype(plan.sources[0].parts[0][0])
+
+    def weights() -> Iterator[tuple[str, np.ndarray, str]]:
+        for source in plan.sources:
+            dtypes = {tensor_dtype(name) for name, _ in source.parts}
+            if len(dtypes) > 1:
+                raise ValueError(
+                    f"{source.name!r} fuses tensors of different dtypes: "
+                    + ", ".join(f"{n} {tensor_dtype(n)}" for n, _ in source.parts))
+            yield source.name, gather(source, lambda n: where[n].tensor(n)), dtypes.pop()
+
+    return spec, weights, dtype, config

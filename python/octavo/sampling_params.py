@@ -1,0 +1,224 @@
+"""Sampling parameters for text generation, with vLLM's names, defaults and meanings.
+
+Every field that vLLM users pass is accepted. Fields whose feature octavo does not implement yet
+(parallel sampling, penalties, stop strings, prompt logprobs, logit bias) are stored but must keep
+their neutral value: anything else raises ValueError("<field> ... is not supported yet").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+# Below this temperature sampling is greedy (argmax), as in vLLM.
+_SAMPLING_EPS = 1e-5
+
+# vLLM's default --max-logprobs: the most top-N logprobs a request may ask for.
+MAX_LOGPROBS = 20
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _not_supported(name: str, value, neutral: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is not supported yet (only {neutral})")
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample the output tokens of one request.
+
+    Attributes:
+        n: outputs to return for the prompt. Default 1; only 1 is supported yet.
+        best_of: candidates to generate, returning the best ``n``. Default None (= n); only
+            None or 1 is supported yet.
+        presence_penalty: added to the logits of tokens already generated. Default 0.0, range
+            [-2, 2]; only 0 is supported yet.
+        frequency_penalty: added per occurrence of a token already generated. Default 0.0, range
+            [-2, 2]; only 0 is supported yet.
+        repetition_penalty: divides positive logits (multiplies negative ones) of tokens in the
+            prompt or output. Default 1.0, > 0; only 1 is supported yet.
+        temperature: divides the logits before sampling. Default 1.0, >= 0; 0 (any value below
+            1e-5) means greedy, which also resets top_p, top_k and min_p to their neutral values.
+        top_p: sample from the smallest set of tokens whose probabilities sum to at least top_p.
+            Default 1.0 (off), range (0, 1].
+        top_k: sample from the k most likely tokens. Default 0 (off); -1 is accepted as off and
+            stored as 0; otherwise >= 1.
+        min_p: drop tokens whose probability is below min_p times the most likely token's.
+            Default 0.0 (off), range [0, 1].
+        seed: seeds this request's own random generator, making its samples reproducible
+            whatever else runs in the batch. Default None (the engine's generator); -1 also
+            means None.
+        stop: strings that end the output. Default None (stored as []); only empty is
+            supported yet.
+        stop_token_ids: token ids that end the output, besides EOS. Default None (stored as [],
+            duplicates dropped, order kept).
+        ignore_eos: keep generating after the EOS token. Default False.
+        max_tokens: the most tokens to generate. Default 16, >= 1; None means up to
+            max_model_len.
+        min_tokens: EOS and stop_token_ids cannot end the output before this many tokens.
+            Default 0, range [0, max_tokens].
+        logprobs: return the log probability of each sampled token and of the ``logprobs`` most
+            likely tokens at each step. Default None (none); range [0, 20]; True means 1.
+        prompt_logprobs: the same for prompt tokens. Default None; only None is supported yet.
+        detokenize: produce output text (False: token ids only). Default True.
+        skip_special_tokens: leave special tokens out of the output text. Default True.
+        spaces_between_special_tokens: put spaces between special tokens in the output text
+            (slow tokenizers only, as in Hugging Face). Default True.
+        include_stop_str_in_output: keep the matched stop string in the text. Default False.
+        logit_bias: token id -> bias added to its logit. Default None; only None or {} is
+            supported yet.
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            self.seed = None
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.logprobs is True:
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        else:
+            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+
+        self._verify_args()
+        self._verify_supported()
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
+                     "top_p", "min_p"):
+            setattr(self, name, float(getattr(self, name)))
+
+        if self.temperature < _SAMPLING_EPS:
+            # Greedy: the filters cannot change the argmax, so they are reset to keep the
+            # sampler on its fast path.
+            self.top_p = 1.0
+            self.top_k = 0
+            self.min_p = 0.0
+
+    def _verify_args(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or self.best_of < self.n):
+            raise ValueError(f"best_of must be None or an int >= n={self.n}, got {self.best_of!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if (not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0.0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if (not _is_number(self.temperature) or not math.isfinite(self.temperature)
+                or self.temperature < 0.0):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be 0 or -1 (off) or an int >= 1, got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(
+                f"stop_token_ids must contain only non-negative ints, got {self.stop_token_ids!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(
+                f"max_tokens must be an int >= 1, or None for up to max_model_len; "
+                f"got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(
+                    f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}")
+
+    def _verify_supported(self) -> None:
+        if self.n != 1:
+            raise _not_supported("n", self.n, "n=1")
+        if self.best_of not in (None, 1):
+            raise _not_supported("best_of", self.best_of, "None or 1")
+        if self.presence_penalty != 0.0:
+            raise _not_supported("presence_penalty", self.presence_penalty, "0")
+        if self.frequency_penalty != 0.0:
+            raise _not_supported("frequency_penalty", self.frequency_penalty, "0")
+        if self.repetition_penalty != 1.0:
+            raise _not_supported("repetition_penalty", self.repetition_penalty, "1")
+        if self.stop:
+            raise _not_supported("stop", self.stop, "None or []; use stop_token_ids")
+        if self.prompt_logprobs is not None:
+            raise _not_supported("prompt_logprobs", self.prompt_logprobs, "None")
+        if self.logit_bias:
+            raise _not_supported("logit_bias", self.logit_bias, "None or {}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax (temperature below 1e-5)."""
+        return self.temperature < _SAMPLING_EPS
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, so that per-request changes (e.g. adding EOS to stop_token_ids) never reach
+        the caller's object."""
+        return copy.deepcopy(self)
+
+    def __repr__(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != _DEFAULTS[f.name]
+        ]
+        return f"SamplingParams({', '.join(changed)})"
+
+
+# Defaults after normalisation (stop and stop_token_ids become []), for the short __repr__.
+_DEFAULTS = {
+    f.name: ([] if f.name in ("stop", "stop_token_ids") else f.default)
+    for f in dataclasses.fields(SamplingParams)
+}
