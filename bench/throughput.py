@@ -46,7 +46,7 @@ def build_random_model(name: str, directory: str) -> None:
     model = transformers.AutoModelForCausalLM.from_config(shapes[name]).to(torch.bfloat16)
     model.save_pretrained(directory)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
-    from conftest import build_tokenizer
+    from checkpoints import build_tokenizer
 
     build_tokenizer(directory)
 

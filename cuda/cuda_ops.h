@@ -20,4 +20,32 @@ std::string runtime_info();
 /// copy_blocks on the device: `params.cache` and `params.copies` are device pointers.
 void copy_blocks(const CopyBlocksParams& params, StreamHandle stream);
 
+// The model ops (contracts in backend/ops.h), every pointer in device memory. Activations,
+// weights and cache are bf16 or fp16, one dtype for all three (the launchers throw
+// InvalidArgument otherwise); logits and the rotary table are fp32. All launch asynchronously on
+// `stream` and never synchronize.
+
+// cuda/elementwise.cu
+void embedding(const EmbeddingParams& params, StreamHandle stream);
+void norm(const NormParams& params, StreamHandle stream);
+void rotary(const RotaryParams& params, StreamHandle stream);
+void write_kv(const WriteKVParams& params, StreamHandle stream);
+/// One kernel: rotary on q and k, then k and v into their slots (rotary.k == write.k).
+void rotary_write_kv(const RotaryParams& rotary, const WriteKVParams& write, StreamHandle stream);
+void activation(const ActivationParams& params, StreamHandle stream);
+void gather_rows(const GatherRowsParams& params, StreamHandle stream);
+void add_logit_bias(const LogitBiasParams& params, StreamHandle stream);
+
+// cuda/attention_decode.cu: every request has exactly one query token (max_query_len == 1).
+// `workspace` holds the split-K partial results; decode_workspace_bytes() says how much.
+size_t decode_workspace_bytes(const AttentionParams& params);
+void paged_attention_decode(const AttentionParams& params, void* workspace, StreamHandle stream);
+
+// cuda/attention_prefill.cu: any query lengths (prompt chunks and decodes mixed), tensor cores.
+void paged_attention_prefill(const AttentionParams& params, StreamHandle stream);
+
+// cuda/sampling.cu: `workspace` of sample_workspace_bytes() bytes.
+size_t sample_workspace_bytes(const SampleParams& params);
+void sample(const SampleParams& params, void* workspace, StreamHandle stream);
+
 }  // namespace octavo::cuda

@@ -33,8 +33,10 @@ class EngineArgs:
     enable_prefix_caching: reuse cached KV of shared prompt prefixes (default True).
     num_gpu_blocks_override: fix the KV pool size in blocks instead of sizing it from memory.
     kv_cache_memory_bytes: on the CPU, bytes given to the KV pool (default 4 GiB).
+    gpu_memory_utilization: on a GPU, the share of its memory octavo may use (default 0.9); the
+        KV pool gets what weights and step buffers leave of it.
     seed: seeds requests that bring no seed of their own.
-    device: "cpu" (CUDA arrives with the CUDA backend).
+    device: "cpu", "cuda" or "cuda:N".
     """
 
     model: str
@@ -47,6 +49,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
     seed: int = 0
     device: str = "cpu"
     trust_remote_code: bool = False
@@ -121,6 +124,10 @@ def create_engine(args: EngineArgs, tokenizer=None):
     engine_config = _C.EngineConfig()
     engine_config.device = args.device
     engine_config.dtype = checkpoint_dtype if args.dtype == "auto" else args.dtype
+    if args.dtype == "auto" and args.device.startswith("cuda") and checkpoint_dtype == "float32":
+        # GPUs compute in 16 bits: like vLLM, an fp32 checkpoint runs in bf16 unless told otherwise.
+        logger.info("octavo: float32 checkpoint on %s: running in bfloat16", args.device)
+        engine_config.dtype = "bfloat16"
     if args.max_model_len is not None:
         engine_config.max_model_len = int(args.max_model_len)
     engine_config.max_num_seqs = int(args.max_num_seqs)
@@ -132,6 +139,7 @@ def create_engine(args: EngineArgs, tokenizer=None):
         engine_config.num_kv_blocks = int(args.num_gpu_blocks_override)
     if args.kv_cache_memory_bytes is not None:
         engine_config.cpu_kv_cache_bytes = int(args.kv_cache_memory_bytes)
+    engine_config.gpu_memory_utilization = float(args.gpu_memory_utilization)
     engine_config.seed = int(args.seed) & 0xFFFFFFFFFFFFFFFF
     engine_config.eos_token_ids = read_eos_token_ids(model_dir, config, tokenizer)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -22,6 +23,8 @@ from octavo.sampling_params import SamplingParams
 from octavo.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 PromptType = Union[str, dict, Sequence[int]]
+
+logger = logging.getLogger("octavo")
 
 
 class _Running:
@@ -58,6 +61,8 @@ class _Running:
                     entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
                                            decoded_token=self.tokenizer.decode([token]))
                 self.logprobs.append(entry)
+        if out.error:
+            logger.warning("request %s failed: %s", self.request_id, out.error)
         if out.finished:
             self.detokenizer.flush()
             self.finish_reason = out.finish_reason

@@ -19,7 +19,7 @@
 #include <octavo/model_spec.h>
 
 #include "backend/cpu/dtype.h"
-#include "backend/cpu/sampling_rng.h"
+#include "backend/sampling_rng.h"
 #include "backend/ops.h"
 #include "model/rope.h"
 

@@ -6,86 +6,11 @@ import os
 
 import pytest
 
-CORPUS = [
-    "Paris is a city in France. It is known for the Eiffel Tower and its museums.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps.",
-    "Octavo splits the key-value cache into blocks of sixteen tokens each.",
-    "Continuous batching admits new requests at every step of the engine.",
-    "Le café est très bon à Paris, n'est-ce pas ? Ça coûte 3 €.",
-]
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def build_tokenizer(directory: str, vocab_size: int = 250) -> None:
-    """A byte-level BPE tokenizer trained on CORPUS, saved in the HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(directory)
-
-
-def tiny_config(architecture: str, **overrides):
-    """A tiny config of the architecture with odd sizes: head_dim 48, GQA ratio 3."""
-    import transformers
-
-    common = dict(
-        vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=48, max_position_embeddings=256,
-        rms_norm_eps=1e-6, initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    if architecture == "LlamaForCausalLM":
-        config = transformers.LlamaConfig(**{**common, "rope_theta": 10000.0}, **overrides)
-    elif architecture == "MistralForCausalLM":
-        config = transformers.MistralConfig(**{**common, "sliding_window": 24}, **overrides)
-    elif architecture == "Qwen2ForCausalLM":
-        config = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True}, **overrides)
-    elif architecture == "Qwen3ForCausalLM":
-        config = transformers.Qwen3Config(**common, **overrides)
-    else:
-        raise ValueError(architecture)
-    return config
-
-
-def build_checkpoint(directory: str, architecture: str, seed: int = 0, dtype=None, **overrides):
-    """Saves a random-weight model of the architecture plus the tiny tokenizer into `directory`."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = tiny_config(architecture, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    if architecture == "Qwen2ForCausalLM":
-        # Qwen2's attention has q/k/v biases; random non-zero ones exercise the bias path.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.1)
-    model = model.to(dtype or torch.float32).eval()
-    model.save_pretrained(directory)
-    build_tokenizer(directory)
-    return model
-
-
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+from checkpoints import ARCHITECTURES, build_checkpoint, build_tokenizer  # noqa: F401
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
+def tiny_checkpoints(tmp_path_factory):
     """architecture -> (directory, transformers model in fp32)."""
     pytest.importorskip("torch")
     out = {}
@@ -96,8 +21,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def llama_dir(checkpoints):
-    return checkpoints["LlamaForCausalLM"][0]
+def llama_dir(tiny_checkpoints):
+    return tiny_checkpoints["LlamaForCausalLM"][0]
 
 
 def pytest_report_header(config):

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 
 from octavo import LLM, SamplingParams  # noqa: E402
 
-from conftest import build_checkpoint  # noqa: E402
+from checkpoints import build_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from octavo import LLM, SamplingParams  # noqa: E402
 
-from conftest import ARCHITECTURES, build_checkpoint  # noqa: E402
+from checkpoints import ARCHITECTURES, build_checkpoint  # noqa: E402
 
 NEW_TOKENS = 32
 LOGPROB_TOLERANCE = 2e-4
@@ -43,10 +43,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, l
 
 
 @pytest.fixture(scope="module")
-def hf_reference(checkpoints):
+def hf_reference(tiny_checkpoints):
     """architecture -> list of (prompt, tokens, logprobs) from transformers."""
     reference = {}
-    for architecture, (_, model) in checkpoints.items():
+    for architecture, (_, model) in tiny_checkpoints.items():
         reference[architecture] = [
             (prompt, *hf_greedy(model, prompt)) for prompt in prompts_for(model.config.vocab_size)]
     return reference
@@ -63,8 +63,8 @@ def check_against_reference(outputs, reference):
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_greedy_matches_transformers(architecture, checkpoints, hf_reference):
-    directory, _ = checkpoints[architecture]
+def test_greedy_matches_transformers(architecture, tiny_checkpoints, hf_reference):
+    directory, _ = tiny_checkpoints[architecture]
     llm = LLM(model=directory, device="cpu", dtype="float32")
     reference = hf_reference[architecture]
     # One request at a time, then all together: batching must not change a token.
@@ -75,16 +75,16 @@ def test_greedy_matches_transformers(architecture, checkpoints, hf_reference):
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
-def test_chunked_prefill_gives_same_tokens(architecture, checkpoints, hf_reference):
-    directory, _ = checkpoints[architecture]
+def test_chunked_prefill_gives_same_tokens(architecture, tiny_checkpoints, hf_reference):
+    directory, _ = tiny_checkpoints[architecture]
     llm = LLM(model=directory, dtype="float32", max_num_batched_tokens=8, max_num_seqs=4)
     reference = hf_reference[architecture]
     check_against_reference(llm.generate([r[0] for r in reference], GREEDY, use_tqdm=False),
                             reference)
 
 
-def test_prefix_cache_hits_give_same_tokens(checkpoints):
-    directory, model = checkpoints["LlamaForCausalLM"]
+def test_prefix_cache_hits_give_same_tokens(tiny_checkpoints):
+    directory, model = tiny_checkpoints["LlamaForCausalLM"]
     rng = np.random.default_rng(7)
     shared = rng.integers(3, 320, size=48).tolist()
     prompts = [shared + rng.integers(3, 320, size=n).tolist() for n in (1, 9, 20)]
@@ -99,8 +99,8 @@ def test_prefix_cache_hits_give_same_tokens(checkpoints):
     assert hits >= 3 * 48 - 3 * 16, f"only {hits} prompt tokens came from the prefix cache"
 
 
-def test_prefix_caching_off_still_matches(checkpoints, hf_reference):
-    directory, _ = checkpoints["Qwen2ForCausalLM"]
+def test_prefix_caching_off_still_matches(tiny_checkpoints, hf_reference):
+    directory, _ = tiny_checkpoints["Qwen2ForCausalLM"]
     llm = LLM(model=directory, dtype="float32", enable_prefix_caching=False)
     reference = hf_reference["Qwen2ForCausalLM"]
     check_against_reference(llm.generate([r[0] for r in reference], GREEDY, use_tqdm=False),
@@ -108,8 +108,8 @@ def test_prefix_caching_off_still_matches(checkpoints, hf_reference):
     assert llm.engine.stats().prefix_cache_hits == 0
 
 
-def test_preemption_gives_same_tokens(checkpoints, hf_reference):
-    directory, _ = checkpoints["LlamaForCausalLM"]
+def test_preemption_gives_same_tokens(tiny_checkpoints, hf_reference):
+    directory, _ = tiny_checkpoints["LlamaForCausalLM"]
     # 16 blocks of 8 tokens: one 112-token sequence fits, five of them running together do not.
     llm = LLM(model=directory, dtype="float32", block_size=8, num_gpu_blocks_override=16,
               max_model_len=128)
@@ -191,8 +191,8 @@ def test_chat_uses_the_template(llama_dir):
     assert len(out.outputs[0].token_ids) == 5
 
 
-def test_bfloat16_storage_runs_and_stays_close(checkpoints, hf_reference):
-    directory, _ = checkpoints["LlamaForCausalLM"]
+def test_bfloat16_storage_runs_and_stays_close(tiny_checkpoints, hf_reference):
+    directory, _ = tiny_checkpoints["LlamaForCausalLM"]
     llm = LLM(model=directory, dtype="bfloat16")
     reference = hf_reference["LlamaForCausalLM"]
     outs = llm.generate([r[0] for r in reference], GREEDY, use_tqdm=False)

@@ -20,6 +20,9 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
   /// Fixed KV pool size in blocks (vLLM: num_gpu_blocks_override); 0: sized from memory.
   int num_kv_blocks = 0;
+  /// GPU backends: fraction of the device's memory octavo may use; the KV pool gets this share
+  /// of the total minus what weights and step buffers took (vLLM's gpu_memory_utilization).
+  float gpu_memory_utilization = 0.9f;
   /// CPU backend: bytes given to the KV pool when num_kv_blocks is 0 (vLLM's CPU KV space).
   size_t cpu_kv_cache_bytes = size_t{4} << 30;
   uint64_t seed = 0;                 // seeds requests that bring no seed of their own

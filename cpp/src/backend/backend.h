@@ -4,11 +4,29 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "backend/ops.h"
 
 namespace octavo {
+
+/// The largest step a backend must be ready for, so that it sizes its scratch once.
+struct BackendLimits {
+  int max_num_tokens = 0;
+  int max_num_seqs = 0;
+  int max_model_len = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int vocab_size = 0;
+  int max_top_logprobs = 0;
+};
+
+struct MemoryInfo {
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+};
 
 class Backend {
  public:
@@ -26,6 +44,11 @@ class Backend {
   virtual void download(void* host, const void* device, size_t bytes) = 0;
   /// Blocks until every op issued so far has finished.
   virtual void synchronize() = 0;
+  /// Device memory now (GPU backends); nullopt where memory is the host's (CPU).
+  virtual std::optional<MemoryInfo> memory_info() const { return std::nullopt; }
+  /// Allocates the scratch the ops need for steps up to `limits` (attention splits, sampling),
+  /// so that no op allocates while a step runs.
+  virtual void reserve_workspace(const BackendLimits& limits) { (void)limits; }
 
   // The ops (contracts in ops.h).
   virtual void copy_blocks(const CopyBlocksParams& p) = 0;
@@ -34,6 +57,12 @@ class Backend {
   virtual void gemm(const GemmParams& p) = 0;
   virtual void rotary(const RotaryParams& p) = 0;
   virtual void write_kv(const WriteKVParams& p) = 0;
+  /// Rotary on q and k, then k and v into their cache slots (r.k and w.k are the same array).
+  /// A backend may fuse the two; by default they run in turn.
+  virtual void rotary_write_kv(const RotaryParams& r, const WriteKVParams& w) {
+    rotary(r);
+    write_kv(w);
+  }
   virtual void paged_attention(const AttentionParams& p) = 0;
   virtual void activation(const ActivationParams& p) = 0;
   virtual void gather_rows(const GatherRowsParams& p) = 0;

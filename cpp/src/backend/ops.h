@@ -96,7 +96,8 @@ struct NormParams {
 };
 
 /// out[m, n] = sum_k in[m, k] * weight[n, k]  (+ bias[n])  (+ out[m, n] when accumulate).
-/// fp32 accumulation. The weight is a Linear's [out, in] matrix.
+/// fp32 accumulation. The weight is a Linear's [out, in] matrix. `out` is in out_dtype: the act
+/// dtype, or fp32 for the LM head's logits (the sampler reads fp32).
 struct GemmParams {
   const void* in;       // [m, k], act dtype, rows `in_stride` elements apart
   const void* weight;   // [n, k], weight_dtype
@@ -110,6 +111,7 @@ struct GemmParams {
   bool accumulate;
   DType weight_dtype;
   DType act_dtype;
+  DType out_dtype;
 };
 
 /// Rotates q and k in place at their tokens' positions. cos_sin holds, per position p, rotary_dim/2
@@ -175,6 +177,8 @@ struct AttentionParams {
   int32_t max_blocks_per_request;
   int64_t q_stride;
   int32_t sliding_window;        // 0: full attention
+  int32_t max_query_len;         // max over requests of q_len; the host knows it once per step
+  int32_t max_context_len;       // max of context_lens; sizes grids and splits without a sync
   float scale;
   float softcap;                 // 0: none
   DType act_dtype;
@@ -224,7 +228,11 @@ struct SamplingRow {
   uint64_t draw;      // index of this draw in the request's stream (its output position)
 };
 
-/// Samples one token per row of fp32 logits and reports log-probabilities of the raw
+/// Samples one token per row of fp32 logits. The random uniform of a draw is
+/// sampling_uniform(seed, draw) (backend/sampling_rng.h) on every backend. Temperatures below 1e-5
+/// are greedy. The CPU backend maps the uniform through the kept tokens in descending probability
+/// (ties: lower id first); a GPU backend may walk them in another order (the same distribution,
+/// not the same draws). and reports log-probabilities of the raw
 /// distribution (log_softmax of the logits after final soft-capping, before temperature and
 /// filtering, as vLLM reports them). Random draws are a pure function of (seed, draw), so the
 /// same request gives the same tokens whatever else is in the batch.

@@ -9,6 +9,7 @@
 #include <octavo/error.h>
 
 #include "backend/backend.h"
+#include "backend/sampling_rng.h"
 #include "core/kv_cache_manager.h"
 #include "core/request_state.h"
 #include "core/scheduler.h"
@@ -17,13 +18,6 @@
 
 namespace octavo {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 std::string num(long long v) { return std::to_string(v); }
 
@@ -86,11 +80,27 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
     c.max_num_batched_tokens = std::max(std::min(8192, c.max_model_len), c.max_num_seqs);
   }
 
+  if (!(c.gpu_memory_utilization > 0.0f && c.gpu_memory_utilization <= 1.0f)) {
+    throw InvalidArgument("gpu_memory_utilization is " + std::to_string(c.gpu_memory_utilization) +
+                          "; it must be in (0, 1]");
+  }
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
+  ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len};
+  m.executor = std::make_unique<Executor>(m.spec, *m.backend, dtype, limits, c.block_size, weights);
+
+  // The KV pool takes what is left: on a GPU, the allowed share of the card minus everything
+  // allocated so far (weights, step buffers and scratch sized for the largest step, so this is
+  // the peak of any step); on the CPU, a fixed budget.
   const size_t block_bytes = Executor::kv_block_bytes(spec, c.block_size, dtype);
   if (c.num_kv_blocks <= 0) {
-    c.num_kv_blocks = int(std::min<size_t>(c.cpu_kv_cache_bytes / block_bytes, 1 << 24));
+    size_t kv_bytes = c.cpu_kv_cache_bytes;
+    if (std::optional<MemoryInfo> memory = m.backend->memory_info()) {
+      const double allowed = double(memory->total_bytes) * c.gpu_memory_utilization;
+      const double used = double(memory->total_bytes - memory->free_bytes);
+      kv_bytes = allowed > used ? size_t(allowed - used) : 0;
+    }
+    c.num_kv_blocks = int(std::min<size_t>(kv_bytes / block_bytes, 1 << 24));
   }
   const int blocks_per_sequence = (c.max_model_len + c.block_size - 1) / c.block_size;
   if (c.num_kv_blocks < blocks_per_sequence) {
@@ -98,12 +108,10 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
                           num(int64_t(c.num_kv_blocks) * c.block_size) +
                           " tokens) cannot hold one sequence of max_model_len " +
                           num(c.max_model_len) + " (lower max_model_len or give the pool more "
-                          "memory)");
+                          "memory: gpu_memory_utilization, kv_cache_memory_bytes or "
+                          "num_gpu_blocks_override)");
   }
-
-  ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len};
-  m.executor = std::make_unique<Executor>(m.spec, *m.backend, dtype, limits, c.num_kv_blocks,
-                                          c.block_size, weights);
+  m.executor->allocate_kv_cache(c.num_kv_blocks);
   m.kv_cache = std::make_unique<KVCacheManager>(c.num_kv_blocks, c.block_size, c.enable_prefix_caching);
   m.scheduler = std::make_unique<Scheduler>(
       SchedulerConfig{c.max_num_seqs, c.max_num_batched_tokens}, *m.kv_cache);
@@ -164,6 +172,8 @@ void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
     kv_cache->slot_mapping(r.id, start, n, std::span<int64_t>(batch.slot_mapping).subspan(slot_base, n));
     batch.query_start.push_back(batch.query_start.back() + n);
     batch.context_lens.push_back(start + n);
+    batch.max_query_len = std::max(batch.max_query_len, n);
+    batch.max_context_len = std::max(batch.max_context_len, start + n);
     std::span<const BlockId> table = kv_cache->block_table(r.id);
     batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     batch.block_tables.resize(batch.block_tables.size() + (width - table.size()), 0);
@@ -216,6 +226,19 @@ std::vector<RequestOutput> Engine::step() {
     const int i = sample_index++;
     const int32_t token = result.sampled[i];
     const float logprob = result.sampled_logprob[i];
+    if (token < 0 || token >= m.spec.vocab_size) {
+      // The GPU sampler flags rows whose logits hold NaN or inf instead of throwing mid-step:
+      // this request ends, the rest of the batch goes on.
+      RequestOutput failed;
+      failed.id = r.id;
+      failed.finished = true;
+      failed.finish_reason = r.finish_reason = FinishReason::kAbort;
+      failed.error = "the model produced non-finite logits (NaN or inf) for this request";
+      failed.cumulative_logprob = r.cumulative_logprob;
+      r.status = RequestStatus::kFinished;
+      outputs.push_back(std::move(failed));
+      continue;
+    }
     r.token_ids.push_back(token);
     r.cumulative_logprob += logprob;
     ++m.counters.generation_tokens;

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include <octavo/error.h>
 
+#include "backend/cpu/dtype.h"
 #include "model/dtype_convert.h"
 #include "model/rope.h"
 
@@ -97,6 +99,8 @@ void StepBatch::clear() {
   context_lens.clear();
   block_tables.clear();
   block_table_width = 0;
+  max_query_len = 0;
+  max_context_len = 0;
   block_copies.clear();
   sample_rows.clear();
   sampling.clear();
@@ -112,7 +116,7 @@ size_t Executor::kv_block_bytes(const ModelSpec& spec, int block_size, DType cac
 }
 
 Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
-                   const ExecutorLimits& limits, int num_kv_blocks, int block_size,
+                   const ExecutorLimits& limits, int block_size,
                    const std::vector<HostTensor>& weights)
     : spec_(spec),
       backend_(backend),
@@ -120,15 +124,10 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
       act_dtype_(backend.act_dtype(weight_dtype)),
       limits_(limits) {
   spec_.validate();
-  if (act_dtype_ != DType::kFloat32) {
-    // The LM head writes logits in the activation dtype; the sampler reads fp32.
-    throw InvalidArgument("executor: only fp32 activations are supported so far");
-  }
   load_weights(weights);
 
-  kv_shape_ = KVCacheShape{spec_.num_layers, num_kv_blocks, spec_.num_kv_heads, block_size,
-                           spec_.head_dim, weight_dtype_};
-  kv_cache_ = DeviceBuffer(backend_, kv_shape_.total_bytes());
+  kv_shape_ = KVCacheShape{spec_.num_layers, 0, spec_.num_kv_heads, block_size, spec_.head_dim,
+                           weight_dtype_};
 
   if (spec_.positions == PositionKind::kRotary) {
     std::vector<float> table = rope_cos_sin_table(spec_.rope, spec_.head_dim, limits_.max_model_len);
@@ -164,9 +163,40 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
                             max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4;
   step_inputs_ = DeviceBuffer(backend_, step_bytes);
   step_staging_.resize(step_bytes);
+
+  BackendLimits backend_limits;
+  backend_limits.max_num_tokens = limits_.max_num_tokens;
+  backend_limits.max_num_seqs = limits_.max_num_seqs;
+  backend_limits.max_model_len = limits_.max_model_len;
+  backend_limits.num_heads = spec_.num_heads;
+  backend_limits.num_kv_heads = spec_.num_kv_heads;
+  backend_limits.head_dim = spec_.head_dim;
+  backend_limits.vocab_size = spec_.vocab_size;
+  backend_limits.max_top_logprobs = kMaxTopLogprobs;
+  backend_.reserve_workspace(backend_limits);
+}
+
+void Executor::allocate_kv_cache(int num_blocks) {
+  if (kv_cache_.data()) throw InvalidArgument("executor: the KV pool is already allocated");
+  kv_shape_.num_blocks = num_blocks;
+  kv_cache_ = DeviceBuffer(backend_, kv_shape_.total_bytes());
 }
 
 void Executor::load_weights(const std::vector<HostTensor>& weights) {
+  if (std::optional<MemoryInfo> memory = backend_.memory_info()) {
+    size_t needed = 0;
+    for (const ExpectedWeight& e : expected_weights(spec_)) {
+      size_t count = 1;
+      for (int64_t d : e.shape) count *= size_t(d);
+      needed += count * dtype_size(weight_dtype_);
+    }
+    if (needed > memory->free_bytes) {
+      throw OutOfMemory(spec_.architecture + " weights need " + std::to_string(needed >> 20) +
+                        " MiB in " + std::string(cpu::dtype_name(weight_dtype_)) + "; " +
+                        backend_.name() + " has " + std::to_string(memory->free_bytes >> 20) +
+                        " MiB free of " + std::to_string(memory->total_bytes >> 20) + " MiB");
+    }
+  }
   std::unordered_map<std::string, const HostTensor*> by_name;
   for (const HostTensor& t : weights) {
     if (!by_name.emplace(t.name, &t).second) {
@@ -312,7 +342,7 @@ void Executor::norm(const void* in, void* residual, void* out, int rows, const v
 }
 
 void Executor::gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
-                    bool accumulate) {
+                    bool accumulate, bool fp32_out) {
   GemmParams p{};
   p.in = in;
   p.weight = w;
@@ -326,6 +356,7 @@ void Executor::gemm(const void* in, const void* w, const void* b, void* out, int
   p.accumulate = accumulate;
   p.weight_dtype = weight_dtype_;
   p.act_dtype = act_dtype_;
+  p.out_dtype = fp32_out ? DType::kFloat32 : act_dtype_;
   backend_.gemm(p);
 }
 
@@ -387,6 +418,19 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
     q_stride = kv_stride = width;
   }
 
+  void* layer_cache = kv_cache_.as<std::byte>() + size_t(l) * kv_shape_.layer_bytes();
+  WriteKVParams wkv{};
+  wkv.k = k;
+  wkv.v = v;
+  wkv.layer_cache = layer_cache;
+  wkv.slot_mapping = d_slot_mapping_;
+  wkv.num_tokens = T;
+  wkv.num_kv_heads = spec_.num_kv_heads;
+  wkv.head_dim = spec_.head_dim;
+  wkv.block_size = kv_shape_.block_size;
+  wkv.k_stride = wkv.v_stride = kv_stride;
+  wkv.act_dtype = act_dtype_;
+  wkv.cache_dtype = kv_shape_.dtype;
   if (spec_.positions == PositionKind::kRotary) {
     RotaryParams r{};
     r.q = q;
@@ -403,23 +447,10 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
     r.k_stride = kv_stride;
     r.pairing = uint8_t(spec_.rope.pairing);
     r.act_dtype = act_dtype_;
-    backend_.rotary(r);
+    backend_.rotary_write_kv(r, wkv);
+  } else {
+    backend_.write_kv(wkv);
   }
-
-  void* layer_cache = kv_cache_.as<std::byte>() + size_t(l) * kv_shape_.layer_bytes();
-  WriteKVParams wkv{};
-  wkv.k = k;
-  wkv.v = v;
-  wkv.layer_cache = layer_cache;
-  wkv.slot_mapping = d_slot_mapping_;
-  wkv.num_tokens = T;
-  wkv.num_kv_heads = spec_.num_kv_heads;
-  wkv.head_dim = spec_.head_dim;
-  wkv.block_size = kv_shape_.block_size;
-  wkv.k_stride = wkv.v_stride = kv_stride;
-  wkv.act_dtype = act_dtype_;
-  wkv.cache_dtype = kv_shape_.dtype;
-  backend_.write_kv(wkv);
 
   AttentionParams a{};
   a.q = q;
@@ -438,6 +469,8 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   a.max_blocks_per_request = batch.block_table_width;
   a.q_stride = q_stride;
   a.sliding_window = spec_.window_of(l);
+  a.max_query_len = batch.max_query_len;
+  a.max_context_len = batch.max_context_len;
   a.scale = spec_.softmax_scale();
   a.softcap = spec_.attn_logit_softcap;
   a.act_dtype = act_dtype_;
@@ -525,7 +558,7 @@ StepResult Executor::execute(const StepBatch& batch) {
   (void)act;
 
   gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), S, spec_.vocab_size,
-       spec_.hidden_size);
+       spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true);
 
   if (!batch.bias_token_ids.empty()) {
     LogitBiasParams lb{};

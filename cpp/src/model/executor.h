@@ -25,6 +25,8 @@ struct StepBatch {
   std::vector<int32_t> context_lens;   // [num_requests]: cached + new tokens
   std::vector<int32_t> block_tables;   // [num_requests, block_table_width]
   int32_t block_table_width = 0;
+  int32_t max_query_len = 0;           // max over requests of new tokens
+  int32_t max_context_len = 0;         // max of context_lens
   std::vector<BlockCopy> block_copies; // copy-on-write copies to make before the forward
   // Sampling: one entry per request whose last scheduled token is the sequence's last.
   std::vector<int32_t> sample_rows;    // query row whose hidden state samples
@@ -56,10 +58,14 @@ struct ExecutorLimits {
 class Executor {
  public:
   /// Loads and validates the weights (every canonical name the spec needs, with its shape; no
-  /// extras), converting them to `weight_dtype`; allocates the KV pool of `num_kv_blocks` blocks
-  /// and the step workspace.
+  /// extras), converting them to `weight_dtype`, and allocates everything a step of the largest
+  /// size needs (workspace, backend scratch), so that memory left afterwards can all go to the
+  /// KV pool. Throws OutOfMemory naming what the weights need and what the device has.
   Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype, const ExecutorLimits& limits,
-           int num_kv_blocks, int block_size, const std::vector<HostTensor>& weights);
+           int block_size, const std::vector<HostTensor>& weights);
+
+  /// Allocates the KV pool: `num_blocks` blocks in every layer. Call once, before execute().
+  void allocate_kv_cache(int num_blocks);
 
   StepResult execute(const StepBatch& batch);
 
@@ -91,7 +97,7 @@ class Executor {
   void run_layer(int layer_index, const StepBatch& batch, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
-            bool accumulate = false);
+            bool accumulate = false, bool fp32_out = false);
 
   ModelSpec spec_;
   Backend& backend_;

@@ -124,6 +124,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
       .def_rw("num_kv_blocks", &EngineConfig::num_kv_blocks)
       .def_rw("cpu_kv_cache_bytes", &EngineConfig::cpu_kv_cache_bytes)
+      .def_rw("gpu_memory_utilization", &EngineConfig::gpu_memory_utilization)
       .def_rw("seed", &EngineConfig::seed)
       .def_rw("eos_token_ids", &EngineConfig::eos_token_ids);
 

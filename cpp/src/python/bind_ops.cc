@@ -58,4 +58,8 @@ void bind_ops(nb::module_& m) {
           nb::arg("num_blocks"), nb::arg("stream") = 0,
           "Copy block src over block dst in every layer for each (src, dst) row of `copies`.\n"
           "`cache` is the whole KV pool, [num_layers][num_blocks][...] contiguous.");
+  // Each op family binds itself below (one line each).
+  bind_ops_attention(ops);
+  bind_ops_elementwise(ops);
+  bind_ops_sampling(ops);
 }

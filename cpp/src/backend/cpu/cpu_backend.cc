@@ -48,20 +48,6 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return std::make_unique<CpuBackend>();
-  if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
-    throw InvalidArgument("device '" + device +
-                          "': models do not run on the CUDA backend yet (it holds only the cache "
-                          "kernels so far); use device='cpu'");
-  }
-  throw InvalidArgument("unknown device '" + device + "'; this build has: cpu" +
-#ifdef OCTAVO_WITH_CUDA
-                        std::string(", cuda (cache kernels only)")
-#else
-                        std::string()
-#endif
-  );
-}
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 }  // namespace octavo

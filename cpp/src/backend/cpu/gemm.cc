@@ -76,6 +76,7 @@ std::string str(long long value) { return std::to_string(value); }
 
 void gemm(const GemmParams& p) {
   require_fp32_activations(p.act_dtype, "gemm");
+  require_fp32_activations(p.out_dtype, "gemm output");
   require_valid_dtype(p.weight_dtype, "gemm", "weight");
   if (p.m < 0 || p.n < 0 || p.k < 0) {
     throw InvalidArgument("gemm: shape m=" + str(p.m) + " n=" + str(p.n) + " k=" + str(p.k) +

@@ -19,7 +19,7 @@
 
 #include <octavo/error.h>
 
-#include "backend/cpu/sampling_rng.h"
+#include "backend/sampling_rng.h"
 #include "backend/ops.h"
 
 namespace octavo::cpu {

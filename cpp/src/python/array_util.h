@@ -1,0 +1,43 @@
+// Helpers for the op bindings: the octavo dtype and device of an array passed from Python
+// (numpy on the CPU; torch or cupy on the GPU, through DLPack).
+#pragma once
+
+#include <nanobind/ndarray.h>
+
+#include <string>
+
+#include <octavo/error.h>
+
+#include "backend/ops.h"
+
+namespace octavo::python {
+
+using AnyArray = nanobind::ndarray<nanobind::c_contig>;
+
+inline bool on_cuda(const AnyArray& array) {
+  return array.device_type() == nanobind::device::cuda::value;
+}
+
+/// float32 / float16 / bfloat16 arrays; anything else is an InvalidArgument naming `what`.
+inline DType dtype_of(const AnyArray& array, const char* what) {
+  const nanobind::dlpack::dtype d = array.dtype();
+  if (d == nanobind::dtype<float>()) return DType::kFloat32;
+  if (d.code == uint8_t(nanobind::dlpack::dtype_code::Float) && d.bits == 16) return DType::kFloat16;
+  if (d.code == uint8_t(nanobind::dlpack::dtype_code::Bfloat) && d.bits == 16) return DType::kBFloat16;
+  throw InvalidArgument(std::string(what) + ": expected a float32, float16 or bfloat16 array");
+}
+
+/// Throws unless every array lives on the same device as the first.
+template <typename... Arrays>
+bool same_device_is_cuda(const char* op, const AnyArray& first, const Arrays&... rest) {
+  const bool cuda = on_cuda(first);
+  if (((on_cuda(rest) != cuda) || ...)) {
+    throw InvalidArgument(std::string(op) + ": arrays on different devices");
+  }
+#ifndef OCTAVO_WITH_CUDA
+  if (cuda) throw InvalidArgument(std::string(op) + ": a CUDA array, but this build has no CUDA backend");
+#endif
+  return cuda;
+}
+
+}  // namespace octavo::python

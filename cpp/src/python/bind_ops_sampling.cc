@@ -1,0 +1,159 @@
+// octavo._C.ops: the sampler (SampleParams in backend/ops.h) over arrays, dispatched by device:
+// numpy on the CPU (the reference), torch CUDA tensors on the GPU. The per-row settings travel as
+// packed SamplingRow structs (pack_sampling_rows builds them on the host from per-row numpy
+// arrays; copy the bytes to the GPU for a CUDA call), the layout the engine hands the op.
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include <octavo/error.h>
+
+#include "backend/ops.h"
+#include "python/array_util.h"
+#include "python/bindings.h"
+#ifdef OCTAVO_WITH_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+using octavo::InvalidArgument;
+using octavo::SamplingRow;
+using octavo::python::AnyArray;
+using octavo::python::same_device_is_cuda;
+using OptArray = std::optional<AnyArray>;
+
+template <typename T>
+using HostVector = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using PackedRows = nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>;
+
+std::string str(long long value) { return std::to_string(value); }
+
+void require(const AnyArray& array, nb::dlpack::dtype_code code, int bits, const char* what) {
+  const nb::dlpack::dtype d = array.dtype();
+  if (d.code != uint8_t(code) || d.bits != bits || d.lanes != 1) {
+    throw InvalidArgument(std::string("sample: ") + what + " has the wrong dtype");
+  }
+}
+
+PackedRows pack_sampling_rows(HostVector<float> temperature, HostVector<int32_t> top_k,
+                              HostVector<float> top_p, HostVector<float> min_p,
+                              HostVector<uint64_t> seed, HostVector<uint64_t> draw) {
+  const size_t n = temperature.shape(0);
+  if (top_k.shape(0) != n || top_p.shape(0) != n || min_p.shape(0) != n || seed.shape(0) != n ||
+      draw.shape(0) != n) {
+    throw InvalidArgument("pack_sampling_rows: the six arrays must have the same length (" +
+                          str(int64_t(n)) + " temperatures)");
+  }
+  auto* rows = new SamplingRow[n > 0 ? n : 1];
+  for (size_t i = 0; i < n; ++i) {
+    rows[i] = SamplingRow{temperature(i), top_k(i), top_p(i), min_p(i), seed(i), draw(i)};
+  }
+  nb::capsule owner(rows, [](void* p) noexcept { delete[] static_cast<SamplingRow*>(p); });
+  return PackedRows(rows, {n, sizeof(SamplingRow)}, owner);
+}
+
+void sample(AnyArray logits, AnyArray rows, AnyArray sampled, AnyArray sampled_logprob,
+            OptArray top_ids, OptArray top_logprobs, float final_softcap, OptArray workspace,
+            uintptr_t stream) {
+  if (top_ids.has_value() != top_logprobs.has_value()) {
+    throw InvalidArgument("sample: pass both top_ids and top_logprobs, or neither");
+  }
+  bool cuda = same_device_is_cuda("sample", logits, rows, sampled, sampled_logprob);
+  if (top_ids) cuda = same_device_is_cuda("sample", logits, *top_ids, *top_logprobs);
+  if (workspace) cuda = same_device_is_cuda("sample", logits, *workspace);
+
+  using Code = nb::dlpack::dtype_code;
+  require(logits, Code::Float, 32, "logits (float32)");
+  require(rows, Code::UInt, 8, "rows (uint8, from pack_sampling_rows)");
+  require(sampled, Code::Int, 32, "sampled (int32)");
+  require(sampled_logprob, Code::Float, 32, "sampled_logprob (float32)");
+  if (logits.ndim() != 2) throw InvalidArgument("sample: logits must be [num_rows, vocab]");
+  const int64_t num_rows = int64_t(logits.shape(0));
+  const int64_t vocab = int64_t(logits.shape(1));
+  if (int64_t(rows.nbytes()) != num_rows * int64_t(sizeof(SamplingRow))) {
+    throw InvalidArgument("sample: rows holds " + str(int64_t(rows.nbytes())) + " bytes; " +
+                          str(num_rows) + " rows need " +
+                          str(num_rows * int64_t(sizeof(SamplingRow))));
+  }
+  if (int64_t(sampled.size()) != num_rows || int64_t(sampled_logprob.size()) != num_rows) {
+    throw InvalidArgument("sample: sampled and sampled_logprob need " + str(num_rows) +
+                          " elements each");
+  }
+  int64_t num_top = 0;
+  if (top_ids) {
+    require(*top_ids, Code::Int, 32, "top_ids (int32)");
+    require(*top_logprobs, Code::Float, 32, "top_logprobs (float32)");
+    if (top_ids->ndim() != 2 || int64_t(top_ids->shape(0)) != num_rows ||
+        top_logprobs->ndim() != 2 || top_logprobs->shape(0) != top_ids->shape(0) ||
+        top_logprobs->shape(1) != top_ids->shape(1)) {
+      throw InvalidArgument("sample: top_ids and top_logprobs must both be [num_rows, num_top]");
+    }
+    num_top = int64_t(top_ids->shape(1));
+  }
+
+  octavo::SampleParams params{};
+  params.logits = static_cast<float*>(logits.data());
+  params.rows = static_cast<const SamplingRow*>(rows.data());
+  params.sampled = static_cast<int32_t*>(sampled.data());
+  params.sampled_logprob = static_cast<float*>(sampled_logprob.data());
+  params.top_ids = top_ids ? static_cast<int32_t*>(top_ids->data()) : nullptr;
+  params.top_logprobs = top_logprobs ? static_cast<float*>(top_logprobs->data()) : nullptr;
+  params.num_rows = int32_t(num_rows);
+  params.vocab_size = int32_t(vocab);
+  params.num_top = int32_t(num_top);
+  params.final_softcap = final_softcap;
+
+  if (cuda) {
+#ifdef OCTAVO_WITH_CUDA
+    const size_t needed = octavo::cuda::sample_workspace_bytes(params);
+    if (needed > 0 && (!workspace || workspace->nbytes() < needed)) {
+      throw InvalidArgument("sample: the workspace needs " + str(int64_t(needed)) + " bytes");
+    }
+    octavo::cuda::sample(params, workspace && needed > 0 ? workspace->data() : nullptr,
+                         reinterpret_cast<octavo::cuda::StreamHandle>(stream));
+#endif
+    return;
+  }
+  octavo::cpu::sample(params);
+}
+
+size_t sample_workspace_bytes(int32_t num_rows, int32_t vocab_size, int32_t num_top) {
+#ifdef OCTAVO_WITH_CUDA
+  octavo::SampleParams params{};
+  params.num_rows = num_rows;
+  params.vocab_size = vocab_size;
+  params.num_top = num_top;
+  return octavo::cuda::sample_workspace_bytes(params);
+#else
+  (void)num_rows, (void)vocab_size, (void)num_top;
+  return 0;
+#endif
+}
+
+}  // namespace
+
+void bind_ops_sampling(nb::module_& ops) {
+  ops.def("pack_sampling_rows", &pack_sampling_rows, nb::arg("temperature"), nb::arg("top_k"),
+          nb::arg("top_p"), nb::arg("min_p"), nb::arg("seed"), nb::arg("draw"),
+          "Per-row sampling settings (1-D numpy arrays: float32, int32, float32, float32, uint64,\n"
+          "uint64) packed as SamplingRow structs: a uint8 numpy array [num_rows, 32]. Pass it to\n"
+          "sample() as is for the CPU, or copied to the GPU (torch.from_numpy(...).cuda()).");
+  ops.def("sample", &sample, nb::arg("logits"), nb::arg("rows"), nb::arg("sampled"),
+          nb::arg("sampled_logprob"), nb::arg("top_ids") = nb::none(),
+          nb::arg("top_logprobs") = nb::none(), nb::arg("final_softcap") = 0.0f,
+          nb::arg("workspace") = nb::none(), nb::arg("stream") = 0,
+          "Samples one token per row of fp32 logits [num_rows, vocab] (soft-capped in place on\n"
+          "the CPU; read-only on the GPU). rows: pack_sampling_rows(...). Writes sampled (int32\n"
+          "[num_rows]), sampled_logprob (float32, raw log-softmax) and, when given, the\n"
+          "top_ids / top_logprobs [num_rows, num_top] report (num_top from their shape).");
+  ops.def("sample_workspace_bytes", &sample_workspace_bytes, nb::arg("num_rows"),
+          nb::arg("vocab_size"), nb::arg("num_top"),
+          "Bytes of device workspace sample() needs on the GPU (0 on CPU-only builds).");
+}

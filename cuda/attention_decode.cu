@@ -1,0 +1,754 @@
+// Paged attention decode on the GPU: one query token per request (AttentionParams, backend/ops.h).
+//
+// Work decomposition. One CTA (128 threads) per (KV head, group tile, split, request). It handles
+// all query heads that share the KV head (up to kMaxGroupTile at once; a larger group is cut into
+// tiles, the only case that reads a KV head twice), so each K/V row leaves global memory once per
+// KV head. The keys [first_key, context) of a request are cut into `num_splits` equal ranges
+// (FlashDecoding): the launcher picks the count so that requests x KV heads x splits fills the
+// GPU; a request whose keys fit one split writes its output directly, the others write unnormalised
+// partial outputs plus (max, sum-exp) to the fp32 workspace and decode_reduce_kernel merges them.
+//
+// Inside a CTA, K/V tiles of kTileTokens tokens are streamed global -> shared by cp.async in a
+// kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
+// contiguous, so the loads are coalesced whatever the head dim). Compute reads the tile back from
+// shared memory: a "row group" of kLanes lanes owns one token row at a time, lane i holding dims
+// [8i, 8i+8) of q (for every head of the group tile, pre-scaled, fp32) and of the output
+// accumulators. A score is 8 FMAs per lane and a butterfly over the row group; online softmax in
+// fp32 per row group (rescaled only when the running max grows); row groups merge at the end
+// (shuffles within a warp, shared memory across warps).
+//
+// Speed. Bound by HBM bandwidth: the K/V bytes dominate (q, outputs and partials are <1% at the
+// benchmark shapes), and cp.async keeps up to 2 tiles (32 KiB at head dim 128) in flight per CTA,
+// 4 CTAs per SM. Issue cost, head dim 128: ~85 warp instructions per token and KV head with group
+// tile 4 (~21 issue cycles of the ~40 an H100 SM has per token at full bandwidth), ~146 with
+// group tile 8 (~37 cycles, and only 2 CTAs per SM at ~250 registers), so GQA 5-8 may end up
+// partly issue-bound; the fix there is tensor-core QK/PV or a reduce-scatter of the score
+// shuffles. Expected: ~0.85-0.9 of copy bandwidth at batch 64 x 4096 (32/8 heads).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#include <octavo/error.h>
+
+#include "compat.h"
+#include "cuda_ops.h"
+
+namespace octavo::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / gpu::kWarpSize;
+constexpr int kStages = 3;            // tiles in flight: one computed, kStages - 1 loading
+constexpr int kRowsPerGroup = 4;      // token rows a row group handles per tile
+constexpr int kMaxGroupTile = 8;      // query heads per CTA; larger GQA groups are tiled
+constexpr int kMaxSplits = 256;       // bounds the reduction's shared memory
+constexpr int kMinSplitTokens = 256;  // shorter splits cost more in fixed work than they gain
+constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H100 SM (2 for
+                                      // group tile 8, limited by registers)
+
+/// Compile-time geometry of one head dim.
+template <int kHeadDim>
+struct Geometry {
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kLanes = kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;  // lanes per row
+  static_assert(kHeadDim % 8 == 0 && kLanes <= gpu::kWarpSize && kChunks <= kLanes);
+  static constexpr int kRowsPerWarp = gpu::kWarpSize / kLanes;
+  static constexpr int kRowGroups = kWarps * kRowsPerWarp;
+  static constexpr int kTileTokens = kRowGroups * kRowsPerGroup;
+  static constexpr int kTileElems = kTileTokens * kHeadDim;  // one of K or V
+  static constexpr int kPipelineBytes = kStages * 2 * kTileElems * 2;
+  static constexpr int kMergeBytes = kWarps * kMaxGroupTile * (kHeadDim + 2) * 4;
+  static constexpr int kSharedBytes =
+      kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
+  static_assert(kSharedBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
+};
+
+int tile_tokens(int head_dim) {
+  switch (head_dim) {
+    case 64: return Geometry<64>::kTileTokens;
+    case 80: return Geometry<80>::kTileTokens;
+    case 96: return Geometry<96>::kTileTokens;
+    case 128: return Geometry<128>::kTileTokens;
+    case 256: return Geometry<256>::kTileTokens;
+    default: return 0;
+  }
+}
+
+int group_tile_for(int group) { return group == 1 ? 1 : group <= 4 ? 4 : kMaxGroupTile; }
+
+/// Everything the kernels need: the op's parameters plus the launcher's plan.
+struct DecodeArgs {
+  AttentionParams p;
+  float* partial_out;    // [num_requests][num_heads][num_splits][head_dim], unnormalised
+  float2* partial_stat;  // [num_requests][num_heads][num_splits]: (max score, sum of exp)
+  int32_t group;         // query heads per KV head
+  int32_t group_tiles;   // CTAs per KV head: ceil(group / group tile)
+  int32_t num_splits;
+  int32_t split_tokens;  // keys per split, a multiple of the tile
+  int32_t block_shift;   // log2(block_size) when it is a power of two, else -1
+};
+
+// ---- device helpers ------------------------------------------------------------------------
+
+__device__ __forceinline__ void copy_async_16(void* shared_dst, const void* global_src,
+                                              bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  const int src_bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src),
+               "r"(src_bytes)
+               : "memory");
+#else
+  *static_cast<gpu::Vec16*>(shared_dst) =
+      valid ? *static_cast<const gpu::Vec16*>(global_src) : gpu::Vec16{};
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+/// Eight 16-bit floats (one 16-byte chunk) to fp32.
+template <typename T>
+__device__ __forceinline__ void to_float8(const gpu::Vec16& raw, float (&out)[8]) {
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(raw.words[i] << 16);
+      out[2 * i + 1] = __uint_as_float(raw.words[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 pair;
+      static_assert(sizeof(pair) == sizeof(uint32_t));
+      memcpy(&pair, &raw.words[i], sizeof(pair));
+      const float2 f = __half22float2(pair);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float value) {
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+    return __float2bfloat16(value);
+  } else {
+    return __float2half(value);
+  }
+}
+
+/// exp(x - reference) where a reference of -inf (nothing seen yet) gives 0 rather than NaN.
+__device__ __forceinline__ float safe_reference(float max_score) {
+  return max_score == -INFINITY ? 0.0f : max_score;
+}
+
+/// The keys of `request` and which of them split `split` covers. num_valid_splits counts the
+/// splits with keys (at least 1, so an empty request still writes its zero output once).
+struct SplitRange {
+  int begin;
+  int end;
+  int num_valid_splits;
+};
+
+__device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int request, int split) {
+  const int context = a.p.context_lens[request];
+  const int first_key = a.p.sliding_window > 0 ? max(0, context - a.p.sliding_window) : 0;
+  const int num_keys = max(context - first_key, 0);
+  SplitRange range;
+  range.num_valid_splits =
+      min(a.num_splits, max(1, (num_keys + a.split_tokens - 1) / a.split_tokens));
+  range.begin = first_key + split * a.split_tokens;
+  range.end = min(range.begin + a.split_tokens, context);
+  return range;
+}
+
+// ---- the split kernel ----------------------------------------------------------------------
+
+/// CTAs per SM the register budget is cut for: 4 (128 registers) reaches the 4 CTAs that fit in
+/// shared memory; group tile 8 needs ~250 registers for q and the accumulators of 8 heads.
+template <int kGroupTile>
+constexpr int kMinCtasPerSm = kGroupTile <= 4 ? 4 : 2;
+
+template <typename T, int kHeadDim, int kGroupTile>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
+    decode_kernel(const DecodeArgs a) {
+  using Geo = Geometry<kHeadDim>;
+  constexpr int kLanes = Geo::kLanes;
+  constexpr int kRowGroups = Geo::kRowGroups;
+  constexpr int kTileTokens = Geo::kTileTokens;
+  const AttentionParams& p = a.p;
+
+  const int kv_head = blockIdx.x / a.group_tiles;
+  const int group_tile = blockIdx.x % a.group_tiles;
+  const int split = blockIdx.y;
+  const int request = blockIdx.z;
+  const SplitRange range = split_range(a, request, split);
+  if (split >= range.num_valid_splits) return;
+  const bool direct = range.num_valid_splits == 1;
+  const int head_begin = kv_head * a.group + group_tile * kGroupTile;
+  const int heads_here = min(kGroupTile, a.group - group_tile * kGroupTile);
+  const int query_pos = p.context_lens[request] - 1;
+
+  const int warp = threadIdx.x / gpu::kWarpSize;
+  const int lane = threadIdx.x % gpu::kWarpSize;
+  const int dim_lane = lane % kLanes;  // owns dims [8 * dim_lane, 8 * dim_lane + 8)
+  const int row_group = warp * Geo::kRowsPerWarp + lane / kLanes;
+  const bool lane_has_dims = dim_lane < Geo::kChunks;  // false only for head dims 80 and 96
+
+  __shared__ alignas(16) unsigned char shared[Geo::kSharedBytes];
+  T* const tiles = reinterpret_cast<T*>(shared);
+
+  // Keys and values of this KV head: element offsets inside one block of the layer's pool.
+  const T* const cache = static_cast<const T*>(p.layer_cache);
+  const int64_t head_run = int64_t{p.block_size} * kHeadDim;
+  const int64_t block_stride = 2 * int64_t{p.num_kv_heads} * head_run;
+  const int64_t v_offset = int64_t{p.num_kv_heads} * head_run;
+  const int32_t* const block_table =
+      p.block_tables + int64_t{request} * p.max_blocks_per_request;
+
+  auto load_tile = [&](int tile, int stage) {
+    const int tile_begin = range.begin + tile * kTileTokens;
+    T* const k_dst = tiles + stage * 2 * Geo::kTileElems;
+    T* const v_dst = k_dst + Geo::kTileElems;
+    constexpr int kTileChunks = kTileTokens * Geo::kChunks;
+#pragma unroll
+    for (int i = 0; i < (kTileChunks + kThreads - 1) / kThreads; ++i) {
+      const int chunk = i * kThreads + threadIdx.x;
+      if (kTileChunks % kThreads != 0 && chunk >= kTileChunks) break;
+      const int row = chunk / Geo::kChunks;
+      const int col = chunk % Geo::kChunks;
+      const int pos = tile_begin + row;
+      const bool valid = pos < range.end;
+      const T* src = cache;
+      if (valid) {
+        const int page = a.block_shift >= 0 ? pos >> a.block_shift : pos / p.block_size;
+        const int offset = pos - page * p.block_size;
+        src = cache + block_table[page] * block_stride + kv_head * head_run +
+              int64_t{offset} * kHeadDim + col * 8;
+      }
+      copy_async_16(k_dst + row * kHeadDim + col * 8, src, valid);
+      copy_async_16(v_dst + row * kHeadDim + col * 8, valid ? src + v_offset : src, valid);
+    }
+  };
+
+  const int num_tiles =
+      range.end > range.begin ? (range.end - range.begin + kTileTokens - 1) / kTileTokens : 0;
+#pragma unroll
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < num_tiles) load_tile(stage, stage);
+    copy_async_commit();
+  }
+
+  // q for every head of the tile, scaled; heads past the group and idle lanes hold zeros.
+  float q[kGroupTile][8];
+  float slope[kGroupTile];
+#pragma unroll
+  for (int g = 0; g < kGroupTile; ++g) {
+    const int head = head_begin + g;
+    slope[g] = 0.0f;
+    if (g < heads_here && lane_has_dims) {
+      const auto* src = static_cast<const T*>(p.q) + int64_t{request} * p.q_stride +
+                        int64_t{head} * kHeadDim + dim_lane * 8;
+      to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(src), q[g]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[g][j] *= p.scale;
+      if (p.alibi_slopes != nullptr) slope[g] = p.alibi_slopes[head];
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[g][j] = 0.0f;
+    }
+  }
+  const bool use_softcap = p.softcap > 0.0f;
+  const float inv_softcap = use_softcap ? 1.0f / p.softcap : 0.0f;
+  const bool use_alibi = p.alibi_slopes != nullptr;
+
+  float max_score[kGroupTile];
+  float sum_exp[kGroupTile];
+  float acc[kGroupTile][8];
+#pragma unroll
+  for (int g = 0; g < kGroupTile; ++g) {
+    max_score[g] = -INFINITY;
+    sum_exp[g] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    copy_async_wait<kStages - 2>();
+    __syncthreads();  // the tile has landed for every thread; the stage loaded next is free
+    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+    copy_async_commit();
+
+    const T* const k_tile = tiles + (tile % kStages) * 2 * Geo::kTileElems;
+    const T* const v_tile = k_tile + Geo::kTileElems;
+    const int tile_begin = range.begin + tile * kTileTokens;
+
+    float score[kRowsPerGroup][kGroupTile];
+#pragma unroll
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+      const int row = row_group + u * kRowGroups;
+      float k[8];
+      if (lane_has_dims) {
+        to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8),
+                     k);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) k[j] = 0.0f;
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dot = fmaf(q[g][j], k[j], dot);
+        score[u][g] = dot;
+      }
+    }
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < kRowsPerGroup; ++u) {
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) score[u][g] += gpu::shfl_xor(score[u][g], offset);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+      const int pos = tile_begin + row_group + u * kRowGroups;
+      const bool valid = pos < range.end;
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+        float s = score[u][g];
+        if (use_softcap) {
+          // tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 for large |x|.
+          const float x = s * inv_softcap;
+          s = p.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * x) + 1.0f));
+        }
+        if (use_alibi) s += slope[g] * float(pos - query_pos);
+        score[u][g] = valid ? s : -INFINITY;
+      }
+    }
+    // Online softmax: rescale the accumulators only when the running max grows.
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      float tile_max = score[0][g];
+#pragma unroll
+      for (int u = 1; u < kRowsPerGroup; ++u) tile_max = fmaxf(tile_max, score[u][g]);
+      if (tile_max > max_score[g]) {
+        const float alpha = __expf(max_score[g] - tile_max);  // 0 when max_score was -inf
+        sum_exp[g] *= alpha;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
+        max_score[g] = tile_max;
+      }
+      const float reference = safe_reference(max_score[g]);
+#pragma unroll
+      for (int u = 0; u < kRowsPerGroup; ++u) {
+        const float weight = __expf(score[u][g] - reference);  // 0 for masked rows
+        sum_exp[g] += weight;
+        score[u][g] = weight;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+      // Rows past the split were zero-filled, so a zero weight never meets a NaN.
+      const int row = row_group + u * kRowGroups;
+      float v[8];
+      if (lane_has_dims) {
+        to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8),
+                     v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(score[u][g], v[j], acc[g][j]);
+      }
+    }
+  }
+  copy_async_wait<0>();
+  __syncthreads();  // every thread is done with the tiles: the shared memory is reused below
+
+  // Merge the row groups of a warp (lanes kLanes apart hold the same dims).
+#pragma unroll
+  for (int offset = kLanes; offset < gpu::kWarpSize; offset *= 2) {
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      const float other_max = gpu::shfl_xor(max_score[g], offset);
+      const float other_sum = gpu::shfl_xor(sum_exp[g], offset);
+      const float new_max = fmaxf(max_score[g], other_max);
+      const float reference = safe_reference(new_max);
+      const float self_weight = __expf(max_score[g] - reference);
+      const float other_weight = __expf(other_max - reference);
+      sum_exp[g] = sum_exp[g] * self_weight + other_sum * other_weight;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        acc[g][j] = acc[g][j] * self_weight + gpu::shfl_xor(acc[g][j], offset) * other_weight;
+      }
+      max_score[g] = new_max;
+    }
+  }
+  // Then the warps, through shared memory: [warp][group tile][head_dim] sums, then max, sum-exp.
+  float* const merge_acc = reinterpret_cast<float*>(shared);
+  float* const merge_max = merge_acc + kWarps * kGroupTile * kHeadDim;
+  float* const merge_sum = merge_max + kWarps * kGroupTile;
+  if (lane < kLanes && lane_has_dims) {
+#pragma unroll
+    for (int g = 0; g < kGroupTile; ++g) {
+      float* dst = merge_acc + (warp * kGroupTile + g) * kHeadDim + dim_lane * 8;
+      reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+        merge_max[warp * kGroupTile + g] = max_score[g];
+        merge_sum[warp * kGroupTile + g] = sum_exp[g];
+      }
+    }
+  }
+  __syncthreads();
+
+  const int num_heads = p.num_heads;
+  for (int i = threadIdx.x; i < heads_here * kHeadDim; i += kThreads) {
+    const int g = i / kHeadDim;
+    const int d = i % kHeadDim;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, merge_max[w * kGroupTile + g]);
+    const float reference = safe_reference(block_max);
+    float total_sum = 0.0f;
+    float total_acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = __expf(merge_max[w * kGroupTile + g] - reference);
+      total_sum += weight * merge_sum[w * kGroupTile + g];
+      total_acc += weight * merge_acc[(w * kGroupTile + g) * kHeadDim + d];
+    }
+    const int head = head_begin + g;
+    if (direct) {
+      const float value = total_sum > 0.0f ? total_acc / total_sum : 0.0f;
+      static_cast<T*>(p.out)[(int64_t{request} * num_heads + head) * kHeadDim + d] =
+          from_float<T>(value);
+    } else {
+      const int64_t slot = (int64_t{request} * num_heads + head) * a.num_splits + split;
+      a.partial_out[slot * kHeadDim + d] = total_acc;
+      if (d == 0) a.partial_stat[slot] = make_float2(block_max, total_sum);
+    }
+  }
+}
+
+// ---- the reduction over splits -------------------------------------------------------------
+
+/// One CTA per (query head, request): out = sum_s w_s acc_s / sum_s w_s sum_s, with
+/// w_s = exp(max_s - max over splits). Requests that fit one split were written directly.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeArgs a) {
+  const int head = blockIdx.x;
+  const int request = blockIdx.y;
+  const int num_valid = split_range(a, request, 0).num_valid_splits;
+  if (num_valid <= 1) return;
+  const int head_dim = a.p.head_dim;
+  const int64_t first_slot = (int64_t{request} * a.p.num_heads + head) * a.num_splits;
+  const float2* const stats = a.partial_stat + first_slot;
+
+  __shared__ float weights[kMaxSplits];
+  __shared__ float warp_max[kWarps];
+  __shared__ float warp_sum[kWarps];
+  const int warp = threadIdx.x / gpu::kWarpSize;
+  const int lane = threadIdx.x % gpu::kWarpSize;
+
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < num_valid; s += kThreads) local_max = fmaxf(local_max, stats[s].x);
+#pragma unroll
+  for (int offset = gpu::kWarpSize / 2; offset > 0; offset /= 2) {
+    local_max = fmaxf(local_max, gpu::shfl_xor(local_max, offset));
+  }
+  if (lane == 0) warp_max[warp] = local_max;
+  __syncthreads();
+  float global_max = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) global_max = fmaxf(global_max, warp_max[w]);
+  const float reference = safe_reference(global_max);
+
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < num_valid; s += kThreads) {
+    const float2 stat = stats[s];
+    const float weight = __expf(stat.x - reference);
+    weights[s] = weight;
+    local_sum += weight * stat.y;
+  }
+#pragma unroll
+  for (int offset = gpu::kWarpSize / 2; offset > 0; offset /= 2) {
+    local_sum += gpu::shfl_xor(local_sum, offset);
+  }
+  if (lane == 0) warp_sum[warp] = local_sum;
+  __syncthreads();
+  float total_sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total_sum += warp_sum[w];
+  const float inv_sum = total_sum > 0.0f ? 1.0f / total_sum : 0.0f;
+
+  const float* const partial = a.partial_out + first_slot * head_dim;
+  T* const out = static_cast<T*>(a.p.out) + (int64_t{request} * a.p.num_heads + head) * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    float total = 0.0f;
+    for (int s = 0; s < num_valid; ++s) total = fmaf(weights[s], partial[s * head_dim + d], total);
+    out[d] = from_float<T>(total * inv_sum);
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+std::string str(long long value) { return std::to_string(value); }
+
+/// SMs of the current device, queried once per device.
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    gpu::get_last_error();
+    throw BackendError("paged_attention_decode: no current CUDA device");
+  }
+  if (device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      count <= 0) {
+    gpu::get_last_error();
+    throw BackendError("paged_attention_decode: cannot query the SM count of device " +
+                       str(device));
+  }
+  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+struct Plan {
+  int group = 1;
+  int group_tile = 1;
+  int group_tiles = 1;
+  int num_splits = 1;
+  int split_tokens = 1;
+};
+
+/// Keys the longest request attends to (at least 1).
+int64_t max_keys_of(const AttentionParams& p) {
+  return std::max<int64_t>(
+      1, p.sliding_window > 0 ? std::min(p.max_context_len, p.sliding_window) : p.max_context_len);
+}
+
+/// Splits of the keys before rounding them to whole tiles (the final count is never larger):
+/// until num_requests x KV heads x group tiles x splits is about ctas_per_sm CTAs per SM, no split
+/// shorter than kMinSplitTokens. Non-decreasing in max_keys.
+int64_t initial_splits(int64_t num_requests, int64_t ctas_per_request, int64_t target,
+                       int64_t max_keys) {
+  const int64_t base = num_requests * ctas_per_request;
+  int64_t splits = base >= target ? 1 : (target + base / 2) / base;
+  splits = std::min(splits, (max_keys + kMinSplitTokens - 1) / kMinSplitTokens);
+  return std::clamp<int64_t>(splits, 1, kMaxSplits);
+}
+
+/// The launch geometry: how many CTAs per KV head and how many splits of the keys.
+Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
+  Plan plan;
+  plan.group = p.num_heads / p.num_kv_heads;
+  plan.group_tile = group_tile_for(plan.group);
+  plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
+  const int64_t ctas_per_sm = plan.group_tile <= 4 ? kCtasPerSmTarget : kCtasPerSmTarget / 2;
+  const int64_t target = int64_t{sm_count()} * ctas_per_sm;
+  if (target_ctas != nullptr) *target_ctas = target;
+  const int64_t max_keys = max_keys_of(p);
+  const int64_t splits = initial_splits(p.num_requests, int64_t{p.num_kv_heads} * plan.group_tiles,
+                                        target, max_keys);
+  const int tile = tile_tokens(p.head_dim);
+  int64_t split_tokens = (max_keys + splits - 1) / splits;
+  split_tokens = (split_tokens + tile - 1) / tile * tile;
+  plan.split_tokens = int(split_tokens);
+  plan.num_splits = int((max_keys + split_tokens - 1) / split_tokens);
+  return plan;
+}
+
+/// What the plan depends on (decode_workspace_bytes checks only this much).
+void check_geometry(const AttentionParams& p) {
+  auto fail = [](const std::string& message) {
+    throw InvalidArgument("paged_attention_decode: " + message);
+  };
+  if (p.num_requests < 0 || p.num_requests > 65535) {
+    fail(str(p.num_requests) + " requests; the grid allows 0 to 65,535");
+  }
+  if (p.num_heads <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    fail("num_heads (" + str(p.num_heads) + ") must be a positive multiple of num_kv_heads (" +
+         str(p.num_kv_heads) + ")");
+  }
+  if (tile_tokens(p.head_dim) == 0) {
+    fail("head_dim " + str(p.head_dim) +
+         " is not compiled; supported: 64, 80, 96, 128, 256 (the instance list is kept short "
+         "for compile time)");
+  }
+  if (p.sliding_window < 0) fail("sliding_window is " + str(p.sliding_window) + "; it must be >= 0");
+  if (p.num_requests > 0 && p.max_context_len < 1) {
+    fail("max_context_len is " + str(p.max_context_len) +
+         "; it must be the largest context_len (>= 1: the query's own key is cached)");
+  }
+}
+
+void check_params(const AttentionParams& p) {
+  check_geometry(p);
+  auto fail = [](const std::string& message) {
+    throw InvalidArgument("paged_attention_decode: " + message);
+  };
+  if (p.act_dtype != DType::kBFloat16 && p.act_dtype != DType::kFloat16) {
+    fail("activations must be bf16 or fp16 on the GPU");
+  }
+  if (p.cache_dtype != p.act_dtype) fail("the KV cache dtype must equal the activation dtype");
+  if (p.max_query_len != 1) {
+    fail("max_query_len is " + str(p.max_query_len) +
+         "; decode takes exactly one query token per request (use paged_attention_prefill)");
+  }
+  if (p.num_tokens != p.num_requests) {
+    fail("num_tokens (" + str(p.num_tokens) + ") must equal num_requests (" +
+         str(p.num_requests) + ") in decode");
+  }
+  if (p.block_size <= 0) fail("block_size is " + str(p.block_size) + "; it must be positive");
+  if (p.q_stride < int64_t{p.num_heads} * p.head_dim || p.q_stride % 8 != 0) {
+    fail("q_stride " + str(p.q_stride) + " must be >= num_heads * head_dim (" +
+         str(int64_t{p.num_heads} * p.head_dim) + ") and a multiple of 8 (16-byte rows)");
+  }
+  if (reinterpret_cast<uintptr_t>(p.q) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.layer_cache) % 16 != 0) {
+    fail("q and the layer cache must be 16-byte aligned");
+  }
+  if (!(p.softcap >= 0.0f)) fail("softcap must be >= 0 (0: none)");
+  const int64_t blocks_needed = (int64_t{p.max_context_len} + p.block_size - 1) / p.block_size;
+  if (p.num_requests > 0 && blocks_needed > p.max_blocks_per_request) {
+    fail("max_context_len " + str(p.max_context_len) + " needs " + str(blocks_needed) +
+         " blocks; the block table holds " + str(p.max_blocks_per_request));
+  }
+}
+
+template <typename T, int kHeadDim, int kGroupTile>
+void launch(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
+  const dim3 grid(args.p.num_kv_heads * plan.group_tiles, plan.num_splits, args.p.num_requests);
+  decode_kernel<T, kHeadDim, kGroupTile><<<grid, kThreads, 0, stream>>>(args);
+}
+
+template <typename T, int kHeadDim>
+void launch_group(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
+  switch (plan.group_tile) {
+    case 1: return launch<T, kHeadDim, 1>(args, plan, stream);
+    case 4: return launch<T, kHeadDim, 4>(args, plan, stream);
+    case 8: return launch<T, kHeadDim, 8>(args, plan, stream);
+    default: throw InvalidArgument("paged_attention_decode: no instance for group tile " +
+                                   str(plan.group_tile));
+  }
+}
+
+/// The one dispatch table: dtype x head dim x group tile (1; 4 for GQA 2-4; 8 for 5 and up).
+/// Group tiles 2, 3, 5-7 reuse the next larger instance with the extra heads masked: the
+/// arithmetic is far from the bound there, and each instance costs CI compile time.
+template <typename T>
+void launch_head_dim(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
+  switch (args.p.head_dim) {
+    case 64: return launch_group<T, 64>(args, plan, stream);
+    case 80: return launch_group<T, 80>(args, plan, stream);
+    case 96: return launch_group<T, 96>(args, plan, stream);
+    case 128: return launch_group<T, 128>(args, plan, stream);
+    case 256: return launch_group<T, 256>(args, plan, stream);
+    default: throw InvalidArgument("paged_attention_decode: head_dim " + str(args.p.head_dim) +
+                                   " is not compiled");
+  }
+}
+
+void check_launch(const char* op) {
+  const gpu::Error error = gpu::get_last_error();
+  if (error != gpu::kSuccess) {
+    throw BackendError(std::string(op) + " launch failed: " + gpu::error_string(error));
+  }
+}
+
+}  // namespace
+
+/// An upper bound over every decode batch with at most params.num_requests requests and
+/// params.max_context_len keys (same heads and head dim), so an engine can reserve the workspace
+/// once from its limits: fewer requests get more splits each, so the bound is the largest
+/// requests x splits over 1..num_requests.
+size_t decode_workspace_bytes(const AttentionParams& params) {
+  check_geometry(params);
+  if (params.num_requests == 0) return 0;
+  int64_t target = 0;
+  const Plan plan = make_plan(params, &target);
+  const int64_t ctas_per_request = int64_t{params.num_kv_heads} * plan.group_tiles;
+  const int64_t max_keys = max_keys_of(params);
+  // Only batches of fewer than target / ctas_per_request + 1 requests split at all.
+  const int64_t last = std::min<int64_t>(params.num_requests, target / ctas_per_request + 1);
+  int64_t max_slots = 0;
+  for (int64_t r = 1; r <= last; ++r) {
+    const int64_t splits = initial_splits(r, ctas_per_request, target, max_keys);
+    if (splits > 1) max_slots = std::max(max_slots, r * splits);
+  }
+  return size_t(max_slots) * params.num_heads *
+         (size_t(params.head_dim) * sizeof(float) + sizeof(float2));
+}
+
+void paged_attention_decode(const AttentionParams& params, void* workspace, StreamHandle stream) {
+  check_params(params);
+  if (params.num_requests == 0) return;
+  const Plan plan = make_plan(params);
+  DecodeArgs args{};
+  args.p = params;
+  args.group = plan.group;
+  args.group_tiles = plan.group_tiles;
+  args.num_splits = plan.num_splits;
+  args.split_tokens = plan.split_tokens;
+  const int block_size = params.block_size;
+  args.block_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(unsigned(block_size)) : -1;
+  if (plan.num_splits > 1) {
+    if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
+      throw InvalidArgument("paged_attention_decode: this batch splits the keys " +
+                            str(plan.num_splits) +
+                            " ways and needs a 16-byte aligned workspace of "
+                            "decode_workspace_bytes() bytes; got " +
+                            (workspace == nullptr ? std::string("none") : "a misaligned one"));
+    }
+    const size_t slots = size_t(params.num_requests) * params.num_heads * plan.num_splits;
+    args.partial_out = static_cast<float*>(workspace);
+    args.partial_stat = reinterpret_cast<float2*>(args.partial_out + slots * params.head_dim);
+  }
+  const auto cuda_stream = static_cast<gpu::Stream>(stream);
+  if (params.act_dtype == DType::kBFloat16) {
+    launch_head_dim<gpu::bf16>(args, plan, cuda_stream);
+  } else {
+    launch_head_dim<gpu::fp16>(args, plan, cuda_stream);
+  }
+  check_launch("paged_attention_decode");
+  if (plan.num_splits > 1) {
+    const dim3 grid(params.num_heads, params.num_requests);
+    if (params.act_dtype == DType::kBFloat16) {
+      decode_reduce_kernel<gpu::bf16><<<grid, kThreads, 0, cuda_stream>>>(args);
+    } else {
+      decode_reduce_kernel<gpu::fp16><<<grid, kThreads, 0, cuda_stream>>>(args);
+    }
+    check_launch("paged_attention_decode (split reduction)");
+  }
+}
+
+}  // namespace octavo::cuda

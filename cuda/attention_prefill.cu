@@ -1,0 +1,527 @@
+// Paged attention for many query tokens per request on tensor cores (AttentionParams in
+// backend/ops.h; the CPU twin is backend/cpu/attention.cc).
+//
+// Work decomposition (FlashAttention-2): one CTA of kWarps warps per (tile of kBlockM query rows,
+// query head, request); each warp owns 16 query rows. The CTA walks its request's key tiles of
+// kBlockN positions from the diagonal backwards (masked tiles first), gathering each K and V tile
+// out of the paged cache through the block table into shared memory with 16-byte cp.async (a
+// tile spans several cache blocks; rows past the context are zero-filled). S = Q K^T and O += P V
+// run on mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) fed by ldmatrix; the softmax is online
+// in fp32, in the log2 domain. Tiles past a tile's last query position (causal) or before its
+// first query's window are never visited; the mask is applied only on tiles that straddle the
+// diagonal, the context end or the window edge. Loads overlap compute FA2-style with one K and
+// one V buffer: V(t) streams in during Q K(t)^T, K(t+1) during the softmax and P V(t). The block
+// table is read one tile ahead into a small shared table of row offsets, so the gathers do no
+// division in their inner loop.
+//
+// Speed: compute-bound for long prompts. Each warp holds 16 rows, so every K/V fragment read by
+// ldmatrix feeds two MMAs; shared-memory bandwidth (128 B/clk/SM) caps mma.sync near ~2 kFLOP/clk
+// per SM (~470 TFLOP/s on an H100), and at 243-254 registers (head_dim >= 96) only 2 CTAs (8
+// warps) fit an SM, which limits latency hiding. Expect ~200-300 TFLOP/s at batch 4 x 4096 causal,
+// head_dim 128 on an H100, 35-50 % of torch SDPA with wgmma (~610); not yet measured.
+// The next steps are two 16-row M tiles per warp (halves ldmatrix traffic per FLOP) and wgmma on
+// sm_90a. Short chunks and decode rows mixed into a batch waste the unused rows of their
+// 64-row tile; packing a KV head's query heads into M (GQA) would recover that.
+//
+// Portability: the MMA, ldmatrix and cp.async are NVIDIA PTX (sm_80+); a HIP build needs an MFMA
+// twin of the device body. The launcher and its checks are shared.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#include <octavo/error.h>
+
+#include "compat.h"
+#include "cuda_ops.h"
+
+namespace octavo::cuda {
+namespace {
+
+std::string str(long long value) { return std::to_string(value); }
+
+// ---- tile geometry ----------------------------------------------------------------------------
+
+/// Geometry per head dim. kBlockN = 32 and Q re-read from shared memory for head_dim 256 keep the
+/// accumulators (O: head_dim / 2 floats per thread) inside the register file without spills.
+template <int HeadDim>
+struct PrefillTile {
+  static_assert(HeadDim % 16 == 0, "head_dim must be a multiple of the MMA k-step (16)");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * gpu::kWarpSize;
+  static constexpr int kBlockM = 16 * kWarps;               // query rows per CTA
+  static constexpr int kBlockN = HeadDim > 128 ? 32 : 64;   // keys per iteration
+  static constexpr bool kQInRegisters = HeadDim <= 128;
+  static constexpr int kChunks = HeadDim / 8;               // 16-byte chunks per row
+  // Shared rows are padded by 16 bytes: eight consecutive rows then start in eight different
+  // 16-byte bank groups, so ldmatrix and the output staging are conflict-free without a swizzle.
+  static constexpr int kRowPitch = HeadDim + 8;             // elements
+  static constexpr int kQElements = kBlockM * kRowPitch;
+  static constexpr int kKVElements = kBlockN * kRowPitch;
+  static constexpr size_t kSharedBytes =
+      size_t(kQElements + 2 * kKVElements) * 2 + 2 * kBlockN * sizeof(int64_t);
+  static_assert(kBlockN <= kThreads, "one thread per key row fills the offset table");
+  static_assert(kBlockM * kChunks % kThreads == 0 && kBlockN * kChunks % kThreads == 0,
+                "tile loads split evenly over the CTA");
+  static_assert(16 * kChunks % gpu::kWarpSize == 0, "output rows split evenly over a warp");
+};
+
+// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+/// 16-byte global -> shared copy; with `valid` false the destination is zero-filled instead.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+/// c += a * b for one m16n8k16 tile: a is 16x16 row-major, b 16x8 column-major, c fp32.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats as one register of two 16-bit values, `low` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float low, float high) {
+  uint32_t packed;
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    memcpy(&packed, &pair, sizeof(packed));
+  } else {
+    const __half2 pair = __floats2half2_rn(low, high);
+    memcpy(&packed, &pair, sizeof(packed));
+  }
+  return packed;
+}
+
+/// 2^x in one instruction (2 ulp); 2^-inf = 0, which the masked scores rely on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---- the device body --------------------------------------------------------------------------
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int HeadDim>
+__device__ __forceinline__ void prefill_body(const AttentionParams& p, unsigned char* shared) {
+  using Tile = PrefillTile<HeadDim>;
+  constexpr int kBlockM = Tile::kBlockM;
+  constexpr int kBlockN = Tile::kBlockN;
+  constexpr int kChunks = Tile::kChunks;
+  constexpr int kPitch = Tile::kRowPitch;
+  constexpr int kThreads = Tile::kThreads;
+  constexpr int kKSteps = HeadDim / 16;   // MMA k-steps over the head dim (Q K^T)
+  constexpr int kNTiles = kBlockN / 8;    // 8-key column tiles of S
+  constexpr int kDTiles = HeadDim / 8;    // 8-wide column tiles of O
+
+  const int request = blockIdx.z;
+  const int head = blockIdx.y;
+  // The heaviest query tiles (last rows: most keys under causality) are scheduled first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int q_begin = p.query_start[request];
+  const int q_len = p.query_start[request + 1] - q_begin;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= q_len) return;
+  const int context = p.context_lens[request];
+  if (context < q_len) return;  // contract violation (the CPU backend throws); leave rows unwritten
+
+  const int rows_valid = min(kBlockM, q_len - m0);
+  const int first_query_pos = context - q_len + m0;
+  const int last_query_pos = first_query_pos + rows_valid - 1;
+  const int window = p.sliding_window;
+  const int key_begin = window > 0 ? max(0, first_query_pos - window + 1) : 0;
+  const int key_end = last_query_pos + 1;  // <= context
+  const int n_block_first = key_begin / kBlockN;
+  const int n_block_end = (key_end + kBlockN - 1) / kBlockN;
+  const int num_tiles = n_block_end - n_block_first;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / gpu::kWarpSize;
+  const int lane = tid % gpu::kWarpSize;
+
+  T* q_smem = reinterpret_cast<T*>(shared);
+  T* k_smem = q_smem + Tile::kQElements;
+  T* v_smem = k_smem + Tile::kKVElements;
+  int64_t* key_offsets = reinterpret_cast<int64_t*>(v_smem + Tile::kKVElements);  // [2][kBlockN]
+
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int64_t head_run = int64_t{p.block_size} * HeadDim;
+  const int64_t block_elements = 2 * p.num_kv_heads * head_run;
+  const int64_t v_delta = p.num_kv_heads * head_run;  // V follows K within a block
+  const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
+  const T* cache = static_cast<const T*>(p.layer_cache);
+
+  // Element offset of each key row of tile `n_block` (its K row; -1 past the context).
+  auto fill_key_offsets = [&](int n_block, int buffer) {
+    if (tid < kBlockN) {
+      const int pos = n_block * kBlockN + tid;
+      int64_t offset = -1;
+      if (pos < context) {
+        const int64_t block = block_table[pos / p.block_size];
+        offset = block * block_elements + kv_head * head_run +
+                 int64_t{pos % p.block_size} * HeadDim;
+      }
+      key_offsets[buffer * kBlockN + tid] = offset;
+    }
+  };
+  auto load_kv_tile = [&](T* dst, int buffer, int64_t delta) {
+#pragma unroll
+    for (int i = 0; i < kBlockN * kChunks / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c / kChunks;
+      const int chunk = c % kChunks;
+      const int64_t offset = key_offsets[buffer * kBlockN + row];
+      const T* src = offset >= 0 ? cache + offset + delta + chunk * 8 : cache;
+      cp_async_16(shared_address(dst + row * kPitch + chunk * 8), src, offset >= 0);
+    }
+  };
+
+  // Prologue: Q tile (rows past q_len zero-filled) and the first (diagonal) K tile.
+  {
+    const T* q = static_cast<const T*>(p.q);
+#pragma unroll
+    for (int i = 0; i < kBlockM * kChunks / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c / kChunks;
+      const int chunk = c % kChunks;
+      const bool valid = row < rows_valid;
+      const T* src =
+          valid ? q + int64_t{q_begin + m0 + row} * p.q_stride + head * HeadDim + chunk * 8 : q;
+      cp_async_16(shared_address(q_smem + row * kPitch + chunk * 8), src, valid);
+    }
+  }
+  fill_key_offsets(n_block_end - 1, 0);
+  __syncthreads();
+  load_kv_tile(k_smem, 0, 0);
+  cp_async_commit();
+  if (num_tiles > 1) fill_key_offsets(n_block_end - 2, 1);
+
+  // Per thread: rows lane/4 and lane/4 + 8 of the warp's 16; columns (lane % 4) * 2 + {0, 1} of
+  // every 8-wide tile (the m16n8 accumulator layout).
+  const int row_in_warp = lane / 4;
+  const int query_pos[2] = {first_query_pos + warp * 16 + row_in_warp,
+                            first_query_pos + warp * 16 + row_in_warp + 8};
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_softcap = p.softcap > 0.0f;
+  const float softcap_log2 = p.softcap * kLog2e;
+  const float scale_over_softcap = has_softcap ? p.scale / p.softcap : 0.0f;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const float slope_log2 = has_alibi ? p.alibi_slopes[head] * kLog2e : 0.0f;
+
+  // ldmatrix lane addresses (byte offsets inside a tile), see the PTX fragment layouts:
+  // A (Q, row-major 16x16): lane -> row lane % 16, column (lane / 16) * 8.
+  const uint32_t q_lane = ((warp * 16 + (lane & 15)) * kPitch + (lane >> 4) * 8) * 2;
+  // B = K^T: matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15).
+  const uint32_t k_lane = (((lane & 7) + (lane >> 4) * 8) * kPitch + ((lane >> 3) & 1) * 8) * 2;
+  // B = V (transposed load): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15).
+  const uint32_t v_lane = (((lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + (lane >> 4) * 8) * 2;
+  const uint32_t q_base = shared_address(q_smem) + q_lane;
+  const uint32_t k_base = shared_address(k_smem) + k_lane;
+  const uint32_t v_base = shared_address(v_smem) + v_lane;
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+  uint32_t q_frag[Tile::kQInRegisters ? kKSteps : 1][4];
+
+  for (int t = 0; t < num_tiles; ++t) {
+    const int n_block = n_block_end - 1 - t;
+    const int buffer = t & 1;
+    cp_async_wait_all();
+    __syncthreads();  // K(t) (and Q) landed; every warp is done with V(t-1)
+    load_kv_tile(v_smem, buffer, v_delta);
+    cp_async_commit();
+
+    if constexpr (Tile::kQInRegisters) {
+      if (t == 0) {
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(q_frag[ks], q_base + ks * 32);
+      }
+    }
+
+    // S = Q K^T for the warp's 16 rows x kBlockN keys.
+    float s[kNTiles][4];
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[4];
+      if constexpr (Tile::kQInRegisters) {
+        a[0] = q_frag[ks][0], a[1] = q_frag[ks][1], a[2] = q_frag[ks][2], a[3] = q_frag[ks][3];
+      } else {
+        ldmatrix_x4(a, q_base + ks * 32);
+      }
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, k_base + (np * 16 * kPitch + ks * 16) * 2);
+        mma_16816<T>(s[2 * np], a, b[0], b[1]);
+        mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V(t) landed; every warp is done with K(t)
+    if (t + 1 < num_tiles) {
+      load_kv_tile(k_smem, buffer ^ 1, 0);
+      cp_async_commit();
+    }
+    if (t + 2 < num_tiles) fill_key_offsets(n_block - 2, buffer);
+
+    // Scores in the log2 domain, masked where the tile straddles the diagonal or the window.
+    const int n0 = n_block * kBlockN;
+    const bool needs_mask = n0 + kBlockN - 1 > first_query_pos ||
+                            (window > 0 && n0 <= last_query_pos - window);
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = n0 + n * 8 + (lane % 4) * 2 + (i & 1);
+        const int qpos = query_pos[i >> 1];
+        float x = s[n][i];
+        x = has_softcap ? softcap_log2 * tanhf(x * scale_over_softcap) : x * scale_log2;
+        if (has_alibi) x += slope_log2 * float(key - qpos);
+        if (needs_mask &&
+            (key > qpos || key >= context || (window > 0 && key <= qpos - window))) {
+          x = -INFINITY;
+        }
+        s[n][i] = x;
+      }
+    }
+
+    // Online softmax per row; the four lanes of a quad share a row.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = row_max[r];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      }
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 1));
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 2));
+      // A row with nothing visible yet keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
+      const float max_used = tile_max == -INFINITY ? 0.0f : tile_max;
+      const float correction = fast_exp2(row_max[r] - max_used);
+      row_max[r] = tile_max;
+      row_sum[r] *= correction;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) {
+        o[d][2 * r] *= correction;
+        o[d][2 * r + 1] *= correction;
+      }
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        s[n][2 * r] = fast_exp2(s[n][2 * r] - max_used);
+        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - max_used);
+        row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
+      }
+    }
+
+    // O += P V: the S accumulators of two adjacent 8-key tiles form one A fragment.
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]),
+                             pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                             pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_base + (ks * 16 * kPitch + dp * 16) * 2);
+        mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+        mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // Epilogue: normalise, stage the warp's 16 rows in its own rows of the Q tile (only this warp
+  // ever reads them), then write whole 16-byte chunks of the valid rows.
+  float inv_sum[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = row_sum[r];
+    total += gpu::shfl_xor(total, 1);
+    total += gpu::shfl_xor(total, 2);
+    inv_sum[r] = total > 0.0f ? 1.0f / total : 0.0f;
+  }
+  __syncwarp();
+  T* stage = q_smem + warp * 16 * kPitch;
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_in_warp + 8 * r;
+      const int col = d * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(stage + row * kPitch + col) =
+          pack2<T>(o[d][2 * r] * inv_sum[r], o[d][2 * r + 1] * inv_sum[r]);
+    }
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out);
+  const int64_t out_stride = int64_t{p.num_heads} * HeadDim;
+#pragma unroll
+  for (int i = 0; i < 16 * kChunks / gpu::kWarpSize; ++i) {
+    const int c = lane + i * gpu::kWarpSize;
+    const int row = c / kChunks;
+    const int chunk = c % kChunks;
+    const int tile_row = warp * 16 + row;
+    if (tile_row < rows_valid) {
+      *reinterpret_cast<gpu::Vec16*>(out + int64_t{q_begin + m0 + tile_row} * out_stride +
+                                     head * HeadDim + chunk * 8) =
+          *reinterpret_cast<const gpu::Vec16*>(stage + row * kPitch + chunk * 8);
+    }
+  }
+}
+
+template <typename T, int HeadDim>
+// No minimum-CTAs bound: sm_90a ptxas then uses 159 (hd 64), 167 (80), 243 (96), 249 (128) and 254
+// (256) registers without spills; capping at 168 (3 CTAs/SM) spills 24-280 bytes for hd >= 80.
+__global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
+    paged_attention_prefill_kernel(const AttentionParams params) {
+  extern __shared__ __align__(16) unsigned char prefill_shared[];
+  prefill_body<T, HeadDim>(params, prefill_shared);
+}
+
+// ---- the host launcher ------------------------------------------------------------------------
+
+void check_launch(const char* op) {
+  gpu::Error error = gpu::get_last_error();
+  if (error != gpu::kSuccess) {
+    throw BackendError(std::string(op) + " launch failed: " + gpu::error_string(error));
+  }
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <typename T, int HeadDim>
+void launch(const AttentionParams& p, gpu::Stream stream) {
+  using Tile = PrefillTile<HeadDim>;
+  const auto kernel = paged_attention_prefill_kernel<T, HeadDim>;
+  // Above 48 KiB of dynamic shared memory a kernel must opt in; a cheap attribute set, kept per
+  // launch so it holds on whichever device is current.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(Tile::kSharedBytes)) != cudaSuccess) {
+    throw BackendError("paged_attention_prefill: cannot reserve " + str(Tile::kSharedBytes) +
+                       " bytes of shared memory for head_dim " + str(HeadDim) + ": " +
+                       gpu::error_string(gpu::get_last_error()));
+  }
+  const dim3 grid((p.max_query_len + Tile::kBlockM - 1) / Tile::kBlockM, p.num_heads,
+                  p.num_requests);
+  kernel<<<grid, Tile::kThreads, Tile::kSharedBytes, stream>>>(p);
+  check_launch("paged_attention_prefill");
+}
+
+/// The one dispatch table: dtype x head dim. Head dims outside the list are rejected; each extra
+/// one costs two instances (bf16, fp16) of compile time per architecture.
+template <typename T>
+void dispatch_head_dim(const AttentionParams& p, gpu::Stream stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, stream);
+    case 80: return launch<T, 80>(p, stream);
+    case 96: return launch<T, 96>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    case 256: return launch<T, 256>(p, stream);
+    default:
+      throw InvalidArgument("paged_attention_prefill: head_dim " + str(p.head_dim) +
+                            " is not compiled; supported: 64, 80, 96, 128, 256");
+  }
+}
+
+void validate(const AttentionParams& p) {
+  const char* op = "paged_attention_prefill";
+  if (p.act_dtype != DType::kBFloat16 && p.act_dtype != DType::kFloat16) {
+    throw InvalidArgument(std::string(op) + ": activations must be bf16 or fp16 on the GPU");
+  }
+  if (p.cache_dtype != p.act_dtype) {
+    throw InvalidArgument(std::string(op) +
+                          ": the KV cache dtype must equal the activation dtype (bf16 or fp16)");
+  }
+  if (p.num_requests < 0 || p.num_tokens < 0 || p.max_query_len < 0) {
+    throw InvalidArgument(std::string(op) + ": num_requests (" + str(p.num_requests) +
+                          "), num_tokens (" + str(p.num_tokens) + ") and max_query_len (" +
+                          str(p.max_query_len) + ") must be >= 0");
+  }
+  if (p.num_heads <= 0 || p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    throw InvalidArgument(std::string(op) + ": num_heads (" + str(p.num_heads) +
+                          ") must be a positive multiple of num_kv_heads (" +
+                          str(p.num_kv_heads) + ")");
+  }
+  if (p.block_size <= 0 || p.max_blocks_per_request <= 0) {
+    throw InvalidArgument(std::string(op) + ": block_size (" + str(p.block_size) +
+                          ") and max_blocks_per_request (" + str(p.max_blocks_per_request) +
+                          ") must be positive");
+  }
+  if (p.q_stride < int64_t{p.num_heads} * p.head_dim || p.q_stride % 8 != 0) {
+    throw InvalidArgument(std::string(op) + ": q_stride " + str(p.q_stride) +
+                          " must be >= num_heads * head_dim (" +
+                          str(int64_t{p.num_heads} * p.head_dim) +
+                          ") and a multiple of 8 elements (16-byte rows)");
+  }
+  if (p.sliding_window < 0 || p.softcap < 0.0f) {
+    throw InvalidArgument(std::string(op) + ": sliding_window (" + str(p.sliding_window) +
+                          ") and softcap must be >= 0 (0 = off)");
+  }
+  if (!aligned16(p.q) || !aligned16(p.layer_cache) || !aligned16(p.out)) {
+    throw InvalidArgument(std::string(op) + ": q, layer_cache and out must be 16-byte aligned");
+  }
+  if (p.query_start == nullptr || p.context_lens == nullptr || p.block_tables == nullptr) {
+    throw InvalidArgument(std::string(op) + ": query_start, context_lens and block_tables are required");
+  }
+  if (p.num_heads > 65535 || p.num_requests > 65535) {
+    throw InvalidArgument(std::string(op) + ": " + str(p.num_heads) + " heads and " +
+                          str(p.num_requests) + " requests; the grid allows at most 65,535 of each");
+  }
+}
+
+}  // namespace
+
+void paged_attention_prefill(const AttentionParams& params, StreamHandle stream) {
+  validate(params);
+  if (params.num_requests == 0 || params.max_query_len == 0) return;
+  const auto gpu_stream = static_cast<gpu::Stream>(stream);
+  if (params.act_dtype == DType::kBFloat16) {
+    dispatch_head_dim<gpu::bf16>(params, gpu_stream);
+  } else {
+    dispatch_head_dim<gpu::fp16>(params, gpu_stream);
+  }
+}
+
+}  // namespace octavo::cuda

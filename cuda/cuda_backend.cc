@@ -1,0 +1,210 @@
+// The CUDA backend: one device, one stream, plain cudaMalloc, pinned staging for the per-step
+// upload and download, cuBLASLt for GEMMs and octavo's kernels for the rest.
+#include "cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include <octavo/error.h>
+
+#include "cuda/cuda_ops.h"
+#include "cuda/gemm.h"
+
+namespace octavo::cuda {
+namespace {
+
+void check(cudaError_t error, const std::string& what) {
+  if (error != cudaSuccess) {
+    throw BackendError("cuda: " + what + " failed: " + cudaGetErrorString(error));
+  }
+}
+
+std::string mib(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+// Pinned staging for step inputs and sampled outputs; larger transfers (weights at load) go
+// straight from pageable memory.
+constexpr size_t kPinnedBytes = size_t{8} << 20;
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    const int count = device_count();
+    if (device < 0 || device >= count) {
+      throw InvalidArgument("device 'cuda:" + std::to_string(device) + "': this machine has " +
+                            std::to_string(count) + " CUDA device(s)");
+    }
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream create");
+    check(cudaMallocHost(&pinned_upload_, kPinnedBytes), "pinned alloc");
+    check(cudaMallocHost(&pinned_download_, kPinnedBytes), "pinned alloc");
+    check(cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), "event create");
+    gemm_workspace_ = allocate(kGemmWorkspaceBytes);
+    gemm_ = std::make_unique<GemmRunner>(gemm_workspace_, kGemmWorkspaceBytes);
+    cudaDeviceProp props{};
+    check(cudaGetDeviceProperties(&props, device_), "device properties");
+    name_ = "cuda:" + std::to_string(device_) + " (" + props.name + ")";
+  }
+
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    gemm_.reset();
+    for (void* p : {gemm_workspace_, decode_workspace_, sample_workspace_}) {
+      if (p) cudaFree(p);
+    }
+    cudaFreeHost(pinned_upload_);
+    cudaFreeHost(pinned_download_);
+    cudaEventDestroy(upload_done_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return name_; }
+
+  DType act_dtype(DType weight_dtype) const override {
+    if (weight_dtype == DType::kFloat32) {
+      throw InvalidArgument("the CUDA backend computes in bfloat16 or float16; pass "
+                            "dtype='bfloat16' (or 'float16') for this float32 checkpoint");
+    }
+    return weight_dtype;
+  }
+
+  void* allocate(size_t bytes) override {
+    void* pointer = nullptr;
+    const cudaError_t error = cudaMalloc(&pointer, std::max<size_t>(bytes, 256));
+    if (error != cudaSuccess) {
+      cudaGetLastError();
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      throw OutOfMemory("cuda: cannot allocate " + mib(bytes) + " (" + mib(free) + " free of " +
+                        mib(total) + ")");
+    }
+    return pointer;
+  }
+  void release(void* pointer) override { cudaFree(pointer); }
+
+  void upload(void* device, const void* host, size_t bytes) override {
+    if (bytes == 0) return;
+    if (bytes > kPinnedBytes) {
+      check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "upload");
+      return;
+    }
+    // The previous upload must have left the staging buffer before it is overwritten.
+    check(cudaEventSynchronize(upload_done_), "upload wait");
+    std::memcpy(pinned_upload_, host, bytes);
+    check(cudaMemcpyAsync(device, pinned_upload_, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+    check(cudaEventRecord(upload_done_, stream_), "upload event");
+  }
+
+  void download(void* host, const void* device, size_t bytes) override {
+    if (bytes == 0) return;
+    if (bytes > kPinnedBytes) {
+      check(cudaStreamSynchronize(stream_), "download sync");
+      check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "download");
+      return;
+    }
+    check(cudaMemcpyAsync(pinned_download_, device, bytes, cudaMemcpyDeviceToHost, stream_),
+          "download");
+    pending_download_ = {host, bytes};
+  }
+
+  void synchronize() override {
+    check(cudaStreamSynchronize(stream_), "synchronize");
+    if (pending_download_.host) {
+      std::memcpy(pending_download_.host, pinned_download_, pending_download_.bytes);
+      pending_download_ = {};
+    }
+  }
+
+  std::optional<MemoryInfo> memory_info() const override {
+    size_t free = 0, total = 0;
+    check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return MemoryInfo{free, total};
+  }
+
+  void reserve_workspace(const BackendLimits& limits) override {
+    AttentionParams a{};
+    a.num_requests = a.num_tokens = limits.max_num_seqs;
+    a.num_heads = limits.num_heads;
+    a.num_kv_heads = limits.num_kv_heads;
+    a.head_dim = limits.head_dim;
+    a.max_query_len = 1;
+    a.max_context_len = limits.max_model_len;
+    a.block_size = 16;
+    decode_workspace_bytes_ = decode_workspace_bytes(a);
+    if (decode_workspace_bytes_) decode_workspace_ = allocate(decode_workspace_bytes_);
+    SampleParams s{};
+    s.num_rows = limits.max_num_seqs;
+    s.vocab_size = limits.vocab_size;
+    s.num_top = limits.max_top_logprobs;
+    sample_workspace_bytes_ = sample_workspace_bytes(s);
+    if (sample_workspace_bytes_) sample_workspace_ = allocate(sample_workspace_bytes_);
+  }
+
+  void copy_blocks(const CopyBlocksParams& p) override { cuda::copy_blocks(p, stream_); }
+  void embedding(const EmbeddingParams& p) override { cuda::embedding(p, stream_); }
+  void norm(const NormParams& p) override { cuda::norm(p, stream_); }
+  void gemm(const GemmParams& p) override { gemm_->run(p, stream_); }
+  void rotary(const RotaryParams& p) override { cuda::rotary(p, stream_); }
+  void write_kv(const WriteKVParams& p) override { cuda::write_kv(p, stream_); }
+  void rotary_write_kv(const RotaryParams& r, const WriteKVParams& w) override {
+    cuda::rotary_write_kv(r, w, stream_);
+  }
+  void activation(const ActivationParams& p) override { cuda::activation(p, stream_); }
+  void gather_rows(const GatherRowsParams& p) override { cuda::gather_rows(p, stream_); }
+  void add_logit_bias(const LogitBiasParams& p) override { cuda::add_logit_bias(p, stream_); }
+
+  void paged_attention(const AttentionParams& p) override {
+    // Decode-only steps take the split-K kernel; anything with a prompt chunk takes the
+    // tensor-core kernel, which handles single-token requests in the same launch.
+    if (p.max_query_len == 1 && p.num_tokens == p.num_requests) {
+      const size_t needed = decode_workspace_bytes(p);
+      if (needed > decode_workspace_bytes_) {
+        throw InvalidArgument("paged_attention: the step needs " + mib(needed) +
+                              " of decode workspace; " + mib(decode_workspace_bytes_) +
+                              " was reserved for the engine's limits");
+      }
+      paged_attention_decode(p, decode_workspace_, stream_);
+    } else {
+      paged_attention_prefill(p, stream_);
+    }
+  }
+
+  void sample(const SampleParams& p) override {
+    const size_t needed = sample_workspace_bytes(p);
+    if (needed > sample_workspace_bytes_) {
+      throw InvalidArgument("sample: the step needs " + mib(needed) + " of workspace; " +
+                            mib(sample_workspace_bytes_) + " was reserved");
+    }
+    cuda::sample(p, sample_workspace_, stream_);
+  }
+
+ private:
+  int device_;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  void* pinned_upload_ = nullptr;
+  void* pinned_download_ = nullptr;
+  cudaEvent_t upload_done_ = nullptr;
+  struct PendingDownload {
+    void* host = nullptr;
+    size_t bytes = 0;
+  } pending_download_;
+  void* gemm_workspace_ = nullptr;
+  std::unique_ptr<GemmRunner> gemm_;
+  void* decode_workspace_ = nullptr;
+  size_t decode_workspace_bytes_ = 0;
+  void* sample_workspace_ = nullptr;
+  size_t sample_workspace_bytes_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace octavo::cuda

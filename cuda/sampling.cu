@@ -1,0 +1,697 @@
+// Sampling on the GPU (SampleParams in backend/ops.h; the oracle is cpu/sample.cc).
+//
+// Work decomposition: one thread block of kThreads threads per row; the row's fp32 logits stay in
+// global memory (a 152k vocabulary is 600 KB) and the block streams over them a few times with
+// 16-byte loads. The final soft-cap is applied on the fly in every pass (the logits are never
+// written), and the temperature-scaled value s = x / T is recomputed the same way each pass, so
+// every pass sees bit-identical values.
+//
+// The one order everything uses is the CPU's: scaled value descending, ties to the lower id. A
+// token's 64-bit key (ordered float bits of s, then the inverted id) sorts exactly that way, and
+// every filter keeps a prefix of it. Probabilities are fixed-point integers, weight(s) =
+// floor(exp(s - s_max) * 2^40) (the top token weighs 2^40; tokens below 2^-40 of the top weigh 0
+// and are never drawn), so sums are exact and order-independent: a draw is a pure function of the
+// row, the settings and sampling_uniform(seed, draw), whatever the batch or the thread timing.
+//
+// Passes per row:
+//   1. stats: max, argmax (ties to the lower id) and sum exp(x - max) -> the raw log-softmax
+//      normaliser (reported logprobs are raw: after soft-capping, before temperature/filters).
+//   2. level-0 histogram of d = s_max - s in kBins bins of 1/16 nat (the last bin holds d >= 64
+//      nats and -inf): per bin a token count and the summed weights, then prefix sums.
+//   3. gather: from the histogram the plan knows which bins hold every boundary it needs (the
+//      num_top-th token, the top-k boundary, the top-p boundary, the min-p threshold, the draw);
+//      if bins [0, B] hold at most kCapacity tokens, they are gathered into shared memory, sorted
+//      by key (bitonic) and prefix-summed, and every query below is answered there. That is the
+//      usual case (peaked LLM logits, top-k of a few hundred at most): 3 passes per row.
+//   Otherwise (flat rows, huge top-k, very high temperatures) each query that the window does not
+//   cover descends on its own: the boundary's level-0 bin, then (if that bin is still too big)
+//   a min/max pass and radix passes of kSubBins sub-ranges over the 64-bit keys (unique, so this
+//   ends), then a gather of the small range. Slow (a few more passes per query) but exact.
+// Queries, in the CPU's order: top-k = the first k; top-p = the first position whose cumulative
+// weight reaches ceil(top_p * W_k); min-p = the tokens with s >= the smallest float s whose
+// exp(s - s_max) in double reaches min_p; the draw = the first kept position whose cumulative
+// weight exceeds floor(u * W_kept). The draw therefore walks the kept tokens in descending
+// probability like the CPU, and usually picks the same token; only the weight rounding (fp32 exp,
+// 2^-40 fixed point against the CPU's double) can move a draw that lands within ~1e-7 of a
+// boundary. Greedy (temperature < 1e-5) and top_k = 1 pick exactly the CPU's token.
+//
+// Speed: memory-bound, 3 reads of the row in the usual case (1 would be the floor); a row's
+// passes run on one SM, so a small batch is latency-bound (a few microseconds per row).
+// A row whose logits hold a NaN, +inf or no finite value, or whose settings are out of range
+// (the CPU throws on both), gets sampled = -1 and NaN logprobs: a kernel cannot throw.
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include <octavo/error.h>
+
+#include "backend/sampling_rng.h"
+#include "compat.h"
+#include "cuda_ops.h"
+
+namespace octavo::cuda {
+namespace {
+
+using u64 = unsigned long long;  // the type shared-memory atomicAdd takes
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / gpu::kWarpSize;
+constexpr int kBins = 1024;               // level-0 bins of d = s_max - s ...
+constexpr float kBinsPerNat = 16.0f;      // ... each 1/16 nat wide ...
+constexpr float kBinSpan = 64.0f;         // ... covering d < 64; bin kBins holds the rest
+constexpr int kTailBin = kBins;
+constexpr int kSubBits = 10;              // radix refinement: 2^10 sub-ranges per pass
+constexpr int kSubBins = 1 << kSubBits;
+constexpr int kCapacity = 2048;           // keys gathered into shared memory (a power of two)
+constexpr int kMaxTop = 64;
+constexpr int kMaxVocab = 1 << 23;        // keeps the fixed-point weight sum below 2^63
+constexpr float kGreedyTemperature = 1e-5f;  // vLLM's _SAMPLING_EPS, as cpu/sample.cc
+constexpr float kWeightScale = 0x1p40f;
+constexpr float kWeightSpan = 28.0f;      // exp(-28) * 2^40 < 1: the weight is 0 beyond
+
+static_assert(kThreads % gpu::kWarpSize == 0, "whole warps");
+static_assert((kCapacity & (kCapacity - 1)) == 0, "bitonic sort needs a power of two");
+static_assert(kBinSpan * kBinsPerNat == float(kBins), "bins cover the span");
+
+// ---- keys ------------------------------------------------------------------------------------
+
+// Float bits mapped so unsigned order is float order; -0 counts as +0 (they compare equal).
+__device__ __forceinline__ uint32_t ordered_bits(float f) {
+  const uint32_t u = __float_as_uint(f == 0.0f ? 0.0f : f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float from_ordered(uint32_t o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+// Descending key order = value descending, ties to the lower id. Every real key is > 0.
+__device__ __forceinline__ u64 make_key(float value, int32_t id) {
+  return (u64(ordered_bits(value)) << 32) | u64(0xffffffffu - uint32_t(id));
+}
+__device__ __forceinline__ int32_t key_id(u64 key) { return int32_t(0xffffffffu - uint32_t(key)); }
+__device__ __forceinline__ float key_value(u64 key) { return from_ordered(uint32_t(key >> 32)); }
+
+// ---- one row ---------------------------------------------------------------------------------
+
+// Everything a pass computes per token, in one place so that every pass gets identical values.
+struct RowCtx {
+  const float* logits;  // this row
+  int32_t vocab;
+  float cap;            // final soft-cap, 0: none
+  float temperature;    // 1 for greedy rows
+  bool unit;            // temperature == 1: scaled == raw
+  float s_max;          // the largest scaled value
+
+  __device__ __forceinline__ float raw(float v) const {
+    return cap > 0.0f ? cap * tanhf(v / cap) : v;
+  }
+  __device__ __forceinline__ float scaled(float x) const { return unit ? x : x / temperature; }
+  // Level-0 bin: non-increasing in s, so each bin is a contiguous run of the order.
+  __device__ __forceinline__ int bin(float s) const {
+    const float d = s_max - s;
+    return d < kBinSpan ? int(d * kBinsPerNat) : kTailBin;
+  }
+  __device__ __forceinline__ u64 weight(float s) const {
+    const float d = s_max - s;
+    return d < kWeightSpan ? u64(expf(-d) * kWeightScale) : 0ull;
+  }
+};
+
+// Calls f(id, raw value) for every token of the row; each thread reads 16-byte vectors, four in
+// flight. The row start may be misaligned by whole floats (odd vocabularies): a scalar head and
+// tail cover the rest.
+template <typename F>
+__device__ __forceinline__ void for_each_logit(const RowCtx& c, F&& f) {
+  const float* row = c.logits;
+  const int tid = threadIdx.x;
+  const int misalign = int((reinterpret_cast<uintptr_t>(row) >> 2) & 3);
+  const int head = min((4 - misalign) & 3, c.vocab);
+  if (tid < head) f(tid, c.raw(row[tid]));
+  const int num_vec = (c.vocab - head) >> 2;
+  const float4* vec = reinterpret_cast<const float4*>(row + head);
+  auto visit = [&](const float4& q, int base) {
+    f(base, c.raw(q.x));
+    f(base + 1, c.raw(q.y));
+    f(base + 2, c.raw(q.z));
+    f(base + 3, c.raw(q.w));
+  };
+  int j = tid;
+  for (; j + 3 * kThreads < num_vec; j += 4 * kThreads) {
+    float4 q[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) q[u] = __ldg(vec + j + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) visit(q[u], head + 4 * (j + u * kThreads));
+  }
+  for (; j < num_vec; j += kThreads) visit(__ldg(vec + j), head + 4 * j);
+  for (int i = head + 4 * num_vec + tid; i < c.vocab; i += kThreads) f(i, c.raw(row[i]));
+}
+
+// ---- shared memory ---------------------------------------------------------------------------
+
+struct Shared {
+  // Level-0 histogram; after the scan, inclusive prefix sums over bins in order.
+  uint32_t count[kBins + 1];
+  u64 weight[kBins + 1];
+  union {
+    struct {                   // the gathered window: keys sorted descending, prefix weights
+      u64 keys[kCapacity];
+      u64 cumw[kCapacity];
+    } win;
+    struct {                   // a refinement histogram (overwrites the window)
+      uint32_t count[kSubBins];
+      u64 weight[kSubBins];
+    } sub;
+  };
+  u64 scratch[kWarps];
+  uint32_t gathered;
+};
+// Static shared memory stays under the 48 KB that needs no opt-in.
+static_assert(sizeof(Shared) <= 48 * 1024, "sampling shared memory");
+
+// ---- block-wide helpers ----------------------------------------------------------------------
+
+// Reduces over the block; every thread gets the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, u64* scratch_raw) {
+  T* scratch = reinterpret_cast<T*>(scratch_raw);
+#pragma unroll
+  for (int off = gpu::kWarpSize / 2; off > 0; off >>= 1) v = op(v, gpu::shfl_xor(v, off));
+  __syncthreads();  // the previous user of scratch is done
+  if (threadIdx.x % gpu::kWarpSize == 0) scratch[threadIdx.x / gpu::kWarpSize] = v;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < kWarps; ++w) r = op(r, scratch[w]);
+  return r;
+}
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, u64* scratch) {
+  return block_reduce(v, [](T a, T b) { return a + b; }, scratch);
+}
+__device__ __forceinline__ u64 block_max(u64 v, u64* scratch) {
+  return block_reduce(v, [](u64 a, u64 b) { return a > b ? a : b; }, scratch);
+}
+__device__ __forceinline__ u64 block_min(u64 v, u64* scratch) {
+  return block_reduce(v, [](u64 a, u64 b) { return a < b ? a : b; }, scratch);
+}
+
+// Exclusive prefix sum over the threads, in thread order.
+template <typename T>
+__device__ __forceinline__ T block_exclusive_scan(T v, u64* scratch_raw) {
+  T* scratch = reinterpret_cast<T*>(scratch_raw);
+  const int lane = threadIdx.x % gpu::kWarpSize;
+  const int warp = threadIdx.x / gpu::kWarpSize;
+  T inclusive = v;
+#pragma unroll
+  for (int off = 1; off < gpu::kWarpSize; off <<= 1) {
+    const T other = gpu::shfl(inclusive, lane >= off ? lane - off : lane);
+    if (lane >= off) inclusive += other;
+  }
+  __syncthreads();
+  if (lane == gpu::kWarpSize - 1) scratch[warp] = inclusive;
+  __syncthreads();
+  T offset = 0;
+  for (int w = 0; w < warp; ++w) offset += scratch[w];
+  return offset + inclusive - v;
+}
+
+// In-place inclusive prefix sum of a[0, n) in shared memory (written and synced by the caller).
+template <typename T>
+__device__ void scan_inclusive(T* a, int n, u64* scratch) {
+  const int per = (n + kThreads - 1) / kThreads;
+  const int begin = min(int(threadIdx.x) * per, n);
+  const int end = min(begin + per, n);
+  T sum = 0;
+  for (int i = begin; i < end; ++i) sum += a[i];
+  T run = block_exclusive_scan(sum, scratch);
+  for (int i = begin; i < end; ++i) {
+    run += a[i];
+    a[i] = run;
+  }
+  __syncthreads();
+}
+
+// The smallest i in [0, n) with a[i] >= target; a is non-decreasing and a[n - 1] >= target.
+// Every thread runs it on the same shared data, so the result is uniform.
+template <typename T>
+__device__ __forceinline__ int first_at_least(const T* a, int n, T target) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (a[mid] >= target) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Sorts keys[0, n) descending (bitonic over the next power of two, padded with 0 < every key).
+__device__ void sort_descending(u64* keys, int n) {
+  int size = 1;
+  while (size < n) size <<= 1;
+  for (int i = n + int(threadIdx.x); i < size; i += kThreads) keys[i] = 0;
+  __syncthreads();
+  for (int k = 2; k <= size; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int t = threadIdx.x; t < size / 2; t += kThreads) {
+        const int lo = 2 * t - (t & (j - 1));
+        const int hi = lo + j;
+        const bool descending = (lo & k) == 0;
+        const u64 a = keys[lo], b = keys[hi];
+        if ((a < b) == descending) {
+          keys[lo] = b;
+          keys[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---- the window: a sorted run of the order in shared memory ------------------------------------
+
+// Tokens whose level-0 bin is in [bin_lo, bin_hi]; in bin_hi only keys >= key_lo, in bin_lo only
+// keys <= key_hi. Whole bins [0, B] are {0, B, 0, max}.
+struct WindowSpec {
+  int bin_lo, bin_hi;
+  u64 key_lo, key_hi;
+  __device__ __forceinline__ bool contains(int b, u64 key) const {
+    return b >= bin_lo && b <= bin_hi && (b != bin_hi || key >= key_lo) &&
+           (b != bin_lo || key <= key_hi);
+  }
+};
+
+// Uniform across the block (every thread computes the same values).
+struct Window {
+  bool valid = false;
+  bool raw = false;          // keys of raw values (top-N order) rather than scaled ones
+  int n = 0;
+  int prefix_bins = -1;      // >= 0: the window is exactly bins [0, prefix_bins]
+  uint32_t above_count = 0;  // tokens before the window in the order
+  u64 above_weight = 0;      // and their weight
+};
+
+// Gathers the window's tokens, sorts them and (for scaled windows) prefix-sums their weights.
+__device__ __noinline__ Window build_window(Shared& sh, const RowCtx& c, const WindowSpec& spec, bool raw,
+                               bool with_weights, uint32_t above_count, u64 above_weight) {
+  if (threadIdx.x == 0) sh.gathered = 0;
+  __syncthreads();
+  for_each_logit(c, [&](int i, float x) {
+    const float s = c.scaled(x);
+    const int b = c.bin(s);
+    if (b < spec.bin_lo || b > spec.bin_hi) return;
+    const u64 key = raw ? make_key(x, i) : make_key(s, i);
+    if (!spec.contains(b, key)) return;
+    const uint32_t slot = atomicAdd(&sh.gathered, 1u);
+    if (slot < kCapacity) sh.win.keys[slot] = key;  // never false: the plan counted them
+  });
+  __syncthreads();
+  Window w;
+  w.valid = true;
+  w.raw = raw;
+  w.n = int(min(sh.gathered, uint32_t(kCapacity)));
+  w.above_count = above_count;
+  w.above_weight = above_weight;
+  sort_descending(sh.win.keys, w.n);
+  if (with_weights && !raw) {
+    for (int i = threadIdx.x; i < w.n; i += kThreads) {
+      sh.win.cumw[i] = c.weight(key_value(sh.win.keys[i]));
+    }
+    __syncthreads();
+    scan_inclusive(sh.win.cumw, w.n, sh.scratch);
+  }
+  return w;
+}
+
+// Where a query's boundary lies in the order: a count target (the L-th token) or a weight target
+// (the first token whose cumulative weight reaches T).
+struct Target {
+  bool by_weight;
+  u64 value;
+};
+
+// Builds a window holding `target`'s boundary, starting from the level-0 histogram and refining
+// with radix passes over the keys until the range fits. With `from_top`, the window is the whole
+// prefix of the order up to and including the range (for the top-N report); otherwise only the
+// range, with the totals above it.
+__device__ __noinline__ Window descend(Shared& sh, const RowCtx& c, Target target, bool raw, bool from_top) {
+  const int b = target.by_weight
+                    ? first_at_least(sh.weight, kBins + 1, target.value)
+                    : first_at_least(sh.count, kBins + 1, uint32_t(target.value));
+  uint32_t above_count = b > 0 ? sh.count[b - 1] : 0u;
+  u64 above_weight = b > 0 ? sh.weight[b - 1] : 0ull;
+  uint32_t n = sh.count[b] - above_count;
+  u64 key_lo = 0, key_hi = ~0ull;
+  auto fits = [&] { return (from_top ? above_count + n : n) <= uint32_t(kCapacity); };
+  auto key_of = [&](int i, float x, float s) { return raw ? make_key(x, i) : make_key(s, i); };
+
+  if (!fits()) {
+    // The bin's key range, so that each radix pass splits a tight range.
+    u64 lo = ~0ull, hi = 0;
+    for_each_logit(c, [&](int i, float x) {
+      const float s = c.scaled(x);
+      if (c.bin(s) != b) return;
+      const u64 key = key_of(i, x, s);
+      lo = key < lo ? key : lo;
+      hi = key > hi ? key : hi;
+    });
+    key_lo = block_min(lo, sh.scratch);
+    key_hi = block_max(hi, sh.scratch);
+  }
+  while (!fits()) {
+    const u64 width = key_hi - key_lo;
+    const int bits = 64 - __clzll(static_cast<long long>(width));
+    const int shift = bits > kSubBits ? bits - kSubBits : 0;
+    const int num_sub = int(width >> shift) + 1;
+    __syncthreads();  // everyone is done reading the previous histogram or window
+    for (int i = threadIdx.x; i < num_sub; i += kThreads) {
+      sh.sub.count[i] = 0;
+      sh.sub.weight[i] = 0;
+    }
+    __syncthreads();
+    for_each_logit(c, [&](int i, float x) {
+      const float s = c.scaled(x);
+      if (c.bin(s) != b) return;
+      const u64 key = key_of(i, x, s);
+      if (key < key_lo || key > key_hi) return;
+      const int j = int((key_hi - key) >> shift);
+      atomicAdd(&sh.sub.count[j], 1u);
+      if (!raw) {  // a scaled window reports weights even for a count target (top-k)
+        const u64 w = c.weight(s);
+        if (w) atomicAdd(&sh.sub.weight[j], w);
+      }
+    });
+    __syncthreads();
+    scan_inclusive(sh.sub.count, num_sub, sh.scratch);
+    if (!raw) scan_inclusive(sh.sub.weight, num_sub, sh.scratch);
+    const int j = target.by_weight
+                      ? first_at_least(sh.sub.weight, num_sub, target.value - above_weight)
+                      : first_at_least(sh.sub.count, num_sub,
+                                       uint32_t(target.value) - above_count);
+    const uint32_t before = j > 0 ? sh.sub.count[j - 1] : 0u;
+    n = sh.sub.count[j] - before;
+    above_count += before;
+    if (!raw && j > 0) above_weight += sh.sub.weight[j - 1];
+    const u64 hi_off = u64(j) << shift;
+    const u64 lo_off = hi_off + ((1ull << shift) - 1);
+    const u64 new_hi = key_hi - hi_off;
+    key_lo = lo_off >= width ? key_lo : key_hi - lo_off;
+    key_hi = new_hi;
+  }
+  __syncthreads();  // the sub histogram shares memory with the window
+  // From the top: every bin before b, and in b every key >= key_lo (those above key_hi too).
+  const WindowSpec spec{from_top ? 0 : b, b, key_lo, from_top ? ~0ull : key_hi};
+  return build_window(sh, c, spec, raw, !raw, from_top ? 0u : above_count,
+                      from_top ? 0ull : above_weight);
+}
+
+// The result of a query: the boundary token's key, the prefix length through it and its weight.
+struct Boundary {
+  u64 key;
+  uint32_t length;
+  u64 weight;
+};
+
+__device__ __forceinline__ bool covers(const Window& w, const RowCtx& c, Target t,
+                                       const Shared& sh) {
+  if (!w.valid || w.n == 0 || (w.raw && !c.unit)) return false;
+  if (t.by_weight) {
+    return w.above_weight < t.value && t.value <= w.above_weight + sh.win.cumw[w.n - 1];
+  }
+  return w.above_count < t.value && t.value <= w.above_count + uint32_t(w.n);
+}
+
+// Answers a scaled-order query, descending first if the current window does not hold it.
+__device__ Boundary query(Shared& sh, const RowCtx& c, Window& w, Target t) {
+  if (!covers(w, c, t, sh)) w = descend(sh, c, t, false, false);
+  const int index = t.by_weight
+                        ? first_at_least(sh.win.cumw, w.n, t.value - w.above_weight)
+                        : int(t.value - w.above_count) - 1;
+  return {sh.win.keys[index], w.above_count + uint32_t(index) + 1,
+          w.above_weight + sh.win.cumw[index]};
+}
+
+// Length and weight of the prefix of tokens with scaled value >= value.
+__device__ __noinline__ Boundary prefix_at_value(Shared& sh, const RowCtx& c, const Window& w, float value) {
+  const u64 key = u64(ordered_bits(value)) << 32;  // the lowest key of that value
+  // The window holds every such token if it is whole bins reaching value's bin (a token in a
+  // later bin has a smaller value), or if its last key is <= key and nothing above it counts.
+  const bool covered =
+      w.valid && w.n > 0 && !(w.raw && !c.unit) &&
+      ((w.prefix_bins >= 0 && c.bin(value) <= w.prefix_bins) ||
+       (sh.win.keys[w.n - 1] <= key && (w.above_count == 0 || key <= sh.win.keys[0])));
+  if (covered) {
+    // Keys are descending: count those >= key.
+    int lo = 0, hi = w.n;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (sh.win.keys[mid] >= key) lo = mid + 1; else hi = mid;
+    }
+    return {key, w.above_count + uint32_t(lo),
+            w.above_weight + (lo > 0 ? sh.win.cumw[lo - 1] : 0ull)};
+  }
+  uint32_t count = 0;
+  u64 weight = 0;
+  for_each_logit(c, [&](int i, float x) {
+    const float s = c.scaled(x);
+    if (make_key(s, i) >= key) {
+      ++count;
+      weight += c.weight(s);
+    }
+  });
+  count = block_sum(count, sh.scratch);
+  weight = block_sum(weight, sh.scratch);
+  return {key, count, weight};
+}
+
+// The smallest float s with exp(double(s) - s_max) >= min_p in double, as cpu/sample.cc tests it.
+__device__ float min_p_threshold(float s_max, float min_p) {
+  auto kept = [&](float s) { return exp(double(s) - double(s_max)) >= double(min_p); };
+  float s = float(double(s_max) + log(double(min_p)));
+  for (int step = 0; step < 64 && !kept(s); ++step) s = nextafterf(s, INFINITY);
+  for (int step = 0; step < 64 && kept(nextafterf(s, -INFINITY)); ++step) {
+    s = nextafterf(s, -INFINITY);
+  }
+  return s;
+}
+
+__device__ void write_bad_row(const SampleParams& p, int r) {
+  for (int i = threadIdx.x; i < p.num_top; i += kThreads) {
+    p.top_ids[int64_t(r) * p.num_top + i] = -1;
+    p.top_logprobs[int64_t(r) * p.num_top + i] = NAN;
+  }
+  if (threadIdx.x == 0) {
+    p.sampled[r] = -1;
+    p.sampled_logprob[r] = NAN;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams p) {
+  __shared__ Shared sh;
+  const int r = blockIdx.x;
+  const SamplingRow row = p.rows[r];
+  RowCtx c{p.logits + int64_t(r) * p.vocab_size, p.vocab_size, p.final_softcap, 1.0f, true, 0.0f};
+
+  const bool valid_settings = row.temperature >= 0.0f && row.temperature < INFINITY &&
+                              row.top_p > 0.0f && row.top_p <= 1.0f && row.min_p >= 0.0f &&
+                              row.min_p <= 1.0f;
+  if (!valid_settings) {
+    write_bad_row(p, r);
+    return;
+  }
+
+  // ---- pass 1: max, argmax and the raw normaliser ----
+  u64 best = 0;
+  float m_local = -INFINITY;
+  double sum_local = 0.0;
+  bool nan = false;
+  for_each_logit(c, [&](int i, float x) {
+    if (isnan(x)) {
+      nan = true;
+      return;
+    }
+    const u64 key = make_key(x, i);
+    best = key > best ? key : best;
+    if (x > m_local) {
+      sum_local = sum_local * double(expf(m_local - x)) + 1.0;
+      m_local = x;
+    } else if (x > -INFINITY) {
+      sum_local += double(expf(x - m_local));
+    }
+  });
+  best = block_max(best, sh.scratch);
+  const bool any_nan = block_max(u64(nan), sh.scratch) != 0;
+  const float m = key_value(best);
+  if (any_nan || !(fabsf(m) < INFINITY)) {
+    write_bad_row(p, r);
+    return;
+  }
+  const double sum =
+      block_sum(m_local > -INFINITY ? sum_local * exp(double(m_local) - double(m)) : 0.0,
+                sh.scratch);
+  const double log_normaliser = double(m) + log(sum);
+  const int32_t argmax = key_id(best);
+
+  const bool greedy = row.temperature < kGreedyTemperature;
+  const int num_top = p.num_top;
+  if (greedy && num_top == 0) {
+    if (threadIdx.x == 0) {
+      p.sampled[r] = argmax;
+      p.sampled_logprob[r] = float(double(m) - log_normaliser);
+    }
+    return;
+  }
+  c.temperature = greedy ? 1.0f : row.temperature;
+  c.unit = c.temperature == 1.0f;
+  c.s_max = c.scaled(m);  // division is monotone: the max of x / T is max(x) / T
+
+  // ---- pass 2: level-0 histogram ----
+  for (int i = threadIdx.x; i <= kBins; i += kThreads) {
+    sh.count[i] = 0;
+    sh.weight[i] = 0;
+  }
+  __syncthreads();
+  {
+    int pending_bin = -1;
+    uint32_t pending_count = 0, tail = 0;
+    u64 pending_weight = 0;
+    auto flush = [&] {
+      if (pending_bin < 0) return;
+      atomicAdd(&sh.count[pending_bin], pending_count);
+      if (pending_weight) atomicAdd(&sh.weight[pending_bin], pending_weight);
+    };
+    for_each_logit(c, [&](int, float x) {
+      const float s = c.scaled(x);
+      const int b = c.bin(s);
+      if (b == kTailBin) {
+        ++tail;
+        return;
+      }
+      if (b != pending_bin) {  // runs of one bin (flat rows) take one atomic
+        flush();
+        pending_bin = b;
+        pending_count = 0;
+        pending_weight = 0;
+      }
+      ++pending_count;
+      if (!greedy) pending_weight += c.weight(s);
+    });
+    flush();
+    tail = block_sum(tail, sh.scratch);  // syncs: the atomics above are done
+    if (threadIdx.x == 0) sh.count[kTailBin] = tail;
+    __syncthreads();
+    scan_inclusive(sh.count, kBins + 1, sh.scratch);
+    scan_inclusive(sh.weight, kBins + 1, sh.scratch);
+  }
+  const u64 total_weight = sh.weight[kBins];
+
+  // ---- the plan: which bins hold every boundary ----
+  const bool top_k_on = !greedy && row.top_k > 0 && row.top_k < p.vocab_size;
+  const bool top_p_on = !greedy && row.top_p < 1.0f;
+  const bool min_p_on = !greedy && row.min_p > 0.0f;
+  auto top_p_target = [&](u64 w) {
+    u64 t = u64(ceil(double(row.top_p) * double(w)));
+    return t < 1 ? 1ull : (t > w ? w : t);
+  };
+  const double uniform = sampling_uniform(row.seed, row.draw);
+  auto draw_target = [&](u64 w) {
+    u64 t = u64(uniform * double(w));
+    return (t >= w ? w - 1 : t) + 1;
+  };
+  const float s_min_p = min_p_on ? min_p_threshold(c.s_max, row.min_p) : 0.0f;
+
+  int b_top = num_top > 0 ? first_at_least(sh.count, kBins + 1, uint32_t(num_top)) : -1;
+  int b_draw = -1;
+  if (!greedy) {
+    if (top_k_on) {
+      b_draw = first_at_least(sh.count, kBins + 1, uint32_t(row.top_k));
+    } else if (top_p_on) {
+      b_draw = first_at_least(sh.weight, kBins + 1, top_p_target(total_weight));
+    } else if (min_p_on) {
+      b_draw = c.bin(s_min_p);
+    } else {
+      b_draw = first_at_least(sh.weight, kBins + 1, draw_target(total_weight));
+    }
+  }
+  const int b_window = max(b_top, b_draw);
+  Window win;
+  if (sh.count[b_window] <= uint32_t(kCapacity)) {
+    win = build_window(sh, c, WindowSpec{0, b_window, 0ull, ~0ull}, false, !greedy, 0u, 0ull);
+    win.prefix_bins = b_window;
+  }
+
+  // ---- the draw: top-k, top-p, min-p, then the inverse CDF over the kept prefix ----
+  int32_t token = argmax;
+  if (!greedy) {
+    Boundary kept{0ull, uint32_t(p.vocab_size), total_weight};
+    if (top_k_on) kept = query(sh, c, win, Target{false, u64(row.top_k)});
+    if (top_p_on) kept = query(sh, c, win, Target{true, top_p_target(kept.weight)});
+    if (min_p_on) {
+      if ((u64(ordered_bits(s_min_p)) << 32) > kept.key) {
+        kept = prefix_at_value(sh, c, win, s_min_p);
+      }
+    }
+    token = key_id(query(sh, c, win, Target{true, draw_target(kept.weight)}).key);
+  }
+  if (threadIdx.x == 0) {
+    p.sampled[r] = token;
+    p.sampled_logprob[r] = float(double(c.raw(c.logits[token])) - log_normaliser);
+  }
+
+  // ---- the top-N report, in raw order ----
+  if (num_top > 0) {
+    if (win.valid && win.prefix_bins >= b_top) {
+      if (!c.unit) {  // the window holds whole bins, so the raw top-N: re-key and re-sort
+        __syncthreads();
+        for (int i = threadIdx.x; i < win.n; i += kThreads) {
+          const int32_t id = key_id(sh.win.keys[i]);
+          sh.win.keys[i] = make_key(c.raw(c.logits[id]), id);
+        }
+        __syncthreads();
+        sort_descending(sh.win.keys, win.n);
+      }
+    } else {
+      win = descend(sh, c, Target{false, u64(num_top)}, true, true);
+    }
+    for (int i = threadIdx.x; i < num_top; i += kThreads) {
+      const u64 key = sh.win.keys[i];
+      p.top_ids[int64_t(r) * num_top + i] = key_id(key);
+      p.top_logprobs[int64_t(r) * num_top + i] = float(double(key_value(key)) - log_normaliser);
+    }
+  }
+}
+
+void check_launch(const char* op) {
+  gpu::Error error = gpu::get_last_error();
+  if (error != gpu::kSuccess) {
+    throw BackendError(std::string(op) + " launch failed: " + gpu::error_string(error));
+  }
+}
+
+}  // namespace
+
+size_t sample_workspace_bytes(const SampleParams&) { return 0; }  // all scratch is on chip
+
+void sample(const SampleParams& p, void* /*workspace*/, StreamHandle stream) {
+  if (p.num_rows < 0 || p.vocab_size <= 0 || p.vocab_size > kMaxVocab) {
+    throw InvalidArgument("sample: num_rows (" + std::to_string(p.num_rows) +
+                          ") must be >= 0 and vocab_size (" + std::to_string(p.vocab_size) +
+                          ") in [1, " + std::to_string(kMaxVocab) + "]");
+  }
+  if (p.num_top < 0 || p.num_top > p.vocab_size || p.num_top > kMaxTop) {
+    throw InvalidArgument("sample: num_top is " + std::to_string(p.num_top) +
+                          "; the GPU sampler reports at most " + std::to_string(kMaxTop) +
+                          " (and at most the vocabulary size)");
+  }
+  if (!(p.final_softcap >= 0.0f) || !std::isfinite(p.final_softcap)) {
+    throw InvalidArgument("sample: final_softcap is " + std::to_string(p.final_softcap) +
+                          "; it must be finite and >= 0 (0 = none)");
+  }
+  if (p.num_rows == 0) return;
+  if (p.logits == nullptr || p.rows == nullptr || p.sampled == nullptr ||
+      p.sampled_logprob == nullptr ||
+      (p.num_top > 0 && (p.top_ids == nullptr || p.top_logprobs == nullptr))) {
+    throw InvalidArgument("sample: a null pointer among logits, rows and the outputs");
+  }
+  sample_kernel<<<p.num_rows, kThreads, 0, static_cast<gpu::Stream>(stream)>>>(p);
+  check_launch("sample");
+}
+
+}  // namespace octavo::cuda

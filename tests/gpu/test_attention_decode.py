@@ -1,0 +1,290 @@
+"""paged_attention decode (max_query_len == 1) on the GPU equals the CPU reference.
+
+The GPU result comes from octavo._C.ops.paged_attention on torch CUDA tensors (bf16/fp16), which
+runs the decode kernel (cuda/attention_decode.cu) when max_query_len == 1; the reference is the
+same op on fp32 numpy copies of the same rounded inputs (the CPU backend, backend/cpu/attention.cc).
+
+Inputs: random q and K/V, block tables a random permutation of the pool, every unused block and
+the unused tail of each partially filled last block set to NaN, block-table padding pointing at a
+NaN block, and the output and workspace filled with NaN before the run: any read outside a
+request's keys or any output element left unwritten shows up as NaN, which never passes.
+
+Tolerance: both sides compute in fp32 from identical rounded inputs, so the difference is the
+rounding of the GPU output to bf16/fp16 (relative 2^-9 / 2^-12 at most) plus fp32 summation order
+and the fast exp; relative Frobenius error < 1e-2 (bf16) / 2e-3 (fp16), and every element within
+atol + rtol * |ref|.
+"""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from octavo import _C
+
+TOLERANCES = {
+    torch.bfloat16: dict(rtol=1.6e-2, atol=2e-4, frobenius=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=3e-5, frobenius=2e-3),
+}
+
+
+def _alibi_slopes(num_heads):
+    return np.array([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)], dtype=np.float32)
+
+
+def _make_case(seed, context_lens, num_heads, num_kv_heads, head_dim, block_size, spare_blocks=3,
+               table_padding=2, q_stride=None):
+    """A random decode batch in fp32 (rounded to the test dtype in _run), one query per request."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    context_lens = np.asarray(context_lens, dtype=np.int32)
+    num_requests = len(context_lens)
+    blocks_per_request = [(int(c) + block_size - 1) // block_size for c in context_lens]
+    used = sum(blocks_per_request)
+    num_blocks = used + spare_blocks + 1  # the last block is the NaN padding target
+    cache = torch.randn((num_blocks, 2, num_kv_heads, block_size, head_dim), generator=gen)
+    order = rng.permutation(num_blocks - 1)  # shuffled ids; the last stays the padding block
+    max_blocks = max(blocks_per_request) + table_padding
+    block_tables = np.full((num_requests, max_blocks), num_blocks - 1, dtype=np.int32)
+    poisoned = torch.ones(num_blocks, dtype=torch.bool)
+    next_id = 0
+    for r, (ctx, n) in enumerate(zip(context_lens, blocks_per_request)):
+        ids = order[next_id:next_id + n]
+        next_id += n
+        block_tables[r, :n] = ids
+        poisoned[torch.from_numpy(ids.astype(np.int64))] = False
+        tail = n * block_size - int(ctx)  # unused slots of the last block
+        if tail > 0:
+            cache[int(ids[-1]), :, :, block_size - tail:, :] = float("nan")
+    cache[poisoned] = float("nan")
+    row = num_heads * head_dim
+    stride = q_stride or row
+    q = torch.randn((num_requests, stride), generator=gen)
+    return dict(q=q, cache=cache, context_lens=context_lens, block_tables=block_tables,
+                query_start=np.arange(num_requests + 1, dtype=np.int32), q_stride=stride)
+
+
+def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, softcap=0.0,
+         alibi=False, scale=None):
+    """(gpu output as fp32 numpy, CPU reference as fp32 numpy)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    num_requests = len(case["context_lens"])
+    max_context_len = int(case["context_lens"].max())
+    slopes = _alibi_slopes(num_heads) if alibi else None
+    q = case["q"].to(dtype)
+    cache = case["cache"].to(dtype)
+    scalars = (num_heads, num_kv_heads, head_dim, block_size, scale)
+    options = dict(sliding_window=window, softcap=softcap, q_stride=case["q_stride"])
+
+    expected = np.full((num_requests, num_heads * head_dim), np.nan, dtype=np.float32)
+    _C.ops.paged_attention(q.float().numpy(), cache.float().numpy(), expected, case["query_start"],
+                           case["context_lens"], case["block_tables"], slopes, *scalars, **options)
+
+    workspace_bytes = _C.ops.decode_workspace_bytes(num_requests, num_heads, num_kv_heads, head_dim,
+                                                    block_size, max_context_len, window)
+    workspace = torch.full((max(workspace_bytes, 16),), 0xFF, dtype=torch.uint8, device="cuda")  # NaN
+    out = torch.full((num_requests, num_heads * head_dim), float("nan"), dtype=dtype, device="cuda")
+    _C.ops.paged_attention(
+        q.cuda(), cache.cuda(), out, torch.from_numpy(case["query_start"]).cuda(),
+        torch.from_numpy(case["context_lens"]).cuda(), torch.from_numpy(case["block_tables"]).cuda(),
+        torch.from_numpy(slopes).cuda() if alibi else None, *scalars, **options,
+        stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
+        max_context_len=max_context_len, workspace=workspace)
+    torch.cuda.synchronize()
+    return out.float().cpu().numpy(), expected
+
+
+def _check(got, expected, dtype, what):
+    tol = TOLERANCES[dtype]
+    assert np.isfinite(expected).all(), f"{what}: the CPU reference itself is not finite"
+    bad_rows = np.unique(np.nonzero(~np.isfinite(got))[0])
+    assert bad_rows.size == 0, f"{what}: non-finite output in request rows {bad_rows[:20].tolist()}"
+    diff = np.abs(got - expected)
+    limit = tol["atol"] + tol["rtol"] * np.abs(expected)
+    if (diff > limit).any():
+        request, col = np.unravel_index(np.argmax(diff - limit), diff.shape)
+        pytest.fail(f"{what}: |gpu - ref| = {diff[request, col]:.3g} at request {request}, column "
+                    f"{col} (ref {expected[request, col]:.4g}, gpu {got[request, col]:.4g}); "
+                    f"{int((diff > limit).sum())} elements over the tolerance")
+    frobenius = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
+    assert frobenius < tol["frobenius"], f"{what}: relative error {frobenius:.3g}"
+
+
+DTYPES = [torch.bfloat16, torch.float16]
+MIXED = [1, 15, 16, 17, 100, 777, 2049]  # partial and exactly full last blocks, in one batch
+
+# (name, context_lens, num_heads, num_kv_heads, head_dim, block_size, options)
+CASES = [
+    ("one_token", [1], 4, 4, 128, 16, {}),
+    ("partial_blocks_gqa4", [17, 33, 15, 16, 31, 1, 32, 47], 8, 2, 128, 16, {}),
+    # Every head dim x GQA ratio 1, 3, 4, 8, block sizes 16 and 32.
+    *[(f"hd{hd}_gqa{heads // kv}_bs{bs}", MIXED, heads, kv, hd, bs, {})
+      for hd in (64, 80, 96, 128, 256)
+      for (heads, kv) in ((4, 4), (6, 2), (8, 2), (16, 2))
+      for bs in ((16, 32) if hd in (80, 128) else ((16,) if hd in (64, 256) else (32,)))],
+    # Group tiles: GQA 2 (instance of 4 with heads masked), 5, 7, 12 and 16 (two CTAs per KV head).
+    ("gqa2", MIXED, 8, 4, 128, 16, {}),
+    ("gqa5", MIXED, 10, 2, 64, 32, {}),
+    ("gqa7", MIXED, 28, 4, 128, 16, {}),
+    ("gqa12_mqa", MIXED, 12, 1, 64, 16, {}),
+    ("gqa16", [5, 300, 1234], 32, 2, 128, 32, {}),
+    # Long requests: few CTAs, so the keys are split (FlashDecoding) and reduced.
+    ("long_8192", [8192], 32, 8, 128, 16, {}),
+    ("long_8191_hd256", [8191], 8, 1, 256, 32, {}),
+    ("long_4097_hd80_gqa3", [4097, 3], 12, 4, 80, 16, {}),
+    ("long_mixed_short", [8000, 1, 17, 250, 5000], 16, 4, 96, 32, {}),
+    # Batches up to 64 with uneven lengths (some requests split, some written directly).
+    ("batch64_uneven", list(np.random.default_rng(7).integers(1, 2049, 64)), 16, 4, 128, 16, {}),
+    ("batch33_uneven_gqa8", list(np.random.default_rng(8).integers(1, 1500, 33)), 16, 2, 128, 32, {}),
+    # A block size that is not a power of two (the division path).
+    ("block_size_24", [1, 23, 24, 25, 1000], 8, 2, 128, 24, {}),
+    # Sliding window: shorter and longer than the contexts, split and unsplit.
+    ("window_64", MIXED, 8, 2, 128, 16, {"window": 64}),
+    ("window_1", [1, 2, 50], 8, 2, 128, 16, {"window": 1}),
+    ("window_1000_long", [8192, 999, 1000, 1001], 32, 8, 128, 16, {"window": 1000}),
+    ("window_4096_split", [6000], 8, 8, 64, 32, {"window": 4096}),
+    # Logit softcap (scale 1 makes the scores large enough for tanh to bend them), ALiBi, all.
+    ("softcap", MIXED, 8, 2, 128, 16, {"softcap": 5.0, "scale": 1.0}),
+    ("softcap_gemma", [3000, 7], 16, 8, 256, 16, {"softcap": 50.0}),
+    ("alibi", MIXED, 8, 2, 128, 16, {"alibi": True}),
+    ("alibi_long", [6000, 40], 16, 16, 128, 32, {"alibi": True}),
+    ("window_softcap_alibi", [3000, 100, 1], 24, 8, 96, 16,
+     {"window": 500, "softcap": 20.0, "alibi": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,context_lens,num_heads,num_kv_heads,head_dim,block_size,options",
+                         CASES, ids=[c[0] for c in CASES])
+def test_decode_matches_cpu(name, context_lens, num_heads, num_kv_heads, head_dim, block_size,
+                            options, dtype):
+    case = _make_case(zlib.crc32(name.encode()) % 10_000, context_lens, num_heads, num_kv_heads, head_dim, block_size)
+    got, expected = _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, **options)
+    _check(got, expected, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_decode_q_stride(dtype):
+    """q rows inside a wider buffer (the q part of a fused qkv projection)."""
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 128, 16
+    row = num_heads * head_dim
+    case = _make_case(11, MIXED, num_heads, num_kv_heads, head_dim, block_size,
+                      q_stride=row + 2 * num_kv_heads * head_dim)
+    got, expected = _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    _check(got, expected, dtype, "q_stride")
+
+
+def test_decode_rejects_bad_calls():
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 128, 16
+    case = _make_case(3, [40, 8000], num_heads, num_kv_heads, head_dim, block_size)
+    q = case["q"].to(torch.bfloat16).cuda()
+    cache = case["cache"].to(torch.bfloat16).cuda()
+    out = torch.empty((2, num_heads * head_dim), dtype=torch.bfloat16, device="cuda")
+    args = (q, cache, out, torch.from_numpy(case["query_start"]).cuda(),
+            torch.from_numpy(case["context_lens"]).cuda(), torch.from_numpy(case["block_tables"]).cuda(),
+            None, num_heads, num_kv_heads)
+    needed = _C.ops.decode_workspace_bytes(2, num_heads, num_kv_heads, head_dim, block_size, 8000)
+    assert needed > 0, "two requests of 8,000 keys on 2 KV heads should be split"
+    workspace = torch.empty((needed,), dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="max_query_len"):  # CUDA needs the host maxima
+        _C.ops.paged_attention(*args, head_dim, block_size, 0.1, workspace=workspace)
+    with pytest.raises(ValueError, match="workspace"):
+        _C.ops.paged_attention(*args, head_dim, block_size, 0.1, max_query_len=1, max_context_len=8000)
+    with pytest.raises(ValueError, match="workspace"):
+        _C.ops.paged_attention(*args, head_dim, block_size, 0.1, max_query_len=1, max_context_len=8000,
+                               workspace=workspace[: needed - 1])
+    with pytest.raises(ValueError, match="head_dim"):
+        _C.ops.decode_workspace_bytes(2, num_heads, num_kv_heads, 72, block_size, 8000)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        _C.ops.decode_workspace_bytes(2, 9, 2, head_dim, block_size, 8000)
+    with pytest.raises(ValueError, match="block table"):  # max_context_len beyond the table
+        _C.ops.paged_attention(*args, head_dim, block_size, 0.1, max_query_len=1,
+                               max_context_len=100_000, workspace=torch.empty(
+                                   (_C.ops.decode_workspace_bytes(2, num_heads, num_kv_heads, head_dim,
+                                                                  block_size, 100_000),),
+                                   dtype=torch.uint8, device="cuda"))
+    torch.cuda.synchronize()
+
+
+def test_decode_workspace_bound_is_monotone():
+    """The engine reserves decode_workspace_bytes(max_num_seqs, ..., max_model_len) once; every
+    smaller batch (fewer requests get more splits each) must fit in it."""
+    for heads, kv, hd in ((32, 8, 128), (8, 1, 256), (64, 8, 128), (12, 12, 64)):
+        reserved = _C.ops.decode_workspace_bytes(256, heads, kv, hd, 16, 32768)
+        for batch in (1, 2, 3, 5, 8, 17, 64, 255):
+            for context in (1, 300, 4096, 32768):
+                needed = _C.ops.decode_workspace_bytes(batch, heads, kv, hd, 16, context)
+                assert needed <= reserved, (heads, kv, hd, batch, context, needed, reserved)
+        assert _C.ops.decode_workspace_bytes(1, heads, kv, hd, 16, 32768) > 0  # batch 1 splits
+
+
+def _time_decode(batch, context, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                 dtype=torch.bfloat16, repeats=20):
+    """Median seconds of one decode call and the K/V bytes it reads."""
+    blocks_per_request = context // block_size
+    num_blocks = batch * blocks_per_request
+    cache = torch.randn((num_blocks, 2, num_kv_heads, block_size, head_dim), device="cuda", dtype=dtype)
+    block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_request)
+    context_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    q = torch.randn((batch, num_heads * head_dim), device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    workspace = torch.empty((max(16, _C.ops.decode_workspace_bytes(
+        batch, num_heads, num_kv_heads, head_dim, block_size, context)),), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def call():
+        _C.ops.paged_attention(q, cache, out, query_start, context_lens, block_tables, None, num_heads,
+                               num_kv_heads, head_dim, block_size, 1.0 / math.sqrt(head_dim),
+                               stream=stream, max_query_len=1, max_context_len=context,
+                               workspace=workspace)
+
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    assert torch.isfinite(out).all()
+    kv_bytes = batch * context * num_kv_heads * head_dim * 2 * cache.element_size()
+    del cache
+    return float(np.median(times)), kv_bytes
+
+
+def _copy_bandwidth(nbytes=1 << 30, repeats=20):
+    """Device-to-device copy bandwidth, bytes read + written / time (as bench/ceilings.py)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / float(np.median(times))
+
+
+def test_decode_bandwidth_report():
+    """Not a pass/fail figure: GB/s of K/V read (bf16, hd 128, 32/8 heads, block 16), median of 20,
+    as a fraction of the copy bandwidth (read + write), the ceiling bench/ceilings.py records."""
+    copy = _copy_bandwidth()
+    torch.cuda.empty_cache()
+    print(f"\ncopy: {copy / 1e9:.0f} GB/s read + write")
+    for batch, context in ((64, 4096), (256, 1024), (1, 32768)):
+        seconds, kv_bytes = _time_decode(batch, context)
+        torch.cuda.empty_cache()
+        rate = kv_bytes / seconds
+        print(f"paged_attention decode {batch} x {context}: {seconds * 1e6:.1f} us, "
+              f"{rate / 1e9:.0f} GB/s of K/V read, {rate / copy:.2f} of copy bandwidth")

@@ -1,0 +1,152 @@
+"""The row-wise op bindings (cpp/src/python/bind_ops_elementwise.cc) on the CPU path, with numpy:
+known values, so CI exercises how the bindings turn shapes, strides and offsets into op params.
+The GPU kernels are held to these same ops in tests/gpu/test_elementwise.py."""
+
+import math
+
+import numpy as np
+import pytest
+
+from octavo import _C
+
+RMS, RMS_PLUS_ONE, LAYER_NORM, LAYER_NORM_NO_WEIGHT = 0, 1, 2, 3
+SILU_GLU, GELU_GLU, GELU_TANH_GLU, GELU, GELU_TANH, RELU = 0, 1, 2, 3, 4, 5
+NEOX, GPTJ = 0, 1
+
+
+def test_embedding_picks_scales_and_adds_positions():
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    out = np.zeros((2, 3), np.float32)
+    _C.ops.embedding(np.array([2, 0], np.int32), table, out, 2.0)
+    np.testing.assert_array_equal(out, [[12, 14, 16], [0, 2, 4]])
+    positions = np.full((5, 3), 100.0, np.float32)
+    positions[3] = 1000.0
+    _C.ops.embedding(np.array([1], np.int32), table, out[:1], 1.0, positions, np.array([1], np.int32), 2)
+    np.testing.assert_array_equal(out[0], [1003, 1004, 1005])
+
+
+def test_embedding_rejects_bad_id():
+    table = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="outside the vocabulary of 4"):
+        _C.ops.embedding(np.array([4], np.int32), table, np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="int32"):
+        _C.ops.embedding(np.array([1], np.int64), table, np.zeros((1, 3), np.float32))
+
+
+def test_rms_norm_of_ones_is_the_weight():
+    x = np.ones((3, 8), np.float32)
+    out = np.zeros_like(x)
+    weight = np.full(8, 2.0, np.float32)
+    _C.ops.norm(x, out, weight, eps=0.0)
+    np.testing.assert_allclose(out, 2.0, rtol=1e-6)
+    _C.ops.norm(x, out, weight, kind=RMS_PLUS_ONE, eps=0.0)  # Gemma: 1 + w
+    np.testing.assert_allclose(out, 3.0, rtol=1e-6)
+
+
+def test_layer_norm_known_values():
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    out = np.zeros_like(x)
+    _C.ops.norm(x, out, kind=LAYER_NORM_NO_WEIGHT, eps=0.0)
+    expected = (x - 2.5) / math.sqrt(1.25)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    _C.ops.norm(x, out, np.full(4, 2.0, np.float32), np.ones(4, np.float32), kind=LAYER_NORM, eps=0.0)
+    np.testing.assert_allclose(out, expected * 2 + 1, rtol=1e-6)
+
+
+def test_norm_residual_and_stride():
+    # Two rows of 6 of which the first 4 are normalised, in place; the residual is updated.
+    x = np.ones((2, 6), np.float32)
+    residual = np.ones((2, 4), np.float32)
+    _C.ops.norm(x, x, np.ones(4, np.float32), None, residual, RMS, 0.0, hidden=4)
+    np.testing.assert_array_equal(residual, 2.0)
+    np.testing.assert_allclose(x[:, :4], 1.0, rtol=1e-6)  # 2 / rms(2) = 1
+    np.testing.assert_array_equal(x[:, 4:], 1.0)          # past `hidden`: untouched
+    with pytest.raises(ValueError, match="not a whole number of rows"):
+        _C.ops.norm(np.ones(7, np.float32), np.ones(7, np.float32), np.ones(2, np.float32), row_stride=2)
+
+
+def test_rotary_quarter_turn_neox_and_gptj():
+    # cos_sin row p: [cos..., sin...]; position 1 is a quarter turn for every pair.
+    cos_sin = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], np.float32)
+    q = np.array([[1, 2, 3, 4]], np.float32)  # one head of 4
+    _C.ops.rotary(q, None, np.array([1], np.int32), cos_sin, 1, 1, 4, pairing=NEOX)
+    np.testing.assert_array_equal(q, [[-3, -4, 1, 2]])  # (x1, x2) -> (-x2, x1) for (0,2), (1,3)
+    k = np.array([[1, 2, 3, 4]], np.float32)
+    _C.ops.rotary(None, k, np.array([1], np.int32), cos_sin, 1, 1, 4, pairing=GPTJ)
+    np.testing.assert_array_equal(k, [[-2, 1, -4, 3]])  # pairs (0,1), (2,3)
+
+
+def test_rotary_strided_q_and_k_in_one_buffer():
+    # qkv = [q (2 heads) | k (1 head) | v (1 head)], head_dim 2, rotary_dim 2, position 1.
+    cos_sin = np.array([[1, 0], [0, 1]], np.float32)
+    qkv = np.arange(16, dtype=np.float32).reshape(2, 8)
+    positions = np.array([0, 1], np.int32)
+    _C.ops.rotary(qkv, qkv, positions, cos_sin, 2, 1, 2, q_stride=8, k_stride=8, k_offset=4)
+    np.testing.assert_array_equal(qkv[0], np.arange(8))  # position 0: identity
+    np.testing.assert_array_equal(qkv[1], [-9, 8, -11, 10, -13, 12, 14, 15])  # v untouched
+
+
+def test_write_kv_layout_and_padding():
+    kv_heads, head_dim, block_size, num_blocks = 2, 3, 4, 2
+    k = np.arange(12, dtype=np.float32).reshape(2, 6)
+    v = -k
+    cache = np.zeros((num_blocks, 2, kv_heads, block_size, head_dim), np.float32)
+    _C.ops.write_kv(k, v, cache, np.array([5, -1], np.int64), kv_heads, head_dim, block_size)
+    # slot 5 = block 1, offset 1; token 1 is padding.
+    np.testing.assert_array_equal(cache[1, 0, :, 1], k[0].reshape(2, 3))
+    np.testing.assert_array_equal(cache[1, 1, :, 1], v[0].reshape(2, 3))
+    assert np.count_nonzero(cache) == 10  # 12 values written; k[0, 0] and v[0, 0] are 0
+    with pytest.raises(ValueError, match="int64"):
+        _C.ops.write_kv(k, v, cache, np.array([5, -1], np.int32), kv_heads, head_dim, block_size)
+
+
+def test_rotary_write_kv_is_rotary_then_write_kv():
+    rng = np.random.default_rng(0)
+    h, kv, d, bs = 2, 1, 4, 4
+    qkv = rng.standard_normal((3, (h + 2 * kv) * d)).astype(np.float32)
+    angles = np.arange(8)[:, None] * np.array([1.0, 0.1])[None, :]
+    cos_sin = np.concatenate([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    positions = np.array([0, 5, 7], np.int32)
+    slots = np.array([3, -1, 4], np.int64)
+    width = qkv.shape[1]
+    strides = dict(q_stride=width, k_stride=width, v_stride=width, k_offset=h * d, v_offset=(h + kv) * d)
+
+    fused_qkv, fused_cache = qkv.copy(), np.zeros((2, 2, kv, bs, d), np.float32)
+    _C.ops.rotary_write_kv(fused_qkv, fused_qkv, fused_qkv, positions, cos_sin, fused_cache, slots,
+                           h, kv, d, bs, **strides)
+    two_qkv, two_cache = qkv.copy(), np.zeros_like(fused_cache)
+    _C.ops.rotary(two_qkv, two_qkv, positions, cos_sin, h, kv, d, q_stride=width, k_stride=width,
+                  k_offset=h * d)
+    _C.ops.write_kv(two_qkv, two_qkv, two_cache, slots, kv, d, bs, k_stride=width, v_stride=width,
+                    k_offset=h * d, v_offset=(h + kv) * d)
+    np.testing.assert_array_equal(fused_qkv, two_qkv)
+    np.testing.assert_array_equal(fused_cache, two_cache)
+    assert not np.array_equal(fused_qkv, qkv)
+
+
+def test_activation_known_values():
+    x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+    out = np.zeros_like(x)
+    _C.ops.activation(x, out, RELU)
+    np.testing.assert_array_equal(out, [[0, 0, 2]])
+    _C.ops.activation(x, out, GELU)
+    np.testing.assert_allclose(out, [[-0.15865525, 0.0, 1.9544997]], rtol=1e-6)
+    # GLU: x = [gate | up] is twice as wide as out.
+    glu_in = np.array([[0.0, 1.0, 3.0, 4.0]], np.float32)
+    glu_out = np.zeros((1, 2), np.float32)
+    _C.ops.activation(glu_in, glu_out, SILU_GLU)
+    np.testing.assert_allclose(glu_out, [[0.0, 4.0 / (1 + math.exp(-1))]], rtol=1e-6)
+    with pytest.raises(ValueError, match="twice out's"):
+        _C.ops.activation(glu_in, np.zeros((1, 4), np.float32), SILU_GLU)
+
+
+def test_gather_rows_and_logit_bias():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    out = np.zeros((3, 3), np.float32)
+    _C.ops.gather_rows(x, np.array([3, 0, 3], np.int32), out)
+    np.testing.assert_array_equal(out, x[[3, 0, 3]])
+
+    logits = np.zeros((2, 5), np.float32)
+    _C.ops.add_logit_bias(logits, np.array([0, 1, 3], np.int32), np.array([4, 0, 0], np.int32),
+                          np.array([-np.inf, 1.5, 2.0], np.float32))
+    np.testing.assert_array_equal(logits, [[0, 0, 0, 0, -np.inf], [3.5, 0, 0, 0, 0]])
