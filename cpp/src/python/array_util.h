@@ -27,6 +27,20 @@ inline DType dtype_of(const AnyArray& array, const char* what) {
   throw InvalidArgument(std::string(what) + ": expected a float32, float16 or bfloat16 array");
 }
 
+/// Throws InvalidArgument "OP: WHAT must be an intBITS array" (or uint, float) unless the array
+/// holds scalars of that kind and width.
+inline void require_dtype(const AnyArray& array, nanobind::dlpack::dtype_code code, int bits,
+                          const char* op, const char* what) {
+  const nanobind::dlpack::dtype d = array.dtype();
+  if (d.code != uint8_t(code) || d.bits != bits || d.lanes != 1) {
+    const char* kind = code == nanobind::dlpack::dtype_code::Int    ? "int"
+                       : code == nanobind::dlpack::dtype_code::UInt ? "uint"
+                                                                    : "float";
+    throw InvalidArgument(std::string(op) + ": " + what + " must be a " + kind +
+                          std::to_string(bits) + " array");
+  }
+}
+
 /// Throws unless every array lives on the same device as the first.
 template <typename... Arrays>
 bool same_device_is_cuda(const char* op, const AnyArray& first, const Arrays&... rest) {

@@ -34,10 +34,7 @@ using OptArray = std::optional<AnyArray>;
 std::string str(long long value) { return std::to_string(value); }
 
 void require_int32(const AnyArray& array, const char* what) {
-  const nb::dlpack::dtype d = array.dtype();
-  if (d.code != uint8_t(nb::dlpack::dtype_code::Int) || d.bits != 32 || d.lanes != 1) {
-    throw InvalidArgument(std::string("paged_attention: ") + what + " must be an int32 array");
-  }
+  octavo::python::require_dtype(array, nb::dlpack::dtype_code::Int, 32, "paged_attention", what);
 }
 
 void require_size(const AnyArray& array, int64_t needed, const char* what) {

@@ -35,10 +35,7 @@ using OptArray = std::optional<AnyArray>;
 std::string str(long long value) { return std::to_string(value); }
 
 void require_int(const AnyArray& array, int bits, const char* op, const char* what) {
-  const nb::dlpack::dtype d = array.dtype();
-  if (d.code != uint8_t(nb::dlpack::dtype_code::Int) || d.bits != bits || d.lanes != 1) {
-    throw InvalidArgument(std::string(op) + ": " + what + " must be an int" + str(bits) + " array");
-  }
+  octavo::python::require_dtype(array, nb::dlpack::dtype_code::Int, bits, op, what);
 }
 
 void require_fp32(const AnyArray& array, const char* op, const char* what) {

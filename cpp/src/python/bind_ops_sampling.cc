@@ -36,10 +36,7 @@ using PackedRows = nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>;
 std::string str(long long value) { return std::to_string(value); }
 
 void require(const AnyArray& array, nb::dlpack::dtype_code code, int bits, const char* what) {
-  const nb::dlpack::dtype d = array.dtype();
-  if (d.code != uint8_t(code) || d.bits != bits || d.lanes != 1) {
-    throw InvalidArgument(std::string("sample: ") + what + " has the wrong dtype");
-  }
+  octavo::python::require_dtype(array, code, bits, "sample", what);
 }
 
 PackedRows pack_sampling_rows(HostVector<float> temperature, HostVector<int32_t> top_k,
@@ -70,10 +67,10 @@ void sample(AnyArray logits, AnyArray rows, AnyArray sampled, AnyArray sampled_l
   if (workspace) cuda = same_device_is_cuda("sample", logits, *workspace);
 
   using Code = nb::dlpack::dtype_code;
-  require(logits, Code::Float, 32, "logits (float32)");
-  require(rows, Code::UInt, 8, "rows (uint8, from pack_sampling_rows)");
-  require(sampled, Code::Int, 32, "sampled (int32)");
-  require(sampled_logprob, Code::Float, 32, "sampled_logprob (float32)");
+  require(logits, Code::Float, 32, "logits");
+  require(rows, Code::UInt, 8, "rows (from pack_sampling_rows)");
+  require(sampled, Code::Int, 32, "sampled");
+  require(sampled_logprob, Code::Float, 32, "sampled_logprob");
   if (logits.ndim() != 2) throw InvalidArgument("sample: logits must be [num_rows, vocab]");
   const int64_t num_rows = int64_t(logits.shape(0));
   const int64_t vocab = int64_t(logits.shape(1));
@@ -88,8 +85,8 @@ void sample(AnyArray logits, AnyArray rows, AnyArray sampled, AnyArray sampled_l
   }
   int64_t num_top = 0;
   if (top_ids) {
-    require(*top_ids, Code::Int, 32, "top_ids (int32)");
-    require(*top_logprobs, Code::Float, 32, "top_logprobs (float32)");
+    require(*top_ids, Code::Int, 32, "top_ids");
+    require(*top_logprobs, Code::Float, 32, "top_logprobs");
     if (top_ids->ndim() != 2 || int64_t(top_ids->shape(0)) != num_rows ||
         top_logprobs->ndim() != 2 || top_logprobs->shape(0) != top_ids->shape(0) ||
         top_logprobs->shape(1) != top_ids->shape(1)) {
