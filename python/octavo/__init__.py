@@ -3,6 +3,25 @@
 __version__ = "0.1.0"
 
 
+def _configure_logging() -> None:
+    # Like vLLM, octavo states what it did at INFO (model, device, KV pool size) unless the
+    # application configured the "octavo" logger itself or OCTAVO_CONFIGURE_LOGGING=0.
+    import logging
+    import os
+
+    logger = logging.getLogger("octavo")
+    if os.environ.get("OCTAVO_CONFIGURE_LOGGING", "1") == "0" or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+_configure_logging()
+
+
 def backends() -> list:
     """Backends compiled into this build: always "cpu", plus "cuda" when built with it."""
     from octavo import _C

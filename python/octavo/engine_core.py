@@ -168,6 +168,7 @@ def to_cpp_sampling_params(params) -> "_C.SamplingParams":
     cpp.ignore_eos = bool(params.ignore_eos)
     cpp.want_logprobs = params.logprobs is not None
     cpp.logprobs = int(params.logprobs or 0)
+    cpp.logit_bias = sorted((int(t), float(b)) for t, b in (params.logit_bias or {}).items())
     return cpp
 
 

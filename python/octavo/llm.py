@@ -45,10 +45,17 @@ class _Running:
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens)
+        self.text = ""
+        self.done = False
 
-    def absorb(self, out) -> None:
+    def absorb(self, out) -> bool:
+        """Takes one engine output. Returns True when a stop string finished the request here
+        (the engine does not know: the caller aborts it there)."""
+        if self.finish_reason is not None:
+            return False  # stopped by a stop string; the engine's abort echo is ignored
         self.token_ids.extend(out.new_token_ids)
-        self.detokenizer.add(out.new_token_ids)
+        delta = self.detokenizer.add(out.new_token_ids)
+        self.text = self.detokenizer.output_text
         self.cumulative_logprob = out.cumulative_logprob
         if self.logprobs is not None:
             for token, lp in zip(out.new_token_ids, out.new_logprobs):
@@ -63,16 +70,37 @@ class _Running:
                 self.logprobs.append(entry)
         if out.error:
             logger.warning("request %s failed: %s", self.request_id, out.error)
+        if self.params.stop and len(self.token_ids) >= self.params.min_tokens and delta:
+            if self._match_stop_string(len(delta)):
+                return True
         if out.finished:
             self.detokenizer.flush()
+            self.text = self.detokenizer.output_text
             self.finish_reason = out.finish_reason
             if out.stop_token_id >= 0:
                 self.stop_reason = out.stop_token_id
+        return False
+
+    def _match_stop_string(self, new_chars: int) -> bool:
+        """Looks for a stop string that ends in the newest text (it may have started in earlier
+        text: a stop string split across tokens); cuts the text there."""
+        for stop in self.params.stop:
+            # Only matches that end inside the new text are new.
+            start = max(0, len(self.text) - new_chars - len(stop) + 1)
+            index = self.text.find(stop, start)
+            if index < 0:
+                continue
+            end = index + len(stop) if self.params.include_stop_str_in_output else index
+            self.text = self.text[:end]
+            self.finish_reason = "stop"
+            self.stop_reason = stop
+            return True
+        return False
 
     def to_output(self) -> RequestOutput:
         completion = CompletionOutput(
             index=0,
-            text=self.detokenizer.output_text,
+            text=self.text,
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             logprobs=self.logprobs,
@@ -211,11 +239,14 @@ class LLM:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     state = running.get(out.id)
-                    if state is None:
+                    if state is None or state.done:
                         continue
-                    state.absorb(out)
-                    if out.finished and progress is not None:
-                        progress.update(1)
+                    if state.absorb(out):
+                        self.engine.abort(out.id)  # a stop string ended it
+                    if state.finish_reason is not None:
+                        state.done = True
+                        if progress is not None:
+                            progress.update(1)
         except BaseException:
             for engine_id in order:
                 self.engine.abort(engine_id)

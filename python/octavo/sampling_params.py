@@ -56,8 +56,9 @@ class SamplingParams:
         seed: seeds this request's own random generator, making its samples reproducible
             whatever else runs in the batch. Default None (the engine's generator); -1 also
             means None.
-        stop: strings that end the output. Default None (stored as []); only empty is
-            supported yet.
+        stop: strings that end the output, matched on the detokenized text (also across token
+            boundaries); the text is cut before the match. Not checked before min_tokens
+            tokens. Default None (stored as []).
         stop_token_ids: token ids that end the output, besides EOS. Default None (stored as [],
             duplicates dropped, order kept).
         ignore_eos: keep generating after the EOS token. Default False.
@@ -73,8 +74,8 @@ class SamplingParams:
         spaces_between_special_tokens: put spaces between special tokens in the output text
             (slow tokenizers only, as in Hugging Face). Default True.
         include_stop_str_in_output: keep the matched stop string in the text. Default False.
-        logit_bias: token id -> bias added to its logit. Default None; only None or {} is
-            supported yet.
+        logit_bias: token id -> bias added to its logit before sampling, clamped to
+            [-100, 100] as OpenAI does (keys may be strings of digits, as in JSON). Default None.
     """
 
     n: int = 1
@@ -162,6 +163,21 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string")
+        if self.logit_bias:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got "
+                                 f"{type(self.logit_bias).__name__}")
+            normalised = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                if token < 0 or not _is_number(value) or not math.isfinite(value):
+                    raise ValueError(f"logit_bias entry {key!r}: {value!r} must map a token id "
+                                     f">= 0 to a finite number")
+                normalised[token] = min(100.0, max(-100.0, float(value)))
+            self.logit_bias = normalised
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(
                 f"stop_token_ids must contain only non-negative ints, got {self.stop_token_ids!r}")
@@ -191,12 +207,8 @@ class SamplingParams:
             raise _not_supported("frequency_penalty", self.frequency_penalty, "0")
         if self.repetition_penalty != 1.0:
             raise _not_supported("repetition_penalty", self.repetition_penalty, "1")
-        if self.stop:
-            raise _not_supported("stop", self.stop, "None or []; use stop_token_ids")
         if self.prompt_logprobs is not None:
             raise _not_supported("prompt_logprobs", self.prompt_logprobs, "None")
-        if self.logit_bias:
-            raise _not_supported("logit_bias", self.logit_bias, "None or {}")
 
     @property
     def greedy(self) -> bool:

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace octavo {
@@ -20,6 +21,8 @@ struct SamplingParams {
   bool ignore_eos = false;
   int logprobs = 0;          // top-N logprobs reported per output token, [0, 20]; 0: only the sampled one
   bool want_logprobs = false;  // report logprobs at all (vLLM: logprobs is not None)
+  /// (token id, bias) pairs added to the logits before sampling; ids must be in the vocabulary.
+  std::vector<std::pair<int32_t, float>> logit_bias;
 
   /// Throws InvalidArgument naming the first field outside its range.
   void validate() const;

@@ -21,6 +21,11 @@ namespace {
 
 std::string num(long long v) { return std::to_string(v); }
 
+// Per-request caps, so that a step's logit-bias upload (logit_bias, plus EOS and stop ids
+// suppressed before min_tokens) has a fixed upper size.
+constexpr int kMaxLogitBias = 1024;
+constexpr int kMaxStopTokenIds = 256;
+
 DType resolve_dtype(const EngineConfig& config, const std::vector<HostTensor>& weights) {
   if (config.dtype != "auto") return parse_dtype(config.dtype, "dtype");
   for (const HostTensor& t : weights) {
@@ -86,7 +91,8 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   }
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
-  ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len};
+  ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len,
+                        kMaxLogitBias + kMaxStopTokenIds + int(c.eos_token_ids.size())};
   m.executor = std::make_unique<Executor>(m.spec, *m.backend, dtype, limits, c.block_size, weights);
 
   // The KV pool takes what is left: on a GPU, the allowed share of the card minus everything
@@ -127,6 +133,19 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
   for (int32_t token : prompt) {
     if (token < 0 || token >= m.spec.vocab_size) {
       throw InvalidArgument("prompt token id " + num(token) + " is outside the vocabulary [0, " +
+                            num(m.spec.vocab_size) + ")");
+    }
+  }
+  if (params.logit_bias.size() > size_t(kMaxLogitBias) ||
+      params.stop_token_ids.size() > size_t(kMaxStopTokenIds)) {
+    throw InvalidArgument("logit_bias has " + num(params.logit_bias.size()) +
+                          " entries and stop_token_ids " + num(params.stop_token_ids.size()) +
+                          "; the limits are " + num(kMaxLogitBias) + " and " +
+                          num(kMaxStopTokenIds));
+  }
+  for (const auto& [token, bias] : params.logit_bias) {
+    if (token < 0 || token >= m.spec.vocab_size) {
+      throw InvalidArgument("logit_bias token id " + num(token) + " is outside the vocabulary [0, " +
                             num(m.spec.vocab_size) + ")");
     }
   }
@@ -183,6 +202,10 @@ void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
     batch.sample_rows.push_back(batch.query_start.back() - 1);
     batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p, r.seed,
                                          uint64_t(r.num_output_tokens())});
+    for (const auto& [token, bias] : p.logit_bias) {
+      batch.bias_token_ids.push_back(token);
+      batch.bias_values.push_back(bias);
+    }
     if (r.num_output_tokens() < p.min_tokens) {
       const float blocked = -std::numeric_limits<float>::infinity();
       if (!p.ignore_eos) {

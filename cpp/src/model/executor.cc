@@ -157,7 +157,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
 
   // Step inputs: sized for the largest step so that the per-step upload never reallocates.
   const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
-  max_bias_entries_ = S * 64;
+  max_bias_entries_ = S * size_t(std::max(limits_.max_bias_per_seq, 1));
   const size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
                             S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
                             max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4;

@@ -53,6 +53,7 @@ struct ExecutorLimits {
   int max_num_tokens = 0;   // tokens in one step
   int max_num_seqs = 0;     // requests in one step
   int max_model_len = 0;    // positions are below this
+  int max_bias_per_seq = 0; // logit-bias entries one request may bring to a step
 };
 
 class Executor {

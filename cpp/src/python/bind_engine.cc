@@ -2,6 +2,7 @@
 // hands weights as (canonical name, dtype, contiguous host array) tuples and drives step().
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
@@ -140,7 +141,8 @@ void bind_engine(nb::module_& m) {
       .def_rw("stop_token_ids", &SamplingParams::stop_token_ids)
       .def_rw("ignore_eos", &SamplingParams::ignore_eos)
       .def_rw("logprobs", &SamplingParams::logprobs)
-      .def_rw("want_logprobs", &SamplingParams::want_logprobs);
+      .def_rw("want_logprobs", &SamplingParams::want_logprobs)
+      .def_rw("logit_bias", &SamplingParams::logit_bias);
 
   nb::class_<TokenLogprobs>(m, "TokenLogprobs")
       .def_ro("logprob", &TokenLogprobs::logprob)
