@@ -27,14 +27,13 @@ PromptType = Union[str, dict, Sequence[int]]
 logger = logging.getLogger("octavo")
 
 
-class _Running:
-    """Python-side state of one request while the engine runs it."""
+class _Sequence:
+    """Python-side state of one sequence of a request: its tokens, text and logprobs."""
 
-    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+    def __init__(self, index: int, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer):
+        self.index = index
         self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.token_ids: list[int] = []
         self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
@@ -46,13 +45,10 @@ class _Running:
             tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens)
         self.text = ""
-        self.done = False
 
     def absorb(self, out) -> bool:
         """Takes one engine output. Returns True when a stop string finished the request here
         (the engine does not know: the caller aborts it there)."""
-        if self.finish_reason is not None:
-            return False  # stopped by a stop string; the engine's abort echo is ignored
         self.token_ids.extend(out.new_token_ids)
         delta = self.detokenizer.add(out.new_token_ids)
         self.text = self.detokenizer.output_text
@@ -97,9 +93,9 @@ class _Running:
             return True
         return False
 
-    def to_output(self) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
             text=self.text,
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
@@ -107,13 +103,31 @@ class _Running:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
+
+
+class _Running:
+    """Python-side state of one request (its n sequences) while the engine runs it."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.sequences = [_Sequence(i, request_id, prompt_token_ids, params, tokenizer)
+                          for i in range(params.n)]
+
+    @property
+    def done(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
+
+    def to_output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=None,
-            outputs=[completion],
-            finished=self.finish_reason is not None,
+            outputs=[seq.to_output() for seq in self.sequences],
+            finished=self.done,
         )
 
 
@@ -238,15 +252,16 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
-                    state = running.get(out.id)
+                    state = running.get(out.group_id)
                     if state is None or state.done:
                         continue
-                    if state.absorb(out):
-                        self.engine.abort(out.id)  # a stop string ended it
-                    if state.finish_reason is not None:
-                        state.done = True
-                        if progress is not None:
-                            progress.update(1)
+                    sequence = state.sequences[out.index]
+                    if sequence.finish_reason is not None:
+                        continue  # ended by a stop string; this is the engine's abort echo
+                    if sequence.absorb(out):
+                        self.engine.abort(out.id, whole_group=False)  # a stop string ended it
+                    if state.done and progress is not None:
+                        progress.update(1)
         except BaseException:
             for engine_id in order:
                 self.engine.abort(engine_id)

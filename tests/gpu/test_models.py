@@ -180,3 +180,19 @@ def test_qwen3_0_6b_shape_matches_transformers_in_bf16(tmp_path):
     print(f"qwen3-0.6b shape: {agreed}/{compared} greedy tokens equal the fp32 reference's; "
           f"max |logprob - fp32| octavo bf16 {worst:.3f}, transformers bf16 {noise[0]:.3f}; "
           f"transformers bf16 margin change {noise[1]:.3f}")
+
+
+def test_parallel_sampling_forks_copy_on_write_on_gpu(tmp_path):
+    """n = 3 greedy: the forks share the prompt's blocks and copy the partly filled last one on
+    the GPU (copy_blocks kernel) before writing; every fork must equal the single sequence."""
+    build_checkpoint(str(tmp_path), "Qwen3ForCausalLM", seed=5, dtype=torch.float16, **GPU_TINY)
+    llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=16,
+              enable_prefix_caching=False, **TINY_POOL)
+    prompt = list(range(20, 45))  # 25 tokens: the second block is shared and partly filled
+    single = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    (alone,) = llm.generate([prompt], single, use_tqdm=False)
+    (out,) = llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=NEW_TOKENS,
+                                                   ignore_eos=True), use_tqdm=False)
+    assert [c.token_ids for c in out.outputs] == [alone.outputs[0].token_ids] * 3
+    stats = llm.engine.stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks

@@ -77,7 +77,6 @@ def test_boundary_values_accepted():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"n": 2}, "n"),
     ({"best_of": 2}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -0.5}, "frequency_penalty"),

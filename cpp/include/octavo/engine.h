@@ -55,9 +55,10 @@ class Engine {
   /// One scheduling step. Returns an entry for every request that gained tokens or finished.
   std::vector<RequestOutput> step();
 
-  /// Finishes a request with reason kAbort; its output appears in the next step(). Unknown or
-  /// already-finished ids are ignored.
-  void abort(RequestId id);
+  /// Finishes a request with reason kAbort; its output appears in the next step(). With
+  /// whole_group, every sequence forked from it (n > 1) ends too; otherwise only the sequence
+  /// `id`. Unknown or already-finished ids are ignored.
+  void abort(RequestId id, bool whole_group = true);
 
   bool has_unfinished() const;
   EngineStats stats() const;

@@ -28,7 +28,9 @@ struct TokenLogprobs {
 
 /// The tokens a step added to one request, and whether it finished.
 struct RequestOutput {
-  RequestId id = 0;
+  RequestId id = 0;        // the sequence
+  RequestId group_id = 0;  // the request add_request returned (== id for its first sequence)
+  int index = 0;           // the sequence's index among the request's n
   std::vector<int32_t> new_token_ids;
   std::vector<TokenLogprobs> new_logprobs;  // one per new token when logprobs were asked for
   float cumulative_logprob = 0.0f;          // over every output token so far

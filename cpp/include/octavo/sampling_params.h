@@ -9,6 +9,9 @@
 namespace octavo {
 
 struct SamplingParams {
+  /// Sequences sampled from the prompt. The prompt is prefilled once; after its first token the
+  /// other n - 1 sequences fork from it, sharing its KV blocks (copy-on-write).
+  int n = 1;
   float temperature = 1.0f;  // >= 0; 0 is greedy
   float top_p = 1.0f;        // (0, 1]; 1 is off
   int top_k = 0;             // 0 or -1 is off; else >= 1

@@ -49,7 +49,14 @@ struct Engine::Impl {
   EngineStats counters;
   StepBatch batch;
 
+  // Who each sampled row of the step belongs to: the request, and the fork index (0: the request
+  // itself; i > 0: the i-th sequence to fork from it after this step).
+  std::vector<std::pair<RequestState*, int>> sample_owners;
+
   void build_batch(const SchedulerOutput& scheduled);
+  RequestState* fork(RequestState& parent, int index);
+  /// Appends a sampled token to a sequence, checks its stop conditions, and returns its output.
+  RequestOutput append_token(RequestState& r, const StepResult& result, int row, int top);
   bool is_eos(int32_t token) const {
     const auto& eos = config.eos_token_ids;
     return std::find(eos.begin(), eos.end(), token) != eos.end();
@@ -155,8 +162,14 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
                           num(m.config.max_model_len) +
                           " and leaves room for no output (raise max_model_len or shorten the prompt)");
   }
+  if (params.n > m.config.max_num_seqs) {
+    throw InvalidArgument("n is " + num(params.n) + "; max_num_seqs is " +
+                          num(m.config.max_num_seqs) + " (raise max_num_seqs or lower n)");
+  }
   auto request = std::make_unique<RequestState>();
   request->id = m.next_id++;
+  request->group_id = request->id;
+  request->num_pending_forks = params.n - 1;
   request->num_prompt_tokens = prompt_len;
   request->token_ids = std::move(prompt);
   request->params = params;
@@ -174,6 +187,7 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
 
 void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
   batch.clear();
+  sample_owners.clear();
   int width = 0;
   for (const ScheduledRequest& s : scheduled.scheduled) {
     width = std::max(width, int(kv_cache->block_table(s.request->id).size()));
@@ -199,29 +213,102 @@ void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
 
     if (start + n != r.num_tokens()) continue;  // a prompt chunk that does not reach the end
     const SamplingParams& p = r.params;
-    batch.sample_rows.push_back(batch.query_start.back() - 1);
-    batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p, r.seed,
-                                         uint64_t(r.num_output_tokens())});
-    for (const auto& [token, bias] : p.logit_bias) {
-      batch.bias_token_ids.push_back(token);
-      batch.bias_values.push_back(bias);
-    }
-    if (r.num_output_tokens() < p.min_tokens) {
-      const float blocked = -std::numeric_limits<float>::infinity();
-      if (!p.ignore_eos) {
-        for (int32_t eos : config.eos_token_ids) {
-          batch.bias_token_ids.push_back(eos);
+    // A request about to fork samples all its sequences' first tokens from the same row.
+    for (int fork_index = 0; fork_index <= r.num_pending_forks; ++fork_index) {
+      sample_owners.emplace_back(&r, fork_index);
+      batch.sample_rows.push_back(batch.query_start.back() - 1);
+      const uint64_t seed = fork_index == 0 ? r.seed : splitmix64(r.seed + uint64_t(fork_index));
+      batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p, seed,
+                                           uint64_t(r.num_output_tokens())});
+      for (const auto& [token, bias] : p.logit_bias) {
+        batch.bias_token_ids.push_back(token);
+        batch.bias_values.push_back(bias);
+      }
+      if (r.num_output_tokens() < p.min_tokens) {
+        const float blocked = -std::numeric_limits<float>::infinity();
+        if (!p.ignore_eos) {
+          for (int32_t eos : config.eos_token_ids) {
+            batch.bias_token_ids.push_back(eos);
+            batch.bias_values.push_back(blocked);
+          }
+        }
+        for (int32_t stop : p.stop_token_ids) {
+          batch.bias_token_ids.push_back(stop);
           batch.bias_values.push_back(blocked);
         }
       }
-      for (int32_t stop : p.stop_token_ids) {
-        batch.bias_token_ids.push_back(stop);
-        batch.bias_values.push_back(blocked);
-      }
+      batch.bias_offsets.push_back(int32_t(batch.bias_token_ids.size()));
     }
-    batch.bias_offsets.push_back(int32_t(batch.bias_token_ids.size()));
     if (p.want_logprobs) batch.num_top_logprobs = std::max(batch.num_top_logprobs, p.logprobs);
   }
+}
+
+RequestState* Engine::Impl::fork(RequestState& parent, int index) {
+  auto child = std::make_unique<RequestState>(parent);
+  child->id = next_id++;
+  child->index = index;
+  child->num_pending_forks = 0;
+  child->seed = splitmix64(parent.seed + uint64_t(index));  // the stream its first row drew from
+  kv_cache->fork(parent.id, child->id);
+  RequestState* raw = child.get();
+  requests.emplace(raw->id, std::move(child));
+  scheduler->add_forked(raw);
+  return raw;
+}
+
+RequestOutput Engine::Impl::append_token(RequestState& r, const StepResult& result, int row,
+                                         int top) {
+  RequestOutput out;
+  out.id = r.id;
+  out.group_id = r.group_id;
+  out.index = r.index;
+  const int32_t token = result.sampled[row];
+  const float logprob = result.sampled_logprob[row];
+  if (token < 0 || token >= spec.vocab_size) {
+    // The GPU sampler flags rows whose logits hold NaN or inf instead of throwing mid-step:
+    // this sequence ends, the rest of the batch goes on.
+    out.finished = true;
+    out.finish_reason = r.finish_reason = FinishReason::kAbort;
+    out.error = "the model produced non-finite logits (NaN or inf) for this request";
+    out.cumulative_logprob = r.cumulative_logprob;
+    r.status = RequestStatus::kFinished;
+    return out;
+  }
+  r.token_ids.push_back(token);
+  r.cumulative_logprob += logprob;
+  ++counters.generation_tokens;
+  out.new_token_ids.push_back(token);
+  if (r.params.want_logprobs) {
+    TokenLogprobs lp;
+    lp.logprob = logprob;
+    for (int j = 0; j < top; ++j) {
+      const int32_t id = result.top_ids[size_t(row) * top + j];
+      if (id == token && lp.rank == 0) lp.rank = j + 1;
+      if (j < r.params.logprobs) {
+        lp.top_ids.push_back(id);
+        lp.top_logprobs.push_back(result.top_logprobs[size_t(row) * top + j]);
+      }
+    }
+    out.new_logprobs.push_back(std::move(lp));
+  }
+  out.cumulative_logprob = r.cumulative_logprob;
+
+  const auto& stops = r.params.stop_token_ids;
+  if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
+    r.finish_reason = FinishReason::kStop;
+    r.stop_token_id = token;
+  } else if (!r.params.ignore_eos && is_eos(token)) {
+    r.finish_reason = FinishReason::kStop;
+  } else if (r.num_tokens() >= r.max_num_tokens) {
+    r.finish_reason = FinishReason::kLength;
+  }
+  if (r.finish_reason != FinishReason::kNone) {
+    r.status = RequestStatus::kFinished;
+    out.finished = true;
+    out.finish_reason = r.finish_reason;
+    out.stop_token_id = r.stop_token_id;
+  }
+  return out;
 }
 
 std::vector<RequestOutput> Engine::step() {
@@ -237,70 +324,23 @@ std::vector<RequestOutput> Engine::step() {
   StepResult result = m.executor->execute(m.batch);
   m.scheduler->on_step_done(scheduled);
 
-  const int top = m.batch.num_top_logprobs;
-  int sample_index = 0;
   for (const ScheduledRequest& s : scheduled.scheduled) {
-    RequestState& r = *s.request;
-    const int prompt_part = std::max(0, std::min(r.num_prompt_tokens, r.num_computed_tokens) -
-                                            (r.num_computed_tokens - s.num_new_tokens));
-    m.counters.prompt_tokens += prompt_part;
-    if (r.num_computed_tokens != r.num_tokens()) continue;  // mid-prompt chunk: nothing sampled
-
-    const int i = sample_index++;
-    const int32_t token = result.sampled[i];
-    const float logprob = result.sampled_logprob[i];
-    if (token < 0 || token >= m.spec.vocab_size) {
-      // The GPU sampler flags rows whose logits hold NaN or inf instead of throwing mid-step:
-      // this request ends, the rest of the batch goes on.
-      RequestOutput failed;
-      failed.id = r.id;
-      failed.finished = true;
-      failed.finish_reason = r.finish_reason = FinishReason::kAbort;
-      failed.error = "the model produced non-finite logits (NaN or inf) for this request";
-      failed.cumulative_logprob = r.cumulative_logprob;
-      r.status = RequestStatus::kFinished;
-      outputs.push_back(std::move(failed));
-      continue;
-    }
-    r.token_ids.push_back(token);
-    r.cumulative_logprob += logprob;
-    ++m.counters.generation_tokens;
-
-    RequestOutput out;
-    out.id = r.id;
-    out.new_token_ids.push_back(token);
-    if (r.params.want_logprobs) {
-      TokenLogprobs lp;
-      lp.logprob = logprob;
-      const int n = r.params.logprobs;
-      for (int j = 0; j < top; ++j) {
-        const int32_t id = result.top_ids[size_t(i) * top + j];
-        if (id == token && lp.rank == 0) lp.rank = j + 1;
-        if (j < n) {
-          lp.top_ids.push_back(id);
-          lp.top_logprobs.push_back(result.top_logprobs[size_t(i) * top + j]);
-        }
-      }
-      out.new_logprobs.push_back(std::move(lp));
-    }
-    out.cumulative_logprob = r.cumulative_logprob;
-
-    const auto& stops = r.params.stop_token_ids;
-    if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
-      r.finish_reason = FinishReason::kStop;
-      r.stop_token_id = token;
-    } else if (!r.params.ignore_eos && m.is_eos(token)) {
-      r.finish_reason = FinishReason::kStop;
-    } else if (r.num_tokens() >= r.max_num_tokens) {
-      r.finish_reason = FinishReason::kLength;
-    }
-    if (r.finish_reason != FinishReason::kNone) {
-      r.status = RequestStatus::kFinished;
-      out.finished = true;
-      out.finish_reason = r.finish_reason;
-      out.stop_token_id = r.stop_token_id;
-    }
-    outputs.push_back(std::move(out));
+    const RequestState& r = *s.request;
+    m.counters.prompt_tokens += std::max(0, std::min(r.num_prompt_tokens, r.num_computed_tokens) -
+                                                (r.num_computed_tokens - s.num_new_tokens));
+  }
+  const int top = m.batch.num_top_logprobs;
+  // Forks come after their parent's own row; they copy the parent before its token is appended.
+  std::vector<std::pair<RequestState*, int>> owners = std::move(m.sample_owners);
+  std::vector<RequestState*> forked(owners.size(), nullptr);
+  for (size_t row = 0; row < owners.size(); ++row) {
+    auto [request, fork_index] = owners[row];
+    if (fork_index > 0) forked[row] = m.fork(*request, fork_index);
+  }
+  for (size_t row = 0; row < owners.size(); ++row) {
+    RequestState& r = forked[row] ? *forked[row] : *owners[row].first;
+    if (owners[row].second == 0) r.num_pending_forks = 0;
+    outputs.push_back(m.append_token(r, result, int(row), top));
   }
   for (RequestOutput& out : outputs) {
     if (!out.finished) continue;
@@ -312,18 +352,26 @@ std::vector<RequestOutput> Engine::step() {
   return outputs;
 }
 
-void Engine::abort(RequestId id) {
+void Engine::abort(RequestId id, bool whole_group) {
   Impl& m = *impl_;
-  auto it = m.requests.find(id);
-  if (it == m.requests.end()) return;
-  m.scheduler->remove(it->second.get());
-  RequestOutput out;
-  out.id = id;
-  out.finished = true;
-  out.finish_reason = FinishReason::kAbort;
-  out.cumulative_logprob = it->second->cumulative_logprob;
-  m.pending_outputs.push_back(std::move(out));
-  m.requests.erase(it);
+  std::vector<RequestId> victims;
+  for (const auto& [sequence_id, request] : m.requests) {
+    if (sequence_id == id || (whole_group && request->group_id == id)) victims.push_back(sequence_id);
+  }
+  std::sort(victims.begin(), victims.end());
+  for (RequestId victim : victims) {
+    RequestState& r = *m.requests.at(victim);
+    m.scheduler->remove(&r);
+    RequestOutput out;
+    out.id = victim;
+    out.group_id = r.group_id;
+    out.index = r.index;
+    out.finished = true;
+    out.finish_reason = FinishReason::kAbort;
+    out.cumulative_logprob = r.cumulative_logprob;
+    m.pending_outputs.push_back(std::move(out));
+    m.requests.erase(victim);
+  }
 }
 
 bool Engine::has_unfinished() const {
@@ -358,6 +406,7 @@ const char* to_string(FinishReason reason) {
 
 void SamplingParams::validate() const {
   auto fail = [](const std::string& what) { throw InvalidArgument(what); };
+  if (n < 1) fail("n is " + num(n) + "; it must be at least 1");
   if (!(temperature >= 0.0f)) fail("temperature is " + std::to_string(temperature) + "; it must be >= 0");
   if (!(top_p > 0.0f && top_p <= 1.0f)) fail("top_p is " + std::to_string(top_p) + "; it must be in (0, 1]");
   if (top_k < -1) fail("top_k is " + num(top_k) + "; use -1 or 0 for off, or a value >= 1");

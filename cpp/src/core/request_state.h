@@ -13,6 +13,9 @@ enum class RequestStatus : uint8_t { kWaiting, kRunning, kPreempted, kFinished }
 
 struct RequestState {
   RequestId id = 0;
+  RequestId group_id = 0;      // the request's first sequence; its forks share it
+  int index = 0;               // sequence index in the group
+  int num_pending_forks = 0;   // n - 1 until the prompt's first token is sampled, then 0
   std::vector<int32_t> token_ids;  // prompt, then every output token
   int num_prompt_tokens = 0;
   SamplingParams params;

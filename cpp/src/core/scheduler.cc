@@ -26,6 +26,11 @@ void Scheduler::add(RequestState* request) {
   waiting_.push_back(request);
 }
 
+void Scheduler::add_forked(RequestState* request) {
+  request->status = RequestStatus::kRunning;
+  running_.push_back(request);
+}
+
 void Scheduler::release_blocks(RequestState* request) {
   if (!kv_cache_.contains(request->id)) return;
   kv_cache_.cache_blocks(request->id, request->token_ids, request->num_computed_tokens);
@@ -75,9 +80,12 @@ SchedulerOutput Scheduler::schedule() {
   // are still running; a victim is always behind the request that displaced it, so none was.
 
   if (out.preempted.empty()) {
-    while (!waiting_.empty() && token_budget > 0 &&
-           int(running_.size()) < config_.max_num_seqs) {
+    while (!waiting_.empty() && token_budget > 0) {
       RequestState* request = waiting_.front();
+      // A request that will fork counts as all its sequences against the cap.
+      int sequences = int(running_.size());
+      for (const RequestState* r : running_) sequences += r->num_pending_forks;
+      if (sequences + 1 + request->num_pending_forks > config_.max_num_seqs) break;
       ComputedPrefix prefix = kv_cache_.get_computed_blocks(request->token_ids);
       const int num_new =
           std::min(request->num_tokens() - prefix.num_computed_tokens, token_budget);

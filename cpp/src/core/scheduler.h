@@ -46,6 +46,8 @@ class Scheduler {
 
   /// Queues a request behind every waiting one.
   void add(RequestState* request);
+  /// Adds a sequence forked from a running one (its blocks already shared) to the running set.
+  void add_forked(RequestState* request);
   /// Plans one step. The caller runs it, then calls on_step_done with the same output.
   SchedulerOutput schedule();
   /// Marks the scheduled tokens computed.

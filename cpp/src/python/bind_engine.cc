@@ -131,6 +131,7 @@ void bind_engine(nb::module_& m) {
 
   nb::class_<SamplingParams>(m, "SamplingParams")
       .def(nb::init<>())
+      .def_rw("n", &SamplingParams::n)
       .def_rw("temperature", &SamplingParams::temperature)
       .def_rw("top_p", &SamplingParams::top_p)
       .def_rw("top_k", &SamplingParams::top_k)
@@ -152,6 +153,8 @@ void bind_engine(nb::module_& m) {
 
   nb::class_<RequestOutput>(m, "EngineOutput", "What one step added to one request.")
       .def_ro("id", &RequestOutput::id)
+      .def_ro("group_id", &RequestOutput::group_id)
+      .def_ro("index", &RequestOutput::index)
       .def_ro("new_token_ids", &RequestOutput::new_token_ids)
       .def_ro("new_logprobs", &RequestOutput::new_logprobs)
       .def_ro("cumulative_logprob", &RequestOutput::cumulative_logprob)
@@ -180,7 +183,7 @@ void bind_engine(nb::module_& m) {
       .def(nb::new_(&make_engine), nb::arg("spec"), nb::arg("config"), nb::arg("weights"))
       .def("add_request", &Engine::add_request, nb::arg("prompt_token_ids"), nb::arg("params"))
       .def("step", &Engine::step, nb::call_guard<nb::gil_scoped_release>())
-      .def("abort", &Engine::abort, nb::arg("request_id"))
+      .def("abort", &Engine::abort, nb::arg("request_id"), nb::arg("whole_group") = true)
       .def("has_unfinished", &Engine::has_unfinished)
       .def("stats", &Engine::stats)
       .def_prop_ro("config", &Engine::config)
