@@ -157,7 +157,7 @@ def create_engine(args: EngineArgs, tokenizer=None):
 def to_cpp_sampling_params(params) -> "_C.SamplingParams":
     """octavo.SamplingParams (validated) as the C++ struct."""
     cpp = _C.SamplingParams()
-    cpp.n = int(params.n)
+    cpp.n = int(params.best_of or params.n)  # best_of candidates are forked like n
     cpp.temperature = float(params.temperature)
     cpp.top_p = float(params.top_p)
     cpp.top_k = int(params.top_k) if params.top_k and params.top_k > 0 else 0

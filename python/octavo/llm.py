@@ -113,20 +113,28 @@ class _Running:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
+        self.n = params.n
         self.sequences = [_Sequence(i, request_id, prompt_token_ids, params, tokenizer)
-                          for i in range(params.n)]
+                          for i in range(params.best_of or params.n)]
 
     @property
     def done(self) -> bool:
         return all(seq.finish_reason is not None for seq in self.sequences)
 
     def to_output(self) -> RequestOutput:
+        outputs = [seq.to_output() for seq in self.sequences]
+        if len(outputs) > self.n:
+            # best_of: the n candidates with the highest cumulative logprob, as vLLM ranks them.
+            ranked = sorted(self.sequences, key=lambda seq: seq.cumulative_logprob, reverse=True)
+            outputs = [seq.to_output() for seq in ranked[:self.n]]
+            for index, completion in enumerate(outputs):
+                completion.index = index
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=None,
-            outputs=[seq.to_output() for seq in self.sequences],
+            outputs=outputs,
             finished=self.done,
         )
 

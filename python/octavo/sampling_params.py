@@ -1,7 +1,7 @@
 """Sampling parameters for text generation, with vLLM's names, defaults and meanings.
 
 Every field that vLLM users pass is accepted. Fields whose feature octavo does not implement yet
-(best_of > n, penalties, prompt logprobs) are stored but must keep
+(penalties, prompt logprobs) are stored but must keep
 their neutral value: anything else raises ValueError("<field> ... is not supported yet").
 """
 
@@ -38,8 +38,8 @@ class SamplingParams:
     Attributes:
         n: outputs to return for the prompt, >= 1. Default 1. The prompt is prefilled once and
             the sequences fork from it, sharing its KV blocks (copy-on-write).
-        best_of: candidates to generate, returning the best ``n``. Default None (= n); values
-            above n are not supported yet.
+        best_of: candidates to generate from the prompt (all forked from one prefill),
+            returning the ``n`` with the highest cumulative logprob. Default None (= n).
         presence_penalty: added to the logits of tokens already generated. Default 0.0, range
             [-2, 2]; only 0 is supported yet.
         frequency_penalty: added per occurrence of a token already generated. Default 0.0, range
@@ -198,8 +198,6 @@ class SamplingParams:
                     f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}")
 
     def _verify_supported(self) -> None:
-        if self.best_of is not None and self.best_of > self.n:
-            raise _not_supported("best_of", self.best_of, f"None or n={self.n}")
         if self.presence_penalty != 0.0:
             raise _not_supported("presence_penalty", self.presence_penalty, "0")
         if self.frequency_penalty != 0.0:

@@ -69,3 +69,17 @@ def test_abort_ends_every_sequence_and_n_is_capped(llama_dir):
     assert not engine.has_unfinished()
     with pytest.raises(ValueError, match="n is 9; max_num_seqs is 8"):
         engine.add_request([5], to_cpp_sampling_params(SamplingParams(n=9)))
+
+
+def test_best_of_returns_the_most_likely_candidates(llama_dir):
+    llm = LLM(model=llama_dir, dtype="float32")
+    prompt = [5, 6, 7, 8]
+    candidates = SamplingParams(n=5, temperature=1.0, seed=11, max_tokens=10, ignore_eos=True,
+                                logprobs=0)
+    (all_five,) = llm.generate([prompt], candidates, use_tqdm=False)
+    best = SamplingParams(n=2, best_of=5, temperature=1.0, seed=11, max_tokens=10,
+                          ignore_eos=True, logprobs=0)
+    (out,) = llm.generate([prompt], best, use_tqdm=False)
+    ranked = sorted(all_five.outputs, key=lambda c: c.cumulative_logprob, reverse=True)
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in ranked[:2]]
+    assert [c.index for c in out.outputs] == [0, 1]

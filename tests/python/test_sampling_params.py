@@ -77,7 +77,6 @@ def test_boundary_values_accepted():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"best_of": 2}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -0.5}, "frequency_penalty"),
     ({"repetition_penalty": 1.1}, "repetition_penalty"),
