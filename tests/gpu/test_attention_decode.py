@@ -24,6 +24,8 @@ import torch
 
 from octavo import _C
 
+from gpu_testing import assert_close_to_reference  # noqa: E402
+
 TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=2e-4, frobenius=1e-2),
     torch.float16: dict(rtol=2e-3, atol=3e-5, frobenius=2e-3),
@@ -97,22 +99,6 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
     return out.float().cpu().numpy(), expected
 
 
-def _check(got, expected, dtype, what):
-    tol = TOLERANCES[dtype]
-    assert np.isfinite(expected).all(), f"{what}: the CPU reference itself is not finite"
-    bad_rows = np.unique(np.nonzero(~np.isfinite(got))[0])
-    assert bad_rows.size == 0, f"{what}: non-finite output in request rows {bad_rows[:20].tolist()}"
-    diff = np.abs(got - expected)
-    limit = tol["atol"] + tol["rtol"] * np.abs(expected)
-    if (diff > limit).any():
-        request, col = np.unravel_index(np.argmax(diff - limit), diff.shape)
-        pytest.fail(f"{what}: |gpu - ref| = {diff[request, col]:.3g} at request {request}, column "
-                    f"{col} (ref {expected[request, col]:.4g}, gpu {got[request, col]:.4g}); "
-                    f"{int((diff > limit).sum())} elements over the tolerance")
-    frobenius = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
-    assert frobenius < tol["frobenius"], f"{what}: relative error {frobenius:.3g}"
-
-
 DTYPES = [torch.bfloat16, torch.float16]
 MIXED = [1, 15, 16, 17, 100, 777, 2049]  # partial and exactly full last blocks, in one batch
 
@@ -163,7 +149,7 @@ def test_decode_matches_cpu(name, context_lens, num_heads, num_kv_heads, head_di
                             options, dtype):
     case = _make_case(zlib.crc32(name.encode()) % 10_000, context_lens, num_heads, num_kv_heads, head_dim, block_size)
     got, expected = _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, **options)
-    _check(got, expected, dtype, name)
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], name, "request")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
@@ -174,7 +160,7 @@ def test_decode_q_stride(dtype):
     case = _make_case(11, MIXED, num_heads, num_kv_heads, head_dim, block_size,
                       q_stride=row + 2 * num_kv_heads * head_dim)
     got, expected = _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype)
-    _check(got, expected, dtype, "q_stride")
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], "q_stride", "request")
 
 
 def test_decode_rejects_bad_calls():

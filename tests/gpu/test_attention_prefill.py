@@ -26,6 +26,8 @@ import torch
 
 from octavo import _C
 
+from gpu_testing import assert_close_to_reference, cuda_seconds  # noqa: E402
+
 TOLERANCES = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2, frobenius=1e-2),
     torch.float16: dict(atol=3e-3, rtol=3e-3, frobenius=2e-3),
@@ -118,22 +120,6 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
     return out.float().cpu().numpy(), expected
 
 
-def _check(got, expected, dtype, what):
-    tol = TOLERANCES[dtype]
-    assert np.isfinite(expected).all(), f"{what}: the CPU reference itself is not finite"
-    bad_rows = np.unique(np.nonzero(~np.isfinite(got))[0])
-    assert bad_rows.size == 0, f"{what}: non-finite output in token rows {bad_rows[:20].tolist()}"
-    diff = np.abs(got - expected)
-    limit = tol["atol"] + tol["rtol"] * np.abs(expected)
-    if (diff > limit).any():
-        token, col = np.unravel_index(np.argmax(diff - limit), diff.shape)
-        pytest.fail(f"{what}: |gpu - ref| = {diff[token, col]:.3g} at token {token}, column {col} "
-                    f"(ref {expected[token, col]:.4g}, gpu {got[token, col]:.4g}); "
-                    f"{int((diff > limit).sum())} elements over the tolerance")
-    frobenius = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
-    assert frobenius < tol["frobenius"], f"{what}: relative error {frobenius:.3g}"
-
-
 # (name, q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, options)
 # context_len == q_len is a fresh prompt; context_len > q_len is a chunk after cached tokens (a
 # later chunk or a prefix-cache hit); q_len 1 with a long context is a decode mixed into the batch.
@@ -184,7 +170,7 @@ def test_prefill_matches_cpu(case, dtype):
     data = _make_case(zlib.crc32(name.encode()), q_lens, context_lens, num_heads, num_kv_heads,
                       head_dim, block_size, dtype, q_scale=q_scale)
     got, expected = _run(data, num_heads, num_kv_heads, head_dim, block_size, dtype, **options)
-    _check(got, expected, dtype, name)
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], name, "token")
 
 
 # Every head dim x GQA ratio x block size once, on a small mixed batch (chunk + prompt + decode).
@@ -198,7 +184,8 @@ def test_prefill_head_dims_gqa_block_sizes(head_dim, heads, block_size):
     data = _make_case(head_dim * 1000 + num_heads * 10 + block_size, q_lens, context_lens,
                       num_heads, num_kv_heads, head_dim, block_size, dtype)
     got, expected = _run(data, num_heads, num_kv_heads, head_dim, block_size, dtype)
-    _check(got, expected, dtype, f"hd{head_dim} heads{heads} bs{block_size}")
+    assert_close_to_reference(got, expected, TOLERANCES[dtype],
+                              f"hd{head_dim} heads{heads} bs{block_size}", "token")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -207,7 +194,7 @@ def test_prefill_q_in_fused_qkv_rows(dtype):
     q_lens, context_lens = [40, 1, 100], [40, 77, 260]
     data = _make_case(11, q_lens, context_lens, 8, 2, 128, 16, dtype)
     got, expected = _run(data, 8, 2, 128, 16, dtype, fused_qkv=True)
-    _check(got, expected, dtype, "fused qkv")
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], "fused qkv", "token")
 
 
 def test_prefill_rejects_unsupported_head_dim():
@@ -261,19 +248,8 @@ def test_prefill_throughput_report():
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
         sdpa_note = "expanded KV heads"
 
-    def seconds(fn, repeats=20):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / repeats
-
     flops = 4 * batch * (seq * (seq + 1) // 2) * head_dim * num_heads
-    ours_s, sdpa_s = seconds(ours), seconds(sdpa)
+    ours_s, sdpa_s = cuda_seconds(ours), cuda_seconds(sdpa)
     print(f"\npaged_attention prefill, {batch} x {seq} causal, hd {head_dim}, {num_heads}/{num_kv_heads} "
           f"heads, block {block_size}, bf16 on {torch.cuda.get_device_name()}:\n"
           f"  octavo  {ours_s * 1e3:8.3f} ms  {flops / ours_s / 1e12:6.1f} TFLOP/s\n"

@@ -22,6 +22,8 @@ import torch
 
 from octavo import _C
 
+from gpu_testing import cuda_seconds  # noqa: E402
+
 DTYPES = [torch.bfloat16, torch.float16]
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DT_ID = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -622,18 +624,6 @@ def test_add_logit_bias_skips_invalid_token():
 # ---- bandwidth report (printed, not pass/fail) -----------------------------------------------
 
 
-def _time(fn, repeats=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
-
-
 def test_elementwise_bandwidth_report():
     bf16 = torch.bfloat16
     lines = []
@@ -643,18 +633,18 @@ def test_elementwise_bandwidth_report():
     res = torch.randn((rows, hidden), device="cuda").to(bf16)
     out = torch.empty_like(x)
     w = torch.ones(hidden, dtype=bf16, device="cuda")
-    s = _time(lambda: _C.ops.norm(x, out, w, None, res, RMS, 1e-6))
+    s = cuda_seconds(lambda: _C.ops.norm(x, out, w, None, res, RMS, 1e-6))
     lines.append(f"norm+residual {rows}x{hidden}: {s * 1e6:.1f} us, {4 * x.numel() * 2 / s / 1e12:.2f} TB/s")
     for hidden in (128, 16384):  # QK norm shape; the widest row
         rows = (1 << 24) // hidden
         x = torch.randn((rows, hidden), device="cuda").to(bf16)
         w = torch.ones(hidden, dtype=bf16, device="cuda")
-        s = _time(lambda: _C.ops.norm(x, x, w, None, None, RMS, 1e-6))
+        s = cuda_seconds(lambda: _C.ops.norm(x, x, w, None, None, RMS, 1e-6))
         lines.append(f"norm {rows}x{hidden} in place: {s * 1e6:.1f} us, {2 * x.numel() * 2 / s / 1e12:.2f} TB/s")
     # SiLU-GLU, 4096 tokens x 14336.
     x = torch.randn((4096, 2 * 14336), device="cuda").to(bf16)
     out = torch.empty((4096, 14336), dtype=bf16, device="cuda")
-    s = _time(lambda: _C.ops.activation(x, out, SILU_GLU))
+    s = cuda_seconds(lambda: _C.ops.activation(x, out, SILU_GLU))
     lines.append(f"silu_glu 4096x14336: {s * 1e6:.1f} us, {(x.numel() + out.numel()) * 2 / s / 1e12:.2f} TB/s")
     # Fused rotary + write_kv, 4096 tokens of Llama-3-8B (32/8 heads, 128): q, k read+written,
     # v read, k and v written to the cache.
@@ -664,7 +654,7 @@ def test_elementwise_bandwidth_report():
     slots, positions = cuda_i64(np.arange(n)), cuda_i32(np.arange(n))
     table = torch.from_numpy(cos_sin_table(n, d)).cuda()
     width = qkv.shape[1]
-    s = _time(lambda: _C.ops.rotary_write_kv(qkv, qkv, qkv, positions, table, cache, slots, h, kv, d, bs,
+    s = cuda_seconds(lambda: _C.ops.rotary_write_kv(qkv, qkv, qkv, positions, table, cache, slots, h, kv, d, bs,
                                              q_stride=width, k_stride=width, v_stride=width,
                                              k_offset=h * d, v_offset=(h + kv) * d))
     moved = n * d * 2 * (2 * h + 2 * kv + kv + 2 * kv)

@@ -10,7 +10,6 @@ exp and 2^-40 fixed point on the GPU, double on the CPU) can move a draw whose u
 here in numpy. Every GPU output is poisoned first (ids -7, logprobs NaN) so an unwritten one fails.
 """
 
-import time
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from checkpoints import ARCHITECTURES, build_checkpoint, build_tokenizer  # noqa: F401
+from checkpoints import ARCHITECTURES, build_checkpoint
 
 
 @pytest.fixture(scope="session")
