@@ -15,7 +15,7 @@ struct EngineConfig {
   std::string dtype = "auto";
   int max_model_len = 0;             // 0: the model's max_position_embeddings
   int max_num_seqs = 256;            // running requests per step
-  int max_num_batched_tokens = 0;    // tokens per step; 0: max(8192, max_model_len) capped sensibly
+  int max_num_batched_tokens = 0;    // tokens per step; 0: min(8192, max_model_len), >= max_num_seqs
   int block_size = 16;               // tokens per KV block
   bool enable_prefix_caching = true;
   /// Fixed KV pool size in blocks (vLLM: num_gpu_blocks_override); 0: sized from memory.

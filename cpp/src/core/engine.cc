@@ -26,6 +26,11 @@ std::string num(long long v) { return std::to_string(v); }
 constexpr int kMaxLogitBias = 1024;
 constexpr int kMaxStopTokenIds = 256;
 
+// The seed stream of the index-th sequence forked from a request (index 0: the request's own).
+uint64_t fork_seed(uint64_t seed, int index) {
+  return index == 0 ? seed : splitmix64(seed + uint64_t(index));
+}
+
 DType resolve_dtype(const EngineConfig& config, const std::vector<HostTensor>& weights) {
   if (config.dtype != "auto") return parse_dtype(config.dtype, "dtype");
   for (const HostTensor& t : weights) {
@@ -217,8 +222,8 @@ void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
     for (int fork_index = 0; fork_index <= r.num_pending_forks; ++fork_index) {
       sample_owners.emplace_back(&r, fork_index);
       batch.sample_rows.push_back(batch.query_start.back() - 1);
-      const uint64_t seed = fork_index == 0 ? r.seed : splitmix64(r.seed + uint64_t(fork_index));
-      batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p, seed,
+      batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p,
+                                           fork_seed(r.seed, fork_index),
                                            uint64_t(r.num_output_tokens())});
       for (const auto& [token, bias] : p.logit_bias) {
         batch.bias_token_ids.push_back(token);
@@ -248,7 +253,7 @@ RequestState* Engine::Impl::fork(RequestState& parent, int index) {
   child->id = next_id++;
   child->index = index;
   child->num_pending_forks = 0;
-  child->seed = splitmix64(parent.seed + uint64_t(index));  // the stream its first row drew from
+  child->seed = fork_seed(parent.seed, index);  // the stream its first row drew from
   kv_cache->fork(parent.id, child->id);
   RequestState* raw = child.get();
   requests.emplace(raw->id, std::move(child));

@@ -19,12 +19,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include <octavo/request.h>  // RequestId
+
 #include "backend/ops.h"  // BlockCopy: the pair the executor's copy_blocks consumes
 #include "core/block_pool.h"
 
 namespace octavo {
 
-using RequestId = uint64_t;
 
 /// The longest cached prefix of a prompt, found by get_computed_blocks. It holds no references: pass
 /// it to allocate_slots before anything else allocates, or the blocks may be evicted (allocate_slots

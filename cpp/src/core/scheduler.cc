@@ -76,8 +76,8 @@ SchedulerOutput Scheduler::schedule() {
     out.num_scheduled_tokens += num_new;
     ++i;
   }
-  // Preempted requests that had been scheduled earlier in this loop stay scheduled only if they
-  // are still running; a victim is always behind the request that displaced it, so none was.
+  // A victim is always the last running request, at or behind index i: no request scheduled
+  // earlier in this loop is ever preempted.
 
   if (out.preempted.empty()) {
     while (!waiting_.empty() && token_budget > 0) {

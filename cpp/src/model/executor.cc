@@ -540,7 +540,6 @@ StepResult Executor::execute(const StepBatch& batch) {
 
   // Only the rows that sample go through the final norm and the LM head. The final residual add
   // is row-wise, so gathering first and adding after is the same sum on fewer rows.
-  const size_t act = dtype_size(act_dtype_);
   GatherRowsParams g{};
   g.rows = d_sample_rows_;
   g.num_rows = S;
@@ -555,7 +554,6 @@ StepResult Executor::execute(const StepBatch& batch) {
   backend_.gather_rows(g);
   norm(sample_hidden_.data(), gathered_residual, sample_hidden_.data(), S, final_norm_w_,
        final_norm_b_);
-  (void)act;
 
   gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), S, spec_.vocab_size,
        spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true);
@@ -587,7 +585,8 @@ StepResult Executor::execute(const StepBatch& batch) {
   backend_.sample(sp);
 
   // One download brings back every sampled id and logprob.
-  std::vector<std::byte> host(size_t(S) * 8 * (1 + top));
+  std::vector<std::byte>& host = sampled_host_;
+  host.resize(size_t(S) * 8 * (1 + top));
   backend_.download(host.data(), out, host.size());
   backend_.synchronize();
   auto read = [&](auto& vec, size_t offset, size_t count) {

@@ -122,6 +122,7 @@ class Executor {
   // Step inputs: one device buffer, one upload per step; the pointers below point into it.
   DeviceBuffer step_inputs_;
   std::vector<std::byte> step_staging_;
+  std::vector<std::byte> sampled_host_;  // the step's sampled ids and logprobs, downloaded once
   int32_t* d_token_ids_ = nullptr;
   int32_t* d_positions_ = nullptr;
   int64_t* d_slot_mapping_ = nullptr;
