@@ -18,125 +18,14 @@ from octavo.engine_core import (
     engine_args_from_kwargs,
     to_cpp_sampling_params,
 )
-from octavo.outputs import CompletionOutput, Logprob, RequestOutput
+from octavo.output_processor import RequestState
+from octavo.outputs import RequestOutput
 from octavo.sampling_params import SamplingParams
-from octavo.tokenizer import IncrementalDetokenizer, load_tokenizer
+from octavo.tokenizer import load_tokenizer
 
 PromptType = Union[str, dict, Sequence[int]]
 
 logger = logging.getLogger("octavo")
-
-
-class _Sequence:
-    """Python-side state of one sequence of a request: its tokens, text and logprobs."""
-
-    def __init__(self, index: int, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer):
-        self.index = index
-        self.request_id = request_id
-        self.params = params
-        self.token_ids: list[int] = []
-        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.finish_reason: Optional[str] = None
-        self.stop_reason: Optional[int] = None
-        self.tokenizer = tokenizer
-        self.detokenizer = IncrementalDetokenizer(
-            tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens)
-        self.text = ""
-
-    def absorb(self, out) -> bool:
-        """Takes one engine output. Returns True when a stop string finished the request here
-        (the engine does not know: the caller aborts it there)."""
-        self.token_ids.extend(out.new_token_ids)
-        delta = self.detokenizer.add(out.new_token_ids)
-        self.text = self.detokenizer.output_text
-        self.cumulative_logprob = out.cumulative_logprob
-        if self.logprobs is not None:
-            for token, lp in zip(out.new_token_ids, out.new_logprobs):
-                entry = {
-                    token_id: Logprob(logprob, rank=rank + 1,
-                                      decoded_token=self.tokenizer.decode([token_id]))
-                    for rank, (token_id, logprob) in enumerate(zip(lp.top_ids, lp.top_logprobs))
-                }
-                if token not in entry:
-                    entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
-                                           decoded_token=self.tokenizer.decode([token]))
-                self.logprobs.append(entry)
-        if out.error:
-            logger.warning("request %s failed: %s", self.request_id, out.error)
-        if self.params.stop and len(self.token_ids) >= self.params.min_tokens and delta:
-            if self._match_stop_string(len(delta)):
-                return True
-        if out.finished:
-            self.detokenizer.flush()
-            self.text = self.detokenizer.output_text
-            self.finish_reason = out.finish_reason
-            if out.stop_token_id >= 0:
-                self.stop_reason = out.stop_token_id
-        return False
-
-    def _match_stop_string(self, new_chars: int) -> bool:
-        """Looks for a stop string that ends in the newest text (it may have started in earlier
-        text: a stop string split across tokens); cuts the text there."""
-        for stop in self.params.stop:
-            # Only matches that end inside the new text are new.
-            start = max(0, len(self.text) - new_chars - len(stop) + 1)
-            index = self.text.find(stop, start)
-            if index < 0:
-                continue
-            end = index + len(stop) if self.params.include_stop_str_in_output else index
-            self.text = self.text[:end]
-            self.finish_reason = "stop"
-            self.stop_reason = stop
-            return True
-        return False
-
-    def to_output(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=list(self.token_ids),
-            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=self.logprobs,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
-
-
-class _Running:
-    """Python-side state of one request (its n sequences) while the engine runs it."""
-
-    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.n = params.n
-        self.sequences = [_Sequence(i, request_id, prompt_token_ids, params, tokenizer)
-                          for i in range(params.best_of or params.n)]
-
-    @property
-    def done(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.sequences)
-
-    def to_output(self) -> RequestOutput:
-        outputs = [seq.to_output() for seq in self.sequences]
-        if len(outputs) > self.n:
-            # best_of: the n candidates with the highest cumulative logprob, as vLLM ranks them.
-            ranked = sorted(self.sequences, key=lambda seq: seq.cumulative_logprob, reverse=True)
-            outputs = [seq.to_output() for seq in ranked[:self.n]]
-            for index, completion in enumerate(outputs):
-                completion.index = index
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None,
-            outputs=outputs,
-            finished=self.done,
-        )
 
 
 class LLM:
@@ -236,13 +125,13 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
-        running: dict[int, _Running] = {}
+        running: dict[int, RequestState] = {}
         order: list[int] = []
         try:
             for prompt, params in zip(prompts, params_list):
                 text, token_ids = self._to_prompt(prompt)
                 engine_id = self.engine.add_request(token_ids, to_cpp_sampling_params(params))
-                running[engine_id] = _Running(str(next(self._request_counter)), text, token_ids,
+                running[engine_id] = RequestState(str(next(self._request_counter)), text, token_ids,
                                               params, self.tokenizer)
                 order.append(engine_id)
         except BaseException:
