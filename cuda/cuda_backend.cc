@@ -156,6 +156,9 @@ class CudaBackend final : public Backend {
   void activation(const ActivationParams& p) override { cuda::activation(p, stream_); }
   void gather_rows(const GatherRowsParams& p) override { cuda::gather_rows(p, stream_); }
   void add_logit_bias(const LogitBiasParams& p) override { cuda::add_logit_bias(p, stream_); }
+  void update_token_counts(const TokenCountParams& p) override { cuda::update_token_counts(p, stream_); }
+  void apply_penalties(const PenaltyParams& p) override { cuda::apply_penalties(p, stream_); }
+  void token_logprobs(const TokenLogprobsParams& p) override { cuda::token_logprobs(p, stream_); }
 
   void paged_attention(const AttentionParams& p) override {
     // Decode-only steps take the split-K kernel; anything with a prompt chunk takes the

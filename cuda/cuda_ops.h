@@ -35,6 +35,9 @@ void rotary_write_kv(const RotaryParams& rotary, const WriteKVParams& write, Str
 void activation(const ActivationParams& params, StreamHandle stream);
 void gather_rows(const GatherRowsParams& params, StreamHandle stream);
 void add_logit_bias(const LogitBiasParams& params, StreamHandle stream);
+void update_token_counts(const TokenCountParams& params, StreamHandle stream);
+void apply_penalties(const PenaltyParams& params, StreamHandle stream);
+void token_logprobs(const TokenLogprobsParams& params, StreamHandle stream);
 
 // cuda/attention_decode.cu: every request has exactly one query token (max_query_len == 1).
 // `workspace` holds the split-K partial results; decode_workspace_bytes() says how much.

@@ -68,6 +68,9 @@ class Backend {
   virtual void gather_rows(const GatherRowsParams& p) = 0;
   virtual void add_logit_bias(const LogitBiasParams& p) = 0;
   virtual void sample(const SampleParams& p) = 0;
+  virtual void update_token_counts(const TokenCountParams& p) = 0;
+  virtual void apply_penalties(const PenaltyParams& p) = 0;
+  virtual void token_logprobs(const TokenLogprobsParams& p) = 0;
 };
 
 /// Owns one allocation of a backend; moves, never copies.

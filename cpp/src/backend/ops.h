@@ -218,6 +218,66 @@ struct LogitBiasParams {
   int32_t vocab_size;
 };
 
+/// The token-count table behind the repetition, frequency and presence penalties: one row of
+/// vocab_size int32 per penalty slot (a running sequence that uses penalties owns one). Low 30 bits:
+/// how often the token occurs in the output so far; kPromptTokenBit: it occurs in the prompt.
+/// Kept incrementally: a slot is rebuilt once when a sequence gets it, then each step adds the
+/// sequence's newest output tokens.
+constexpr int32_t kPromptTokenBit = 1 << 30;
+
+/// Zeroes rows reset_slots[...] of the table, then adds entries[i].add to
+/// counts[entries[i].slot, entries[i].token] (entries may repeat a cell; the adds sum).
+struct TokenCountEntry {
+  int32_t slot;
+  int32_t token;
+  int32_t add;  // 1 per output occurrence; kPromptTokenBit once per distinct prompt token
+};
+struct TokenCountParams {
+  int32_t* counts;                 // [num_slots, vocab_size]
+  const int32_t* reset_slots;      // [num_resets]
+  const TokenCountEntry* entries;  // [num_entries]
+  int32_t num_resets;
+  int32_t num_entries;
+  int32_t num_slots;
+  int32_t vocab_size;
+};
+
+/// One sampled row's penalties (vLLM's meanings), applied to the logits before sampling:
+/// for a token with output count c > 0: logit -= frequency * c + presence; for a token in the
+/// prompt or the output: logit = logit > 0 ? logit / repetition : logit * repetition.
+/// Repetition first, then frequency and presence. slot < 0: the row has no penalties.
+struct PenaltyRow {
+  int32_t slot;
+  float repetition;  // 1: off
+  float frequency;   // 0: off
+  float presence;    // 0: off
+};
+struct PenaltyParams {
+  float* logits;             // [num_rows, vocab_size], fp32, in place
+  const int32_t* counts;     // the TokenCountParams table
+  const PenaltyRow* rows;    // [num_rows]
+  int32_t num_rows;
+  int32_t num_slots;
+  int32_t vocab_size;
+};
+
+/// Log-probabilities of given tokens (prompt logprobs): per row, the log-softmax of the logits
+/// (after the final soft-cap) at targets[r], its rank (1 + the number of tokens with a strictly
+/// larger logit, vLLM's rank), and the num_top most likely tokens (descending, ties to the lower
+/// id). The logits are not modified.
+struct TokenLogprobsParams {
+  const float* logits;        // [num_rows, vocab_size], fp32
+  const int32_t* targets;     // [num_rows], each in [0, vocab_size)
+  float* target_logprob;      // [num_rows] out
+  int32_t* target_rank;       // [num_rows] out
+  int32_t* top_ids;           // [num_rows, num_top] out
+  float* top_logprobs;        // [num_rows, num_top] out
+  int32_t num_rows;
+  int32_t vocab_size;
+  int32_t num_top;            // [0, 20]
+  float final_softcap;        // 0: none
+};
+
 /// Per-row sampling settings, one per sampled row.
 struct SamplingRow {
   float temperature;  // 0: greedy (argmax; ties to the lowest id)
@@ -264,6 +324,9 @@ void activation(const ActivationParams& params);
 void gather_rows(const GatherRowsParams& params);
 void sample(const SampleParams& params);
 void add_logit_bias(const LogitBiasParams& params);
+void update_token_counts(const TokenCountParams& params);  // throws on a slot or token out of range
+void apply_penalties(const PenaltyParams& params);
+void token_logprobs(const TokenLogprobsParams& params);
 }  // namespace cpu
 
 }  // namespace octavo

@@ -43,6 +43,9 @@ class CpuBackend final : public Backend {
   void activation(const ActivationParams& p) override { cpu::activation(p); }
   void gather_rows(const GatherRowsParams& p) override { cpu::gather_rows(p); }
   void add_logit_bias(const LogitBiasParams& p) override { cpu::add_logit_bias(p); }
+  void update_token_counts(const TokenCountParams& p) override { cpu::update_token_counts(p); }
+  void apply_penalties(const PenaltyParams& p) override { cpu::apply_penalties(p); }
+  void token_logprobs(const TokenLogprobsParams& p) override { cpu::token_logprobs(p); }
   void sample(const SampleParams& p) override { cpu::sample(p); }
 };
 
