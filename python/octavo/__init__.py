@@ -37,8 +37,14 @@ def cmake_prefix() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
-from octavo.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from octavo.sampling_params import SamplingParams  # noqa: E402
+from octavo.outputs import (  # noqa: E402
+    BeamSearchOutput,
+    BeamSearchSequence,
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+)
+from octavo.sampling_params import BeamSearchParams, SamplingParams  # noqa: E402
 
 
 def __getattr__(name):
@@ -51,5 +57,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'octavo' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "backends",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "Logprob", "BeamSearchOutput", "BeamSearchSequence", "backends",
            "cmake_prefix", "__version__"]

@@ -170,6 +170,10 @@ def to_cpp_sampling_params(params) -> "_C.SamplingParams":
     cpp.want_logprobs = params.logprobs is not None
     cpp.logprobs = int(params.logprobs or 0)
     cpp.logit_bias = sorted((int(t), float(b)) for t, b in (params.logit_bias or {}).items())
+    cpp.presence_penalty = float(params.presence_penalty)
+    cpp.frequency_penalty = float(params.frequency_penalty)
+    cpp.repetition_penalty = float(params.repetition_penalty)
+    cpp.prompt_logprobs = params.prompt_logprobs
     return cpp
 
 

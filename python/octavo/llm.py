@@ -18,9 +18,10 @@ from octavo.engine_core import (
     engine_args_from_kwargs,
     to_cpp_sampling_params,
 )
+from octavo import _C
 from octavo.output_processor import RequestState
-from octavo.outputs import RequestOutput
-from octavo.sampling_params import SamplingParams
+from octavo.outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
+from octavo.sampling_params import BeamSearchParams, SamplingParams
 from octavo.tokenizer import load_tokenizer
 
 PromptType = Union[str, dict, Sequence[int]]
@@ -124,6 +125,72 @@ class LLM:
                             "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (text, token ids, {"prompt": ...} or
+        {"prompt_token_ids": [...]}), batched; returns one BeamSearchOutput per prompt, in order,
+        with its best beams first. The semantics are vLLM's (see BeamSearchParams); the beams
+        of a prompt share their common prefix's KV blocks and fork copy-on-write."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        cpp = _C.SamplingParams()
+        cpp.beam_width = params.beam_width
+        cpp.max_tokens = params.max_tokens
+        cpp.ignore_eos = params.ignore_eos
+        cpp.length_penalty = params.length_penalty
+        cpp.temperature = 0.0
+
+        order: list[tuple[int, list[int]]] = []
+        results: dict[int, list] = {}
+        try:
+            for prompt in prompts:
+                _, token_ids = self._to_prompt(prompt)
+                engine_id = self.engine.add_request(token_ids, cpp)
+                order.append((engine_id, token_ids))
+                results[engine_id] = []
+            progress = None
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=len(order), desc="Beam search", dynamic_ncols=True)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.error:
+                        raise RuntimeError(f"beam search of request {out.group_id} failed: "
+                                           f"{out.error}")
+                    if out.group_id in results and out.finished:
+                        results[out.group_id].append(out)
+                        if progress is not None and out.index == 0:
+                            progress.update(1)
+            if progress is not None:
+                progress.close()
+        except BaseException:
+            for engine_id, _ in order:
+                self.engine.abort(engine_id)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+
+        outputs = []
+        for engine_id, prompt_ids in order:
+            sequences = []
+            for out in sorted(results[engine_id], key=lambda o: o.index):
+                tokens = list(prompt_ids) + list(out.new_token_ids)
+                logprobs = [{token: Logprob(lp.logprob, decoded_token=self.tokenizer.decode([token]))}
+                            for token, lp in zip(out.new_token_ids, out.new_logprobs)]
+                sequences.append(BeamSearchSequence(
+                    tokens=tokens, logprobs=logprobs, cum_logprob=out.cumulative_logprob,
+                    text=self.tokenizer.decode(tokens), finish_reason=out.finish_reason))
+            outputs.append(BeamSearchOutput(sequences=sequences))
+        return outputs
+
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
         running: dict[int, RequestState] = {}
         order: list[int] = []
@@ -152,10 +219,7 @@ class LLM:
                     state = running.get(out.group_id)
                     if state is None or state.done:
                         continue
-                    sequence = state.sequences[out.index]
-                    if sequence.finish_reason is not None:
-                        continue  # ended by a stop string; this is the engine's abort echo
-                    if sequence.absorb(out):
+                    if state.absorb(out):
                         self.engine.abort(out.id, whole_group=False)  # a stop string ended it
                     if state.done and progress is not None:
                         progress.update(1)

@@ -16,6 +16,18 @@ from octavo.tokenizer import IncrementalDetokenizer
 logger = logging.getLogger("octavo")
 
 
+def _logprob_dict(token: int, lp, tokenizer) -> dict[int, Logprob]:
+    """vLLM's per-position logprobs: the top-N tokens by rank, plus the token itself."""
+    entry = {
+        token_id: Logprob(logprob, rank=rank + 1, decoded_token=tokenizer.decode([token_id]))
+        for rank, (token_id, logprob) in enumerate(zip(lp.top_ids, lp.top_logprobs))
+    }
+    if token not in entry:
+        entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
+                               decoded_token=tokenizer.decode([token]))
+    return entry
+
+
 class SequenceState:
     """Python-side state of one sequence of a request: its tokens, text and logprobs."""
 
@@ -44,15 +56,7 @@ class SequenceState:
         self.cumulative_logprob = out.cumulative_logprob
         if self.logprobs is not None:
             for token, lp in zip(out.new_token_ids, out.new_logprobs):
-                entry = {
-                    token_id: Logprob(logprob, rank=rank + 1,
-                                      decoded_token=self.tokenizer.decode([token_id]))
-                    for rank, (token_id, logprob) in enumerate(zip(lp.top_ids, lp.top_logprobs))
-                }
-                if token not in entry:
-                    entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
-                                           decoded_token=self.tokenizer.decode([token]))
-                self.logprobs.append(entry)
+                self.logprobs.append(_logprob_dict(token, lp, self.tokenizer))
         if out.error:
             logger.warning("request %s failed: %s", self.request_id, out.error)
         if self.params.stop and len(self.token_ids) >= self.params.min_tokens and delta:
@@ -103,8 +107,32 @@ class RequestState:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.n = params.n
+        self.tokenizer = tokenizer
         self.sequences = [SequenceState(i, request_id, prompt_token_ids, params, tokenizer)
                           for i in range(params.best_of or params.n)]
+        # vLLM's shape: None for the first prompt token, then one dict per prompt token.
+        self.prompt_logprobs: Optional[list] = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    def absorb(self, out) -> bool:
+        """Takes one engine output of this request (any of its sequences). Returns True when a
+        stop string ended that sequence here: the caller then aborts sequence `out.id` alone
+        (engine.abort(out.id, whole_group=False)); the engine's abort echo is ignored later."""
+        if self.done:
+            return False
+        if out.new_prompt_logprobs:
+            self._absorb_prompt_logprobs(out.new_prompt_logprobs)
+        if not out.new_token_ids and not out.finished:
+            return False  # a prompt chunk that brought prompt logprobs only
+        sequence = self.sequences[out.index]
+        if sequence.finish_reason is not None:
+            return False  # ended by a stop string; this is the engine's abort echo
+        return sequence.absorb(out)
+
+    def _absorb_prompt_logprobs(self, entries) -> None:
+        for entry in entries:
+            token = self.prompt_token_ids[len(self.prompt_logprobs)]
+            self.prompt_logprobs.append(_logprob_dict(token, entry, self.tokenizer))
 
     @property
     def done(self) -> bool:
@@ -122,7 +150,7 @@ class RequestState:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=self.prompt_logprobs,
             outputs=outputs,
             finished=self.done,
         )

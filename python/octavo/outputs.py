@@ -125,3 +125,31 @@ class RequestOutput:
             f"finished={self.finished}, metrics={self.metrics}, "
             f"num_cached_tokens={self.num_cached_tokens})"
         )
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam returned by LLM.beam_search (vLLM's vllm.beam_search.BeamSearchSequence).
+
+    Attributes:
+        tokens: the prompt's token ids followed by the beam's output (as in vLLM).
+        logprobs: per output token, {token id: Logprob} of the chosen token.
+        cum_logprob: the sum of the output tokens' logprobs.
+        text: the decoded tokens, prompt included (as in vLLM).
+        finish_reason: "stop" when the beam ended in EOS, else "length".
+        stop_reason: None (EOS ends beams; there are no stop strings or stop tokens).
+    """
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """The result of one prompt's beam search: its best beams, best first."""
+
+    sequences: list[BeamSearchSequence]

@@ -1,8 +1,7 @@
 """Sampling parameters for text generation, with vLLM's names, defaults and meanings.
 
-Every field that vLLM users pass is accepted. Fields whose feature octavo does not implement yet
-(penalties, prompt logprobs) are stored but must keep
-their neutral value: anything else raises ValueError("<field> ... is not supported yet").
+Every field that vLLM users pass is accepted and implemented; invalid values and combinations
+raise ValueError naming the field and its range. BeamSearchParams configures LLM.beam_search.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _not_supported(name: str, value, neutral: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is not supported yet (only {neutral})")
-
-
 @dataclass(kw_only=True)
 class SamplingParams:
     """How to sample the output tokens of one request.
@@ -40,12 +35,13 @@ class SamplingParams:
             the sequences fork from it, sharing its KV blocks (copy-on-write).
         best_of: candidates to generate from the prompt (all forked from one prefill),
             returning the ``n`` with the highest cumulative logprob. Default None (= n).
-        presence_penalty: added to the logits of tokens already generated. Default 0.0, range
-            [-2, 2]; only 0 is supported yet.
-        frequency_penalty: added per occurrence of a token already generated. Default 0.0, range
-            [-2, 2]; only 0 is supported yet.
+        presence_penalty: subtracted from the logit of every token already generated (positive
+            values favour new tokens). Default 0.0, range [-2, 2].
+        frequency_penalty: subtracted from a token's logit once per time it was generated.
+            Default 0.0, range [-2, 2].
         repetition_penalty: divides positive logits (multiplies negative ones) of tokens in the
-            prompt or output. Default 1.0, > 0; only 1 is supported yet.
+            prompt or output; > 1 discourages repetition. Default 1.0 (off), > 0.
+            The three apply after logit_bias and before temperature, as in vLLM.
         temperature: divides the logits before sampling. Default 1.0, >= 0; 0 (any value below
             1e-5) means greedy, which also resets top_p, top_k and min_p to their neutral values.
         top_p: sample from the smallest set of tokens whose probabilities sum to at least top_p.
@@ -68,8 +64,14 @@ class SamplingParams:
         min_tokens: EOS and stop_token_ids cannot end the output before this many tokens.
             Default 0, range [0, max_tokens].
         logprobs: return the log probability of each sampled token and of the ``logprobs`` most
-            likely tokens at each step. Default None (none); range [0, 20]; True means 1.
-        prompt_logprobs: the same for prompt tokens. Default None; only None is supported yet.
+            likely tokens at each step. Default None (none); range [0, 20]; True means 1. They
+            are computed from the logits after logit_bias and the penalties, before temperature
+            and the top-k/p filters.
+        prompt_logprobs: return the log probability of every prompt token (given the tokens
+            before it) and the ``prompt_logprobs`` most likely tokens at that position, from the
+            model's raw logits. Default None; range [0, 20]. The first prompt token has none
+            (None in RequestOutput.prompt_logprobs). Such a request skips the prefix-cache
+            lookup: every position needs its logits.
         detokenize: produce output text (False: token ids only). Default True.
         skip_special_tokens: leave special tokens out of the output text. Default True.
         spaces_between_special_tokens: put spaces between special tokens in the output text
@@ -123,7 +125,6 @@ class SamplingParams:
             self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
 
         self._verify_args()
-        self._verify_supported()
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
                      "top_p", "min_p"):
             setattr(self, name, float(getattr(self, name)))
@@ -142,7 +143,7 @@ class SamplingParams:
             raise ValueError(f"best_of must be None or an int >= n={self.n}, got {self.best_of!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _is_number(value) or not -2.0 <= value <= 2.0:
+            if not _is_number(value) or not -2.0 <= value <= 2.0:  # NaN fails too
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
         if (not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
                 or self.repetition_penalty <= 0.0):
@@ -197,16 +198,6 @@ class SamplingParams:
                 raise ValueError(
                     f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}")
 
-    def _verify_supported(self) -> None:
-        if self.presence_penalty != 0.0:
-            raise _not_supported("presence_penalty", self.presence_penalty, "0")
-        if self.frequency_penalty != 0.0:
-            raise _not_supported("frequency_penalty", self.frequency_penalty, "0")
-        if self.repetition_penalty != 1.0:
-            raise _not_supported("repetition_penalty", self.repetition_penalty, "1")
-        if self.prompt_logprobs is not None:
-            raise _not_supported("prompt_logprobs", self.prompt_logprobs, "None")
-
     @property
     def greedy(self) -> bool:
         """True when sampling is argmax (temperature below 1e-5)."""
@@ -231,3 +222,45 @@ _DEFAULTS = {
     f.name: ([] if f.name in ("stop", "stop_token_ids") else f.default)
     for f in dataclasses.fields(SamplingParams)
 }
+
+
+@dataclass(kw_only=True)
+class BeamSearchParams:
+    """How LLM.beam_search decodes, with vLLM's names, defaults and meanings.
+
+    Every step each live beam proposes its 2 * beam_width most likely next tokens. Candidates that
+    end in EOS (unless ignore_eos) are set aside as finished; the best beam_width of the others
+    live on, ranked by cumulative logprob / (prompt + output length) ** length_penalty (an ending
+    EOS not counted). After max_tokens steps, the best beam_width of the finished and the live
+    beams are returned. Beams share their common prefix's KV blocks (copy-on-write).
+
+    Attributes:
+        beam_width: beams kept per step, in [1, 10].
+        max_tokens: output tokens per beam, >= 1 (capped at max_model_len).
+        ignore_eos: keep extending beams past EOS. Default False.
+        temperature: accepted for vLLM compatibility; as in vLLM, candidates are ranked by the
+            model's own log-probabilities (temperature does not change them). Default 0.0, >= 0.
+        length_penalty: the exponent of the length normaliser; 0 ranks by the plain cumulative
+            logprob, larger values favour longer beams. Default 1.0.
+        include_stop_str_in_output: accepted for vLLM compatibility (beam search has no stop
+            strings). Default False.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= 10:
+            raise ValueError(f"beam_width must be an int in [1, 10], got {self.beam_width!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if (not _is_number(self.temperature) or not math.isfinite(self.temperature)
+                or self.temperature < 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        self.length_penalty = float(self.length_penalty)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from octavo.sampling_params import MAX_LOGPROBS, SamplingParams
+from octavo.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 
 
 def test_defaults_match_vllm():
@@ -76,16 +76,37 @@ def test_boundary_values_accepted():
                    repetition_penalty=1.0, stop=[], prompt_logprobs=None, logit_bias={})
 
 
+def test_penalties_and_prompt_logprobs_accepted():
+    p = SamplingParams(presence_penalty=-2, frequency_penalty=2, repetition_penalty=1.3,
+                       prompt_logprobs=True)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2.0, 2.0, 1.3)
+    assert p.prompt_logprobs == 1
+
+
 @pytest.mark.parametrize("kwargs, field", [
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -0.5}, "frequency_penalty"),
-    ({"repetition_penalty": 1.1}, "repetition_penalty"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
 ])
-def test_unsupported_features_raise_naming_field(kwargs, field):
-    with pytest.raises(ValueError, match="is not supported yet") as e:
+def test_penalty_and_prompt_logprob_ranges(kwargs, field):
+    with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
-    assert str(e.value).startswith(field + "=")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"beam_width": 0, "max_tokens": 4}, "beam_width"),
+    ({"beam_width": 11, "max_tokens": 4}, "beam_width"),
+    ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
+    ({"beam_width": 2, "max_tokens": 4, "temperature": -1}, "temperature"),
+    ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, "length_penalty"),
+])
+def test_beam_search_params_ranges(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        BeamSearchParams(**kwargs)
 
 
 def test_clone_is_deep():

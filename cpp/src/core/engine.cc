@@ -1,6 +1,7 @@
 #include <octavo/engine.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <string>
@@ -57,9 +58,41 @@ struct Engine::Impl {
   // Who each sampled row of the step belongs to: the request, and the fork index (0: the request
   // itself; i > 0: the i-th sequence to fork from it after this step).
   std::vector<std::pair<RequestState*, int>> sample_owners;
+  // Who the step's prompt-logprob rows belong to, in row order: (request, number of rows).
+  std::vector<std::pair<RequestState*, int>> prompt_logprob_owners;
+  std::vector<int32_t> free_penalty_slots;
+
+  // A beam-search request: its live beams (RequestStates, in rank order) and the beams that
+  // ended in EOS, kept as token lists only (their KV is not needed again).
+  struct FinishedBeam {
+    std::vector<int32_t> output_tokens;
+    std::vector<float> logprobs;
+    double cumulative_logprob = 0.0;
+  };
+  struct BeamGroup {
+    int width = 0;
+    float length_penalty = 1.0f;
+    bool ignore_eos = false;
+    int num_prompt_tokens = 0;
+    int max_num_tokens = 0;
+    std::vector<RequestState*> live;
+    std::vector<FinishedBeam> finished;
+  };
+  std::unordered_map<RequestId, BeamGroup> beam_groups;
 
   void build_batch(const SchedulerOutput& scheduled);
+  void add_sample_row(RequestState& r, int fork_index);
+  void add_penalty_counts(RequestState& r);
+  void release_penalty_slot(RequestState& r);
+  /// Removes a sequence for good: from the scheduler (its blocks return to the pool), its
+  /// penalty slot, and the request table.
+  void drop(RequestId id);
   RequestState* fork(RequestState& parent, int index);
+  /// Once every live beam of the group has proposed its candidates: the next beams (forked,
+  /// extended or dropped), and the group's final outputs when it is done.
+  void advance_beams(RequestId group_id, std::vector<RequestOutput>& outputs);
+  double beam_score(int num_output_tokens, int32_t last_token, double cumulative_logprob,
+                    const BeamGroup& group) const;
   /// Appends a sampled token to a sequence, checks its stop conditions, and returns its output.
   RequestOutput append_token(RequestState& r, const StepResult& result, int row, int top);
   bool is_eos(int32_t token) const {
@@ -130,6 +163,9 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
                           "num_gpu_blocks_override)");
   }
   m.executor->allocate_kv_cache(c.num_kv_blocks);
+  for (int slot = m.executor->num_penalty_slots() - 1; slot >= 0; --slot) {
+    m.free_penalty_slots.push_back(slot);
+  }
   m.kv_cache = std::make_unique<KVCacheManager>(c.num_kv_blocks, c.block_size, c.enable_prefix_caching);
   m.scheduler = std::make_unique<Scheduler>(
       SchedulerConfig{c.max_num_seqs, c.max_num_batched_tokens}, *m.kv_cache);
@@ -171,10 +207,14 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
     throw InvalidArgument("n is " + num(params.n) + "; max_num_seqs is " +
                           num(m.config.max_num_seqs) + " (raise max_num_seqs or lower n)");
   }
+  if (params.beam_width > m.config.max_num_seqs) {
+    throw InvalidArgument("beam_width is " + num(params.beam_width) + "; max_num_seqs is " +
+                          num(m.config.max_num_seqs) + " (raise max_num_seqs or lower beam_width)");
+  }
   auto request = std::make_unique<RequestState>();
   request->id = m.next_id++;
   request->group_id = request->id;
-  request->num_pending_forks = params.n - 1;
+  request->num_pending_forks = (params.beam_width > 0 ? params.beam_width : params.n) - 1;
   request->num_prompt_tokens = prompt_len;
   request->token_ids = std::move(prompt);
   request->params = params;
@@ -185,6 +225,16 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
                                                     m.config.max_model_len));
   }
   RequestState* raw = request.get();
+  if (params.beam_width > 0) {
+    raw->beam_group = raw->id;
+    Impl::BeamGroup& group = m.beam_groups[raw->id];
+    group.width = params.beam_width;
+    group.length_penalty = params.length_penalty;
+    group.ignore_eos = params.ignore_eos;
+    group.num_prompt_tokens = prompt_len;
+    group.max_num_tokens = raw->max_num_tokens;
+    group.live.push_back(raw);
+  }
   m.requests.emplace(raw->id, std::move(request));
   m.scheduler->add(raw);
   return raw->id;
@@ -216,36 +266,111 @@ void Engine::Impl::build_batch(const SchedulerOutput& scheduled) {
     batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     batch.block_tables.resize(batch.block_tables.size() + (width - table.size()), 0);
 
+    if (r.params.prompt_logprobs) {
+      // Row p's logits give the logprob of prompt token p + 1.
+      const int first = std::max(start, r.next_prompt_logprob_position);
+      const int end = std::min(start + n, r.num_prompt_tokens - 1);
+      for (int p = first; p < end; ++p) {
+        batch.prompt_logprob_rows.push_back(batch.query_start[batch.query_start.size() - 2] + (p - start));
+        batch.prompt_logprob_targets.push_back(r.token_ids[p + 1]);
+      }
+      if (end > first) {
+        prompt_logprob_owners.emplace_back(&r, end - first);
+        r.next_prompt_logprob_position = end;
+        batch.num_prompt_top_logprobs = std::max(batch.num_prompt_top_logprobs, *r.params.prompt_logprobs);
+      }
+    }
+
     if (start + n != r.num_tokens()) continue;  // a prompt chunk that does not reach the end
-    const SamplingParams& p = r.params;
+    if (r.beam_group != 0) {
+      // A beam proposes its candidates once per round; after a preemption it recomputes its KV
+      // without proposing again.
+      if (!r.beam_ready) add_sample_row(r, 0);
+      continue;
+    }
+    if (r.params.has_penalties()) add_penalty_counts(r);
     // A request about to fork samples all its sequences' first tokens from the same row.
     for (int fork_index = 0; fork_index <= r.num_pending_forks; ++fork_index) {
-      sample_owners.emplace_back(&r, fork_index);
-      batch.sample_rows.push_back(batch.query_start.back() - 1);
-      batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p,
-                                           fork_seed(r.seed, fork_index),
-                                           uint64_t(r.num_output_tokens())});
-      for (const auto& [token, bias] : p.logit_bias) {
-        batch.bias_token_ids.push_back(token);
-        batch.bias_values.push_back(bias);
-      }
-      if (r.num_output_tokens() < p.min_tokens) {
-        const float blocked = -std::numeric_limits<float>::infinity();
-        if (!p.ignore_eos) {
-          for (int32_t eos : config.eos_token_ids) {
-            batch.bias_token_ids.push_back(eos);
-            batch.bias_values.push_back(blocked);
-          }
-        }
-        for (int32_t stop : p.stop_token_ids) {
-          batch.bias_token_ids.push_back(stop);
-          batch.bias_values.push_back(blocked);
-        }
-      }
-      batch.bias_offsets.push_back(int32_t(batch.bias_token_ids.size()));
+      add_sample_row(r, fork_index);
     }
-    if (p.want_logprobs) batch.num_top_logprobs = std::max(batch.num_top_logprobs, p.logprobs);
   }
+  const bool any_penalties = std::any_of(batch.penalties.begin(), batch.penalties.end(),
+                                         [](const PenaltyRow& row) { return row.slot >= 0; });
+  if (!any_penalties) batch.penalties.clear();
+}
+
+void Engine::Impl::add_sample_row(RequestState& r, int fork_index) {
+  const SamplingParams& p = r.params;
+  sample_owners.emplace_back(&r, fork_index);
+  batch.sample_rows.push_back(batch.query_start.back() - 1);
+  if (r.beam_group != 0) {
+    // Beams rank candidates by logprob: the row only needs its top 2 * beam_width report.
+    batch.sampling.push_back(SamplingRow{0.0f, 0, 1.0f, 0.0f, r.seed, 0});
+    batch.bias_offsets.push_back(int32_t(batch.bias_token_ids.size()));
+    batch.penalties.push_back(PenaltyRow{-1, 1.0f, 0.0f, 0.0f});
+    batch.num_top_logprobs = std::max(batch.num_top_logprobs, 2 * p.beam_width);
+    return;
+  }
+  batch.sampling.push_back(SamplingRow{p.temperature, p.top_k, p.top_p, p.min_p,
+                                       fork_seed(r.seed, fork_index),
+                                       uint64_t(r.num_output_tokens())});
+  for (const auto& [token, bias] : p.logit_bias) {
+    batch.bias_token_ids.push_back(token);
+    batch.bias_values.push_back(bias);
+  }
+  if (r.num_output_tokens() < p.min_tokens) {
+    const float blocked = -std::numeric_limits<float>::infinity();
+    if (!p.ignore_eos) {
+      for (int32_t eos : config.eos_token_ids) {
+        batch.bias_token_ids.push_back(eos);
+        batch.bias_values.push_back(blocked);
+      }
+    }
+    for (int32_t stop : p.stop_token_ids) {
+      batch.bias_token_ids.push_back(stop);
+      batch.bias_values.push_back(blocked);
+    }
+  }
+  batch.bias_offsets.push_back(int32_t(batch.bias_token_ids.size()));
+  batch.penalties.push_back(PenaltyRow{r.penalty_slot, p.repetition_penalty, p.frequency_penalty,
+                                       p.presence_penalty});
+  if (p.want_logprobs) batch.num_top_logprobs = std::max(batch.num_top_logprobs, p.logprobs);
+}
+
+void Engine::Impl::add_penalty_counts(RequestState& r) {
+  if (r.penalty_slot < 0) {
+    // Running sequences never outnumber the slots (both are max_num_seqs).
+    if (free_penalty_slots.empty()) throw Error("internal: no free penalty slot");
+    r.penalty_slot = free_penalty_slots.back();
+    free_penalty_slots.pop_back();
+    r.penalty_counted_outputs = 0;
+    batch.count_resets.push_back(r.penalty_slot);
+    std::vector<int32_t> prompt(r.token_ids.begin(), r.token_ids.begin() + r.num_prompt_tokens);
+    std::sort(prompt.begin(), prompt.end());
+    prompt.erase(std::unique(prompt.begin(), prompt.end()), prompt.end());
+    for (int32_t token : prompt) {
+      batch.count_entries.push_back(TokenCountEntry{r.penalty_slot, token, kPromptTokenBit});
+    }
+  }
+  for (int i = r.penalty_counted_outputs; i < r.num_output_tokens(); ++i) {
+    batch.count_entries.push_back(
+        TokenCountEntry{r.penalty_slot, r.token_ids[r.num_prompt_tokens + i], 1});
+  }
+  r.penalty_counted_outputs = r.num_output_tokens();
+}
+
+void Engine::Impl::release_penalty_slot(RequestState& r) {
+  if (r.penalty_slot < 0) return;
+  free_penalty_slots.push_back(r.penalty_slot);
+  r.penalty_slot = -1;
+}
+
+void Engine::Impl::drop(RequestId id) {
+  auto it = requests.find(id);
+  if (it == requests.end()) return;
+  scheduler->remove(it->second.get());
+  release_penalty_slot(*it->second);
+  requests.erase(it);
 }
 
 RequestState* Engine::Impl::fork(RequestState& parent, int index) {
@@ -254,10 +379,17 @@ RequestState* Engine::Impl::fork(RequestState& parent, int index) {
   child->index = index;
   child->num_pending_forks = 0;
   child->seed = fork_seed(parent.seed, index);  // the stream its first row drew from
-  kv_cache->fork(parent.id, child->id);
+  child->penalty_slot = -1;  // the parent's row is its own; the child builds one when it samples
   RequestState* raw = child.get();
   requests.emplace(raw->id, std::move(child));
-  scheduler->add_forked(raw);
+  if (kv_cache->contains(parent.id)) {
+    kv_cache->fork(parent.id, raw->id);
+    scheduler->add_forked(raw);
+  } else {
+    // A preempted beam: its child recomputes too.
+    raw->num_computed_tokens = 0;
+    scheduler->add(raw);
+  }
   return raw;
 }
 
@@ -316,6 +448,125 @@ RequestOutput Engine::Impl::append_token(RequestState& r, const StepResult& resu
   return out;
 }
 
+double Engine::Impl::beam_score(int num_output_tokens, int32_t last_token,
+                                double cumulative_logprob, const BeamGroup& group) const {
+  // vLLM's length: prompt and output, without an ending EOS.
+  int length = group.num_prompt_tokens + num_output_tokens;
+  if (num_output_tokens > 0 && is_eos(last_token)) --length;
+  return cumulative_logprob / std::pow(double(length), double(group.length_penalty));
+}
+
+void Engine::Impl::advance_beams(RequestId group_id, std::vector<RequestOutput>& outputs) {
+  BeamGroup& group = beam_groups.at(group_id);
+  for (const RequestState* beam : group.live) {
+    if (!beam->beam_ready) return;  // a sibling has not proposed yet
+  }
+  struct Candidate {
+    int parent;  // index into group.live
+    int32_t token;
+    float logprob;
+    double cumulative;
+    double score;
+  };
+  std::vector<Candidate> candidates;
+  for (int b = 0; b < int(group.live.size()); ++b) {
+    const RequestState& parent = *group.live[b];
+    for (const auto& [token, logprob] : parent.beam_candidates) {
+      const double cumulative = parent.beam_cumulative_logprob + logprob;
+      if (!group.ignore_eos && is_eos(token)) {
+        FinishedBeam done;
+        done.output_tokens.assign(parent.token_ids.begin() + parent.num_prompt_tokens,
+                                  parent.token_ids.end());
+        done.output_tokens.push_back(token);
+        done.logprobs = parent.beam_logprobs;
+        done.logprobs.push_back(logprob);
+        done.cumulative_logprob = cumulative;
+        group.finished.push_back(std::move(done));
+        continue;
+      }
+      candidates.push_back(Candidate{b, token, logprob, cumulative,
+                                     beam_score(parent.num_output_tokens() + 1, token, cumulative,
+                                                group)});
+    }
+  }
+  // Stable: ties keep beam order, then the parent's candidate order (vLLM sorts the same way).
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& a, const Candidate& b) { return a.score > b.score; });
+  if (int(candidates.size()) > group.width) candidates.resize(group.width);
+
+  // The first candidate of a parent extends the parent itself; each further one forks it, before
+  // the parent's own token is appended, sharing its blocks (copy-on-write). Parents left without
+  // candidates end here and their blocks go back to the pool.
+  std::vector<RequestState*> next(candidates.size(), nullptr);
+  std::vector<bool> parent_taken(group.live.size(), false);
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    RequestState& parent = *group.live[candidates[i].parent];
+    if (!parent_taken[candidates[i].parent]) {
+      parent_taken[candidates[i].parent] = true;
+      next[i] = &parent;
+    } else {
+      next[i] = fork(parent, int(i));
+    }
+  }
+  for (size_t b = 0; b < group.live.size(); ++b) {
+    if (!parent_taken[b]) drop(group.live[b]->id);
+  }
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    RequestState& beam = *next[i];
+    beam.token_ids.push_back(candidates[i].token);
+    beam.beam_cumulative_logprob = candidates[i].cumulative;
+    beam.beam_logprobs.push_back(candidates[i].logprob);
+    beam.beam_candidates.clear();
+    beam.beam_ready = false;
+    beam.num_pending_forks = 0;
+    beam.index = int(i);
+    ++counters.generation_tokens;
+  }
+  group.live = std::move(next);
+
+  const bool done = group.live.empty() || group.live.front()->num_tokens() >= group.max_num_tokens;
+  if (!done) return;
+  // The best beam_width of the finished beams and the live ones, finished first on ties.
+  for (RequestState* beam : group.live) {
+    FinishedBeam last;
+    last.output_tokens.assign(beam->token_ids.begin() + beam->num_prompt_tokens,
+                              beam->token_ids.end());
+    last.logprobs = beam->beam_logprobs;
+    last.cumulative_logprob = beam->beam_cumulative_logprob;
+    group.finished.push_back(std::move(last));
+    drop(beam->id);
+  }
+  std::vector<std::pair<double, const FinishedBeam*>> ranked;
+  for (const FinishedBeam& beam : group.finished) {
+    ranked.emplace_back(beam_score(int(beam.output_tokens.size()), beam.output_tokens.back(),
+                                   beam.cumulative_logprob, group),
+                        &beam);
+  }
+  std::stable_sort(ranked.begin(), ranked.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  if (int(ranked.size()) > group.width) ranked.resize(group.width);
+  for (size_t i = 0; i < ranked.size(); ++i) {
+    const FinishedBeam& beam = *ranked[i].second;
+    RequestOutput out;
+    out.id = group_id;
+    out.group_id = group_id;
+    out.index = int(i);
+    out.new_token_ids = beam.output_tokens;
+    for (float logprob : beam.logprobs) {
+      TokenLogprobs lp;
+      lp.logprob = logprob;
+      out.new_logprobs.push_back(std::move(lp));
+    }
+    out.cumulative_logprob = float(beam.cumulative_logprob);
+    out.finished = true;
+    out.finish_reason = !group.ignore_eos && is_eos(beam.output_tokens.back())
+                            ? FinishReason::kStop
+                            : FinishReason::kLength;
+    outputs.push_back(std::move(out));
+  }
+  beam_groups.erase(group_id);
+}
+
 std::vector<RequestOutput> Engine::step() {
   Impl& m = *impl_;
   std::vector<RequestOutput> outputs = std::move(m.pending_outputs);
@@ -323,6 +574,7 @@ std::vector<RequestOutput> Engine::step() {
 
   SchedulerOutput scheduled = m.scheduler->schedule();
   m.counters.num_preemptions += scheduled.preempted.size();
+  for (RequestState* preempted : scheduled.preempted) m.release_penalty_slot(*preempted);
   if (scheduled.empty()) return outputs;
 
   m.build_batch(scheduled);
@@ -334,6 +586,28 @@ std::vector<RequestOutput> Engine::step() {
     m.counters.prompt_tokens += std::max(0, std::min(r.num_prompt_tokens, r.num_computed_tokens) -
                                                 (r.num_computed_tokens - s.num_new_tokens));
   }
+
+  // Prompt logprobs go out with the request's sampled token when it samples this step, else alone.
+  std::unordered_map<RequestState*, std::vector<TokenLogprobs>> prompt_logprobs;
+  {
+    const int top = m.batch.num_prompt_top_logprobs;
+    size_t row = 0;
+    for (auto [request, count] : m.prompt_logprob_owners) {
+      std::vector<TokenLogprobs>& entries = prompt_logprobs[request];
+      const int asked = *request->params.prompt_logprobs;
+      for (int i = 0; i < count; ++i, ++row) {
+        TokenLogprobs lp;
+        lp.logprob = result.prompt_logprob[row];
+        lp.rank = result.prompt_rank[row];
+        for (int j = 0; j < asked; ++j) {
+          lp.top_ids.push_back(result.prompt_top_ids[row * top + j]);
+          lp.top_logprobs.push_back(result.prompt_top_logprobs[row * top + j]);
+        }
+        entries.push_back(std::move(lp));
+      }
+    }
+  }
+
   const int top = m.batch.num_top_logprobs;
   // Forks come after their parent's own row; they copy the parent before its token is appended.
   std::vector<std::pair<RequestState*, int>> owners = std::move(m.sample_owners);
@@ -342,17 +616,74 @@ std::vector<RequestOutput> Engine::step() {
     auto [request, fork_index] = owners[row];
     if (fork_index > 0) forked[row] = m.fork(*request, fork_index);
   }
+  std::vector<RequestId> beam_groups_to_advance;
   for (size_t row = 0; row < owners.size(); ++row) {
     RequestState& r = forked[row] ? *forked[row] : *owners[row].first;
+    if (r.beam_group != 0) {
+      const int32_t sampled = result.sampled[row];
+      if (sampled < 0 || sampled >= m.spec.vocab_size) {
+        RequestOutput out;
+        out.id = out.group_id = r.beam_group;
+        out.finished = true;
+        out.finish_reason = FinishReason::kAbort;
+        out.error = "the model produced non-finite logits (NaN or inf) for this request";
+        outputs.push_back(std::move(out));
+        r.status = RequestStatus::kFinished;
+        continue;
+      }
+      r.beam_candidates.clear();
+      for (int j = 0; j < 2 * r.params.beam_width; ++j) {
+        r.beam_candidates.emplace_back(result.top_ids[row * top + j],
+                                       result.top_logprobs[row * top + j]);
+      }
+      r.beam_ready = true;
+      beam_groups_to_advance.push_back(r.beam_group);
+      continue;
+    }
     if (owners[row].second == 0) r.num_pending_forks = 0;
-    outputs.push_back(m.append_token(r, result, int(row), top));
+    RequestOutput out = m.append_token(r, result, int(row), top);
+    if (owners[row].second == 0) {
+      auto it = prompt_logprobs.find(&r);
+      if (it != prompt_logprobs.end()) {
+        out.new_prompt_logprobs = std::move(it->second);
+        prompt_logprobs.erase(it);
+      }
+    }
+    outputs.push_back(std::move(out));
   }
+  for (auto& [request, entries] : prompt_logprobs) {
+    RequestOutput out;
+    out.id = request->id;
+    out.group_id = request->group_id;
+    out.index = request->index;
+    out.new_prompt_logprobs = std::move(entries);
+    outputs.push_back(std::move(out));
+  }
+  m.prompt_logprob_owners.clear();
+
+  // A beam row with non-finite logits ends its whole group.
+  for (auto it = m.beam_groups.begin(); it != m.beam_groups.end();) {
+    const bool failed = std::any_of(it->second.live.begin(), it->second.live.end(),
+                                    [](const RequestState* beam) { return beam->finished(); });
+    if (!failed) {
+      ++it;
+      continue;
+    }
+    std::vector<RequestState*> live = it->second.live;
+    for (RequestState* beam : live) m.drop(beam->id);
+    it = m.beam_groups.erase(it);
+  }
+  std::sort(beam_groups_to_advance.begin(), beam_groups_to_advance.end());
+  beam_groups_to_advance.erase(
+      std::unique(beam_groups_to_advance.begin(), beam_groups_to_advance.end()),
+      beam_groups_to_advance.end());
+  for (RequestId group : beam_groups_to_advance) {
+    if (m.beam_groups.count(group)) m.advance_beams(group, outputs);
+  }
+
   for (RequestOutput& out : outputs) {
-    if (!out.finished) continue;
-    auto it = m.requests.find(out.id);
-    if (it == m.requests.end()) continue;  // an abort reported above
-    m.scheduler->remove(it->second.get());
-    m.requests.erase(it);
+    // Finished sequences leave (ids already gone, abort echoes and beam results, are ignored).
+    if (out.finished) m.drop(out.id);
   }
   return outputs;
 }
@@ -364,18 +695,42 @@ void Engine::abort(RequestId id, bool whole_group) {
     if (sequence_id == id || (whole_group && request->group_id == id)) victims.push_back(sequence_id);
   }
   std::sort(victims.begin(), victims.end());
+  // A beam search ends as a whole: its beams are not separate outputs until it finishes.
+  std::vector<RequestId> groups;
   for (RequestId victim : victims) {
-    RequestState& r = *m.requests.at(victim);
-    m.scheduler->remove(&r);
+    const RequestId group = m.requests.at(victim)->beam_group;
+    if (group != 0 && std::find(groups.begin(), groups.end(), group) == groups.end()) {
+      groups.push_back(group);
+    }
+  }
+  for (RequestId group : groups) {
+    auto it = m.beam_groups.find(group);
+    if (it == m.beam_groups.end()) continue;
+    for (const RequestState* beam : it->second.live) victims.push_back(beam->id);
     RequestOutput out;
-    out.id = victim;
-    out.group_id = r.group_id;
-    out.index = r.index;
+    out.id = out.group_id = group;
     out.finished = true;
     out.finish_reason = FinishReason::kAbort;
-    out.cumulative_logprob = r.cumulative_logprob;
     m.pending_outputs.push_back(std::move(out));
-    m.requests.erase(victim);
+    m.beam_groups.erase(it);
+  }
+  std::sort(victims.begin(), victims.end());
+  victims.erase(std::unique(victims.begin(), victims.end()), victims.end());
+  for (RequestId victim : victims) {
+    auto it = m.requests.find(victim);
+    if (it == m.requests.end()) continue;
+    RequestState& r = *it->second;
+    if (r.beam_group == 0) {
+      RequestOutput out;
+      out.id = victim;
+      out.group_id = r.group_id;
+      out.index = r.index;
+      out.finished = true;
+      out.finish_reason = FinishReason::kAbort;
+      out.cumulative_logprob = r.cumulative_logprob;
+      m.pending_outputs.push_back(std::move(out));
+    }
+    m.drop(victim);
   }
 }
 
@@ -422,6 +777,26 @@ void SamplingParams::validate() const {
     fail("min_tokens (" + num(min_tokens) + ") must not exceed max_tokens (" + num(*max_tokens) + ")");
   }
   if (logprobs < 0 || logprobs > 20) fail("logprobs is " + num(logprobs) + "; it must be in [0, 20]");
+  if (prompt_logprobs && (*prompt_logprobs < 0 || *prompt_logprobs > 20)) {
+    fail("prompt_logprobs is " + num(*prompt_logprobs) + "; it must be in [0, 20]");
+  }
+  if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f)) {
+    fail("presence_penalty is " + std::to_string(presence_penalty) + "; it must be in [-2, 2]");
+  }
+  if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f)) {
+    fail("frequency_penalty is " + std::to_string(frequency_penalty) + "; it must be in [-2, 2]");
+  }
+  if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty)) {
+    fail("repetition_penalty is " + std::to_string(repetition_penalty) + "; it must be finite and > 0");
+  }
+  if (beam_width < 0 || beam_width > 10) {
+    fail("beam_width is " + num(beam_width) + "; it must be in [1, 10] (0: no beam search)");
+  }
+  if (beam_width > 0 && n != 1) {
+    fail("n is " + num(n) + " with beam_width " + num(beam_width) +
+         "; beam search returns beam_width sequences and takes n = 1");
+  }
+  if (!std::isfinite(length_penalty)) fail("length_penalty is " + std::to_string(length_penalty) + "; it must be finite");
 }
 
 }  // namespace octavo

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <octavo/request.h>
@@ -29,9 +30,31 @@ struct RequestState {
   int num_computed_tokens = 0;
   float cumulative_logprob = 0.0f;
 
+  // Penalties: the row of the token-count table this sequence owns while it runs (-1: none; a
+  // preempted sequence gives it back and rebuilds it when it samples again), and how many of its
+  // output tokens that row has counted.
+  int32_t penalty_slot = -1;
+  int penalty_counted_outputs = 0;
+  // Prompt logprobs: the next prompt position whose logits are still to report (position p gives
+  // the logprob of prompt token p + 1). A recompute after preemption reports nothing twice.
+  int next_prompt_logprob_position = 0;
+
+  // Beam search: the group this beam belongs to (0: not a beam), its cumulative logprob in
+  // double (ranking compares sums of many terms), each output token's logprob, and the
+  // candidates (token, logprob) it proposed this round while it waits for its siblings.
+  RequestId beam_group = 0;
+  double beam_cumulative_logprob = 0.0;
+  std::vector<float> beam_logprobs;
+  std::vector<std::pair<int32_t, float>> beam_candidates;
+  bool beam_ready = false;
+
   int num_tokens() const { return int(token_ids.size()); }
   int num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
   bool finished() const { return status == RequestStatus::kFinished; }
+  /// Every prompt position still needs its logits: the prefix cache cannot skip any.
+  bool needs_prompt_logits() const {
+    return params.prompt_logprobs.has_value() && next_prompt_logprob_position < num_prompt_tokens - 1;
+  }
 };
 
 }  // namespace octavo

@@ -37,11 +37,15 @@ void Scheduler::release_blocks(RequestState* request) {
   kv_cache_.free(request->id);
 }
 
-void Scheduler::preempt(RequestState* request) {
+void Scheduler::preempt(RequestState* request, bool to_front) {
   release_blocks(request);
   request->num_computed_tokens = 0;
   request->status = RequestStatus::kPreempted;
-  waiting_.push_front(request);
+  if (to_front) {
+    waiting_.push_front(request);
+  } else {
+    waiting_.push_back(request);
+  }
   ++num_preemptions_;
 }
 
@@ -52,7 +56,7 @@ SchedulerOutput Scheduler::schedule() {
   for (size_t i = 0; i < running_.size() && token_budget > 0;) {
     RequestState* request = running_[i];
     const int num_new = std::min(request->num_tokens() - request->num_computed_tokens, token_budget);
-    if (num_new <= 0) {  // nothing to compute (cannot happen between steps; kept for safety)
+    if (num_new <= 0) {  // nothing to compute: a beam waiting for its siblings
       ++i;
       continue;
     }
@@ -86,12 +90,24 @@ SchedulerOutput Scheduler::schedule() {
       int sequences = int(running_.size());
       for (const RequestState* r : running_) sequences += r->num_pending_forks;
       if (sequences + 1 + request->num_pending_forks > config_.max_num_seqs) break;
-      ComputedPrefix prefix = kv_cache_.get_computed_blocks(request->token_ids);
+      ComputedPrefix prefix = request->needs_prompt_logits()
+                                  ? ComputedPrefix{}
+                                  : kv_cache_.get_computed_blocks(request->token_ids);
       const int num_new =
           std::min(request->num_tokens() - prefix.num_computed_tokens, token_budget);
       std::optional<Allocation> allocation =
           kv_cache_.allocate_slots(request->id, request->token_ids, num_new, prefix);
-      if (!allocation) break;  // first come, first served: nobody overtakes the head of the queue
+      if (!allocation) {
+        // Beams that wait for their siblings compute nothing but hold blocks; when nothing else
+        // runs they could starve a sibling of blocks forever. Preempt one (it keeps its
+        // candidates and recomputes its KV later) and try again.
+        RequestState* idle = out.scheduled.empty() ? last_idle_running() : nullptr;
+        if (idle == nullptr) break;  // first come, first served: nobody overtakes the head
+        running_.erase(std::find(running_.begin(), running_.end(), idle));
+        preempt(idle, /*to_front=*/false);  // behind the sibling it makes room for
+        out.preempted.push_back(idle);
+        continue;
+      }
       waiting_.pop_front();
       request->num_computed_tokens = prefix.num_computed_tokens;
       request->status = RequestStatus::kRunning;
@@ -104,6 +120,13 @@ SchedulerOutput Scheduler::schedule() {
     }
   }
   return out;
+}
+
+RequestState* Scheduler::last_idle_running() const {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    if ((*it)->num_computed_tokens >= (*it)->num_tokens()) return *it;
+  }
+  return nullptr;
 }
 
 void Scheduler::on_step_done(const SchedulerOutput& output) {

@@ -9,7 +9,11 @@
 //      queue) until it can, or until it is itself the one preempted;
 //   3. then waiting requests in arrival order (FCFS, no skipping, so none starves), each reusing its
 //      longest cached prefix and chunked to the remaining budget; none is admitted in a step that
-//      preempted.
+//      preempted. A request that needs every prompt position's logits (prompt_logprobs) skips the
+//      prefix-cache lookup.
+// A running request with nothing to compute (a beam waiting for its siblings' candidates) is
+// skipped; if the head of the queue cannot get blocks in a step where nothing else runs, the
+// most recently admitted such request is preempted to the back of the queue to make room.
 // Decode, prefill chunks and prefix-cache hits are one path: a request and its number of new tokens.
 #pragma once
 
@@ -62,7 +66,9 @@ class Scheduler {
   uint64_t num_preemptions() const { return num_preemptions_; }
 
  private:
-  void preempt(RequestState* request);
+  void preempt(RequestState* request, bool to_front = true);
+  /// The most recently admitted running request with nothing left to compute, or nullptr.
+  RequestState* last_idle_running() const;
   void release_blocks(RequestState* request);
 
   SchedulerConfig config_;

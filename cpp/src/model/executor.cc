@@ -108,6 +108,12 @@ void StepBatch::clear() {
   bias_token_ids.clear();
   bias_values.clear();
   num_top_logprobs = 0;
+  penalties.clear();
+  count_resets.clear();
+  count_entries.clear();
+  prompt_logprob_rows.clear();
+  prompt_logprob_targets.clear();
+  num_prompt_top_logprobs = 0;
 }
 
 size_t Executor::kv_block_bytes(const ModelSpec& spec, int block_size, DType cache_dtype) {
@@ -154,13 +160,17 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   sample_hidden_ = DeviceBuffer(backend_, S * hidden * act);
   logits_ = DeviceBuffer(backend_, S * size_t(spec_.vocab_size) * sizeof(float));
   sampled_ = DeviceBuffer(backend_, S * (sizeof(int32_t) + sizeof(float)) * (1 + kMaxTopLogprobs));
+  token_counts_ = DeviceBuffer(backend_, S * size_t(spec_.vocab_size) * sizeof(int32_t));
+  count_entries_ = DeviceBuffer(backend_, kCountEntryChunk * sizeof(TokenCountEntry));
+  prompt_logprobs_ = DeviceBuffer(backend_, T * (sizeof(int32_t) + sizeof(float)) * (1 + kMaxTopLogprobs));
 
   // Step inputs: sized for the largest step so that the per-step upload never reallocates.
   const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
   max_bias_entries_ = S * size_t(std::max(limits_.max_bias_per_seq, 1));
   const size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
                             S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
-                            max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4;
+                            max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4 +
+                            S * sizeof(PenaltyRow) + S * 4 + T * 8;
   step_inputs_ = DeviceBuffer(backend_, step_bytes);
   step_staging_.resize(step_bytes);
 
@@ -265,8 +275,12 @@ const void* Executor::weight(const std::string& name) const {
 void Executor::upload_step(const StepBatch& b) {
   const int32_t T = b.num_tokens(), R = b.num_requests(), S = b.num_samples();
   const size_t bias_entries = b.bias_token_ids.size();
+  const int32_t P = b.num_prompt_logprob_rows();
   if (T > limits_.max_num_tokens || R > limits_.max_num_seqs || S > limits_.max_num_seqs ||
-      bias_entries > max_bias_entries_ || b.block_copies.size() > size_t(4 * limits_.max_num_seqs)) {
+      bias_entries > max_bias_entries_ || b.block_copies.size() > size_t(4 * limits_.max_num_seqs) ||
+      (!b.penalties.empty() && b.penalties.size() != size_t(S)) ||
+      b.count_resets.size() > size_t(S) || P > T ||
+      b.prompt_logprob_targets.size() != size_t(P)) {
     throw InvalidArgument("step of " + std::to_string(T) + " tokens, " + std::to_string(R) +
                           " requests exceeds the executor's limits (" +
                           std::to_string(limits_.max_num_tokens) + " tokens, " +
@@ -289,6 +303,10 @@ void Executor::upload_step(const StepBatch& b) {
   int32_t* bias_ids = carve<int32_t>(cursor, bias_entries);
   float* bias_values = carve<float>(cursor, bias_entries);
   BlockCopy* copies = carve<BlockCopy>(cursor, b.block_copies.size());
+  PenaltyRow* penalties = carve<PenaltyRow>(cursor, b.penalties.size());
+  int32_t* count_resets = carve<int32_t>(cursor, b.count_resets.size());
+  int32_t* prompt_rows = carve<int32_t>(cursor, P);
+  int32_t* prompt_targets = carve<int32_t>(cursor, P);
   stage(token_ids, b.token_ids);
   stage(positions, b.positions);
   stage(slots, b.slot_mapping);
@@ -301,6 +319,10 @@ void Executor::upload_step(const StepBatch& b) {
   stage(bias_ids, b.bias_token_ids);
   stage(bias_values, b.bias_values);
   stage(copies, b.block_copies);
+  stage(penalties, b.penalties);
+  stage(count_resets, b.count_resets);
+  stage(prompt_rows, b.prompt_logprob_rows);
+  stage(prompt_targets, b.prompt_logprob_targets);
   const size_t used = size_t(cursor - base);
   backend_.upload(step_inputs_.data(), base, used);
 
@@ -321,6 +343,35 @@ void Executor::upload_step(const StepBatch& b) {
   d_bias_token_ids_ = device(bias_ids);
   d_bias_values_ = device(bias_values);
   d_block_copies_ = device(copies);
+  d_penalties_ = device(penalties);
+  d_count_resets_ = device(count_resets);
+  d_prompt_logprob_rows_ = device(prompt_rows);
+  d_prompt_logprob_targets_ = device(prompt_targets);
+}
+
+void Executor::update_token_counts(const StepBatch& b) {
+  TokenCountParams p{};
+  p.counts = token_counts_.as<int32_t>();
+  p.reset_slots = d_count_resets_;
+  p.num_resets = int32_t(b.count_resets.size());
+  p.entries = count_entries_.as<TokenCountEntry>();
+  p.num_slots = num_penalty_slots();
+  p.vocab_size = spec_.vocab_size;
+  // Rebuilding a slot uploads a whole prompt's tokens: rare, so chunks through a fixed buffer
+  // rather than a buffer sized for the worst step. Each upload is ordered after the previous
+  // chunk's kernel on the backend's stream.
+  size_t done = 0;
+  do {
+    const size_t n = std::min(b.count_entries.size() - done, size_t(kCountEntryChunk));
+    if (n > 0) {
+      backend_.upload(count_entries_.data(), b.count_entries.data() + done,
+                      n * sizeof(TokenCountEntry));
+    }
+    p.num_entries = int32_t(n);
+    backend_.update_token_counts(p);
+    p.num_resets = 0;
+    done += n;
+  } while (done < b.count_entries.size());
 }
 
 void Executor::norm(const void* in, void* residual, void* out, int rows, const void* w,
@@ -519,6 +570,8 @@ StepResult Executor::execute(const StepBatch& batch) {
     backend_.copy_blocks(c);
   }
 
+  if (!batch.count_resets.empty() || !batch.count_entries.empty()) update_token_counts(batch);
+
   EmbeddingParams e{};
   e.token_ids = d_token_ids_;
   e.table = embed_tokens_;
@@ -536,27 +589,35 @@ StepResult Executor::execute(const StepBatch& batch) {
   backend_.embedding(e);
 
   for (int l = 0; l < spec_.num_layers; ++l) run_layer(l, batch, l == 0);
-  if (S == 0) return result;
+  if (S > 0) sample(batch, result);
+  if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, result);
+  return result;
+}
 
-  // Only the rows that sample go through the final norm and the LM head. The final residual add
-  // is row-wise, so gathering first and adding after is the same sum on fewer rows.
+void Executor::compute_logits(const int32_t* rows, int num_rows) {
+  // Only the rows that need logits go through the final norm and the LM head. The final residual
+  // add is row-wise, so gathering first and adding after is the same sum on fewer rows.
   GatherRowsParams g{};
-  g.rows = d_sample_rows_;
-  g.num_rows = S;
+  g.rows = rows;
+  g.num_rows = num_rows;
   g.width = spec_.hidden_size;
   g.act_dtype = act_dtype_;
   g.in = delta_.data();
   g.out = sample_hidden_.data();
   backend_.gather_rows(g);
-  auto* gathered_residual = hidden_.as<std::byte>();  // free now: reuse as [S, hidden]
+  auto* gathered_residual = hidden_.as<std::byte>();  // free now: reuse as [rows, hidden]
   g.in = residual_.data();
   g.out = gathered_residual;
   backend_.gather_rows(g);
-  norm(sample_hidden_.data(), gathered_residual, sample_hidden_.data(), S, final_norm_w_,
+  norm(sample_hidden_.data(), gathered_residual, sample_hidden_.data(), num_rows, final_norm_w_,
        final_norm_b_);
-
-  gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), S, spec_.vocab_size,
+  gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), num_rows, spec_.vocab_size,
        spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true);
+}
+
+void Executor::sample(const StepBatch& batch, StepResult& result) {
+  const int S = batch.num_samples();
+  compute_logits(d_sample_rows_, S);
 
   if (!batch.bias_token_ids.empty()) {
     LogitBiasParams lb{};
@@ -567,6 +628,16 @@ StepResult Executor::execute(const StepBatch& batch) {
     lb.num_rows = S;
     lb.vocab_size = spec_.vocab_size;
     backend_.add_logit_bias(lb);
+  }
+  if (!batch.penalties.empty()) {
+    PenaltyParams pp{};
+    pp.logits = logits_.as<float>();
+    pp.counts = token_counts_.as<int32_t>();
+    pp.rows = d_penalties_;
+    pp.num_rows = S;
+    pp.num_slots = num_penalty_slots();
+    pp.vocab_size = spec_.vocab_size;
+    backend_.apply_penalties(pp);
   }
 
   const int top = std::min(batch.num_top_logprobs, kMaxTopLogprobs);
@@ -597,7 +668,46 @@ StepResult Executor::execute(const StepBatch& batch) {
   read(result.sampled_logprob, size_t(S) * 4, S);
   read(result.top_ids, size_t(S) * 8, size_t(S) * top);
   read(result.top_logprobs, size_t(S) * 8 + size_t(S) * top * 4, size_t(S) * top);
-  return result;
+}
+
+void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
+  const int P = batch.num_prompt_logprob_rows();
+  const int top = std::clamp(batch.num_prompt_top_logprobs, 0, kMaxTopLogprobs);
+  auto* out = prompt_logprobs_.as<std::byte>();
+  auto* logprob = reinterpret_cast<float*>(out);
+  auto* rank = reinterpret_cast<int32_t*>(out + size_t(P) * 4);
+  auto* top_ids = reinterpret_cast<int32_t*>(out + size_t(P) * 8);
+  auto* top_logprobs = reinterpret_cast<float*>(out + size_t(P) * 8 + size_t(P) * top * 4);
+  // The logits buffer holds max_num_seqs rows: a long prompt chunk goes through in pieces.
+  const int chunk = limits_.max_num_seqs;
+  for (int first = 0; first < P; first += chunk) {
+    const int n = std::min(chunk, P - first);
+    compute_logits(d_prompt_logprob_rows_ + first, n);
+    TokenLogprobsParams t{};
+    t.logits = logits_.as<float>();
+    t.targets = d_prompt_logprob_targets_ + first;
+    t.target_logprob = logprob + first;
+    t.target_rank = rank + first;
+    t.top_ids = top_ids + size_t(first) * top;
+    t.top_logprobs = top_logprobs + size_t(first) * top;
+    t.num_rows = n;
+    t.vocab_size = spec_.vocab_size;
+    t.num_top = top;
+    t.final_softcap = spec_.final_logit_softcap;
+    backend_.token_logprobs(t);
+  }
+  std::vector<std::byte>& host = prompt_logprobs_host_;
+  host.resize(size_t(P) * 8 * (1 + top));
+  backend_.download(host.data(), out, host.size());
+  backend_.synchronize();
+  auto read = [&](auto& vec, size_t offset, size_t count) {
+    vec.resize(count);
+    std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
+  };
+  read(result.prompt_logprob, 0, P);
+  read(result.prompt_rank, size_t(P) * 4, P);
+  read(result.prompt_top_ids, size_t(P) * 8, size_t(P) * top);
+  read(result.prompt_top_logprobs, size_t(P) * 8 + size_t(P) * top * 4, size_t(P) * top);
 }
 
 }  // namespace octavo

@@ -35,10 +35,20 @@ struct StepBatch {
   std::vector<int32_t> bias_token_ids;
   std::vector<float> bias_values;
   int32_t num_top_logprobs = 0;        // top-N reported for every sampled row
+  // Penalties: empty when no sampled row has any; else one per sampled row (slot -1: none).
+  std::vector<PenaltyRow> penalties;
+  // Token-count table updates, applied before the step's sampling: rows to zero, then adds.
+  std::vector<int32_t> count_resets;
+  std::vector<TokenCountEntry> count_entries;
+  // Prompt logprobs: query rows whose logits give the logprob of the next prompt token.
+  std::vector<int32_t> prompt_logprob_rows;
+  std::vector<int32_t> prompt_logprob_targets;
+  int32_t num_prompt_top_logprobs = 0; // top-N reported for every prompt-logprob row
 
   int32_t num_tokens() const { return int32_t(token_ids.size()); }
   int32_t num_requests() const { return int32_t(context_lens.size()); }
   int32_t num_samples() const { return int32_t(sample_rows.size()); }
+  int32_t num_prompt_logprob_rows() const { return int32_t(prompt_logprob_rows.size()); }
   void clear();
 };
 
@@ -47,6 +57,11 @@ struct StepResult {
   std::vector<float> sampled_logprob;  // [num_samples]
   std::vector<int32_t> top_ids;        // [num_samples, num_top_logprobs]
   std::vector<float> top_logprobs;     // [num_samples, num_top_logprobs]
+  // One per prompt-logprob row: the target token's logprob and rank, and the top-N report.
+  std::vector<float> prompt_logprob;
+  std::vector<int32_t> prompt_rank;
+  std::vector<int32_t> prompt_top_ids;       // [rows, num_prompt_top_logprobs]
+  std::vector<float> prompt_top_logprobs;    // [rows, num_prompt_top_logprobs]
 };
 
 struct ExecutorLimits {
@@ -69,6 +84,10 @@ class Executor {
   void allocate_kv_cache(int num_blocks);
 
   StepResult execute(const StepBatch& batch);
+
+  /// Penalty slots in the token-count table (one per sequence that can run at once).
+  int num_penalty_slots() const { return limits_.max_num_seqs; }
+  static constexpr int kMaxTopLogprobs = 20;
 
   const KVCacheShape& kv_shape() const { return kv_shape_; }
   /// Bytes one KV block takes across all layers.
@@ -95,6 +114,11 @@ class Executor {
   void load_weights(const std::vector<HostTensor>& weights);
   const void* weight(const std::string& name) const;     // nullptr when absent
   void upload_step(const StepBatch& batch);
+  void update_token_counts(const StepBatch& batch);
+  /// Final norm and LM head for `rows` query rows (device indices) into logits_.
+  void compute_logits(const int32_t* rows, int num_rows);
+  void sample(const StepBatch& batch, StepResult& result);
+  void prompt_logprobs(const StepBatch& batch, StepResult& result);
   void run_layer(int layer_index, const StepBatch& batch, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
@@ -135,6 +159,10 @@ class Executor {
   int32_t* d_bias_token_ids_ = nullptr;
   float* d_bias_values_ = nullptr;
   BlockCopy* d_block_copies_ = nullptr;
+  PenaltyRow* d_penalties_ = nullptr;
+  int32_t* d_count_resets_ = nullptr;
+  int32_t* d_prompt_logprob_rows_ = nullptr;
+  int32_t* d_prompt_logprob_targets_ = nullptr;
   size_t max_bias_entries_ = 0;
 
   // Workspace, act dtype unless noted.
@@ -149,7 +177,11 @@ class Executor {
   DeviceBuffer sample_hidden_;  // [S, hidden]
   DeviceBuffer logits_;     // [S, vocab] fp32
   DeviceBuffer sampled_;    // [S] int32, [S] fp32 logprob, [S, top] ids and logprobs
-  static constexpr int kMaxTopLogprobs = 20;
+  DeviceBuffer token_counts_;   // [max_num_seqs, vocab] int32: the penalty slots
+  DeviceBuffer count_entries_;  // [kCountEntryChunk] TokenCountEntry, uploaded in chunks
+  DeviceBuffer prompt_logprobs_;  // [T] logprob, [T] rank, [T, top] ids and logprobs
+  std::vector<std::byte> prompt_logprobs_host_;
+  static constexpr int kCountEntryChunk = 16384;
 };
 
 }  // namespace octavo

@@ -143,7 +143,13 @@ void bind_engine(nb::module_& m) {
       .def_rw("ignore_eos", &SamplingParams::ignore_eos)
       .def_rw("logprobs", &SamplingParams::logprobs)
       .def_rw("want_logprobs", &SamplingParams::want_logprobs)
-      .def_rw("logit_bias", &SamplingParams::logit_bias);
+      .def_rw("logit_bias", &SamplingParams::logit_bias)
+      .def_rw("presence_penalty", &SamplingParams::presence_penalty)
+      .def_rw("frequency_penalty", &SamplingParams::frequency_penalty)
+      .def_rw("repetition_penalty", &SamplingParams::repetition_penalty)
+      .def_rw("prompt_logprobs", &SamplingParams::prompt_logprobs)
+      .def_rw("beam_width", &SamplingParams::beam_width)
+      .def_rw("length_penalty", &SamplingParams::length_penalty);
 
   nb::class_<TokenLogprobs>(m, "TokenLogprobs")
       .def_ro("logprob", &TokenLogprobs::logprob)
@@ -157,6 +163,7 @@ void bind_engine(nb::module_& m) {
       .def_ro("index", &RequestOutput::index)
       .def_ro("new_token_ids", &RequestOutput::new_token_ids)
       .def_ro("new_logprobs", &RequestOutput::new_logprobs)
+      .def_ro("new_prompt_logprobs", &RequestOutput::new_prompt_logprobs)
       .def_ro("cumulative_logprob", &RequestOutput::cumulative_logprob)
       .def_ro("finished", &RequestOutput::finished)
       .def_prop_ro("finish_reason",
