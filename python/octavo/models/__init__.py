@@ -9,30 +9,39 @@
     canonical_weights(get_tensor, names, spec) -> Iterator[(canonical_name, ndarray)]
         the canonical tensors (q|k|v and gate|up fused by rows), dtype-agnostic byte moves.
 
-Adding an architecture is a module here plus its entry in ARCHITECTURES.
+and the constants ARCHITECTURES (the HF architecture names it reads) and MODEL_TYPES
+(config.json model_type values that mean it, for configs saved without "architectures").
+Adding an architecture is a module here: every public module of this package is a family.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import numpy as np
 
-from octavo.models import llama, mistral, qwen2, qwen3
 from octavo.models._common import gather
 
+
+def _families() -> list[ModuleType]:
+    return [importlib.import_module(f"{__name__}.{info.name}")
+            for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+
+
 ARCHITECTURES: dict[str, ModuleType] = {
-    arch: family
-    for family in (llama, mistral, qwen2, qwen3)
-    for arch in family.ARCHITECTURES
+    arch: family for family in _families() for arch in family.ARCHITECTURES
 }
 
 # For configs saved without "architectures" (a bare XConfig().save_pretrained).
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_MODEL_TYPES: dict[str, str] = {
+    model_type: family.ARCHITECTURES[0]
+    for family in _families() for model_type in getattr(family, "MODEL_TYPES", ())
+}
 
 # Weight dtypes the engine loads; anything else (quantized checkpoints) is refused by name.
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")

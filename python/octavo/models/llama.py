@@ -22,6 +22,7 @@ import numpy as np
 from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, run_plan
 
 ARCHITECTURES = ("LlamaForCausalLM",)
+MODEL_TYPES = ("llama",)
 
 
 def spec_from_config(config: dict) -> dict:

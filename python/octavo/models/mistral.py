@@ -10,6 +10,7 @@ from octavo.models._common import decoder_spec, pick_architecture
 from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (same tensors)
 
 ARCHITECTURES = ("MistralForCausalLM",)
+MODEL_TYPES = ("mistral",)
 
 
 def spec_from_config(config: dict) -> dict:

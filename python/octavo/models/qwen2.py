@@ -11,6 +11,7 @@ from octavo.models._common import decoder_spec, pick_architecture, windows_from_
 from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (same tensors)
 
 ARCHITECTURES = ("Qwen2ForCausalLM",)
+MODEL_TYPES = ("qwen2",)
 
 
 def qwen_sliding_windows(config: dict) -> list[int]:

@@ -10,6 +10,7 @@ from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (s
 from octavo.models.qwen2 import qwen_sliding_windows
 
 ARCHITECTURES = ("Qwen3ForCausalLM",)
+MODEL_TYPES = ("qwen3",)
 
 
 def spec_from_config(config: dict) -> dict:
