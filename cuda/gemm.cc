@@ -62,7 +62,8 @@ GemmRunner::~GemmRunner() {
 }
 
 const GemmRunner::Plan& GemmRunner::plan(const GemmParams& p) {
-  const Key key{p.m, p.n, p.k, p.in_stride, p.out_stride, p.bias != nullptr, p.accumulate,
+  const int bias_kind = p.bias_f32 ? 2 : p.bias ? 1 : 0;
+  const Key key{p.m, p.n, p.k, p.in_stride, p.out_stride, bias_kind, p.accumulate,
                 uint8_t(p.act_dtype), uint8_t(p.out_dtype)};
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
@@ -75,12 +76,12 @@ const GemmRunner::Plan& GemmRunner::plan(const GemmParams& p) {
         "set transa");
   check(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof transb),
         "set transb");
-  if (p.bias) {
+  if (bias_kind != 0) {
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     check(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
                                          sizeof epilogue),
           "set epilogue");
-    const cudaDataType_t bias_type = cuda_type(p.weight_dtype);
+    const cudaDataType_t bias_type = bias_kind == 2 ? CUDA_R_32F : cuda_type(p.weight_dtype);
     check(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                          sizeof bias_type),
           "set bias type");
@@ -118,14 +119,18 @@ void GemmRunner::run(const GemmParams& p, void* stream) {
     throw InvalidArgument("gemm: the CUDA backend multiplies bf16 or fp16 activations by weights of "
                           "the same dtype");
   }
+  if (p.bias_f32 && p.out_dtype != DType::kFloat32) {
+    throw InvalidArgument("gemm: an fp32 bias (bias_f32) needs a float32 output");
+  }
   if (p.out_dtype != p.act_dtype && p.out_dtype != DType::kFloat32) {
     throw InvalidArgument("gemm: the output must be in the activation dtype or float32");
   }
   const Plan& plan = this->plan(p);
   const float alpha = 1.0f, beta = p.accumulate ? 1.0f : 0.0f;
-  if (p.bias) {
+  if (p.bias_f32 || p.bias) {
+    const void* bias = p.bias_f32 ? static_cast<const void*>(p.bias_f32) : p.bias;
     check(cublasLtMatmulDescSetAttribute(plan.descriptors.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                         &p.bias, sizeof p.bias),
+                                         &bias, sizeof bias),
           "set bias");
   }
   check(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), plan.descriptors.op, &alpha,

@@ -25,7 +25,8 @@ class GemmRunner {
 
  private:
   struct Plan;
-  using Key = std::tuple<int, int, int, int64_t, int64_t, bool, bool, uint8_t, uint8_t>;
+  // m, n, k, strides, bias (0 none, 1 weight dtype, 2 fp32), accumulate, act and out dtypes.
+  using Key = std::tuple<int, int, int, int64_t, int64_t, int, bool, uint8_t, uint8_t>;
   const Plan& plan(const GemmParams& params);
 
   void* handle_ = nullptr;  // cublasLtHandle_t

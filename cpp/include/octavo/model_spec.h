@@ -16,8 +16,13 @@
 //   layers.L.gate_up.weight        [2 * intermediate, hidden]  gate rows then up rows (GLU activations)
 //   layers.L.up.weight             [intermediate, hidden]      (non-GLU activations)
 //   layers.L.down.weight           [hidden, intermediate]      (.bias on gate_up/up/down: mlp_bias)
+//   layers.L.attn_out_norm.weight  [hidden]        (sandwich_norms: on the attention output)
+//   layers.L.mlp_out_norm.weight   [hidden]        (sandwich_norms: on the MLP output)
+//   embed_norm.weight              [hidden]        (embedding_norm; .bias for LayerNorm with bias)
 //   final_norm.weight              [hidden]        (.bias for LayerNorm with bias)
 //   lm_head.weight                 [vocab, hidden] (absent when tied_embeddings)
+//   lm_head.bias                   [vocab]         (lm_head_bias)
+// kv_heads is num_kv_heads, or the layer's entry of num_kv_heads_per_layer.
 #pragma once
 
 #include <cstdint>
@@ -84,6 +89,8 @@ struct ModelSpec {
   int num_layers = 0;
   int num_heads = 0;
   int num_kv_heads = 0;  // == num_heads: MHA; 1: MQA; between: GQA
+  /// Per layer KV heads (DeciLM's variable GQA); empty: num_kv_heads in every layer.
+  std::vector<int> num_kv_heads_per_layer;
   int head_dim = 0;
   int intermediate_size = 0;
   int max_position_embeddings = 0;
@@ -103,6 +110,10 @@ struct ModelSpec {
   bool mlp_bias = false;
   bool qk_norm = false;  // per-head RMSNorm of q and k before rotary (Qwen3, OLMo-2)
   bool tied_embeddings = false;
+  bool lm_head_bias = false;    // lm_head.bias (Phi-1.5/2, GPT-J)
+  bool embedding_norm = false;  // a norm right after the token embedding (BLOOM)
+  /// Norms on the attention output and on the MLP output before each residual add (Gemma 2).
+  bool sandwich_norms = false;
 
   float embedding_scale = 1.0f;       // multiplies the token embedding (Gemma: sqrt(hidden))
   float attention_scale = 0.0f;       // softmax scale; 0 means 1 / sqrt(head_dim)
@@ -116,6 +127,12 @@ struct ModelSpec {
   }
   int q_size() const { return num_heads * head_dim; }
   int kv_size() const { return num_kv_heads * head_dim; }
+  int kv_heads_of(int layer) const {
+    return num_kv_heads_per_layer.empty() ? num_kv_heads : num_kv_heads_per_layer.at(layer);
+  }
+  int kv_size_of(int layer) const { return kv_heads_of(layer) * head_dim; }
+  /// The largest kv_heads_of over the layers.
+  int max_kv_heads() const;
   int rotary_dim() const { return rope.rotary_dim > 0 ? rope.rotary_dim : head_dim; }
   float softmax_scale() const;
 

@@ -102,6 +102,7 @@ struct GemmParams {
   const void* in;       // [m, k], act dtype, rows `in_stride` elements apart
   const void* weight;   // [n, k], weight_dtype
   const void* bias;     // [n] weight_dtype, or nullptr
+  const float* bias_f32;  // [n] fp32 instead of `bias`, for fp32 outputs (the LM head's bias)
   void* out;            // [m, n], act dtype, rows `out_stride` elements apart
   int32_t m;
   int32_t n;

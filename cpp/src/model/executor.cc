@@ -36,12 +36,13 @@ std::vector<ExpectedWeight> expected_weights(const ModelSpec& s) {
     if (has_norm_weight && s.norm_bias) w.push_back({prefix + ".bias", {hidden}});
   };
   w.push_back({"embed_tokens.weight", {s.vocab_size, hidden}});
+  if (s.embedding_norm) add_norm("embed_norm");
   if (s.positions == PositionKind::kLearned) {
     w.push_back({"embed_positions.weight", {s.max_position_embeddings + s.position_offset, hidden}});
   }
-  const int64_t qkv_rows = s.q_size() + 2 * int64_t(s.kv_size());
   for (int l = 0; l < s.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
+    const int64_t qkv_rows = s.q_size() + 2 * int64_t(s.kv_size_of(l));
     add_norm(p + "input_norm");
     w.push_back({p + "qkv.weight", {qkv_rows, hidden}});
     if (s.qkv_bias) w.push_back({p + "qkv.bias", {qkv_rows}});
@@ -51,6 +52,10 @@ std::vector<ExpectedWeight> expected_weights(const ModelSpec& s) {
     }
     w.push_back({p + "o.weight", {hidden, s.q_size()}});
     if (s.o_bias) w.push_back({p + "o.bias", {hidden}});
+    if (s.sandwich_norms) {
+      add_norm(p + "attn_out_norm");
+      add_norm(p + "mlp_out_norm");
+    }
     if (s.residual != ResidualKind::kParallelOneNorm) add_norm(p + "post_attn_norm");
     const bool glu = is_glu(s.activation);
     const std::string mlp_in = glu ? "gate_up" : "up";
@@ -61,6 +66,7 @@ std::vector<ExpectedWeight> expected_weights(const ModelSpec& s) {
   }
   add_norm("final_norm");
   if (!s.tied_embeddings) w.push_back({"lm_head.weight", {s.vocab_size, hidden}});
+  if (s.lm_head_bias) w.push_back({"lm_head.bias", {s.vocab_size}});
   return w;
 }
 
@@ -117,8 +123,18 @@ void StepBatch::clear() {
 }
 
 size_t Executor::kv_block_bytes(const ModelSpec& spec, int block_size, DType cache_dtype) {
-  KVCacheShape shape{spec.num_layers, 1, spec.num_kv_heads, block_size, spec.head_dim, cache_dtype};
-  return shape.block_bytes() * spec.num_layers;
+  size_t bytes = 0;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    bytes += KVCacheShape{1, 1, spec.kv_heads_of(l), block_size, spec.head_dim, cache_dtype}.block_bytes();
+  }
+  return bytes;
+}
+
+KVCacheShape Executor::layer_kv_shape(int layer) const {
+  KVCacheShape shape = kv_shape_;
+  shape.num_layers = 1;
+  shape.num_kv_heads = spec_.kv_heads_of(layer);
+  return shape;
 }
 
 Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
@@ -152,7 +168,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   residual_ = DeviceBuffer(backend_, T * hidden * act);
   hidden_ = DeviceBuffer(backend_, T * hidden * act);
   if (spec_.residual == ResidualKind::kParallelTwoNorms) hidden2_ = DeviceBuffer(backend_, T * hidden * act);
-  qkv_ = DeviceBuffer(backend_, T * (spec_.q_size() + 2 * size_t(spec_.kv_size())) * act);
+  qkv_ = DeviceBuffer(backend_, T * (spec_.q_size() + 2 * size_t(spec_.max_kv_heads()) * spec_.head_dim) * act);
   attn_out_ = DeviceBuffer(backend_, T * spec_.q_size() * act);
   delta_ = DeviceBuffer(backend_, T * hidden * act);
   mlp_in_ = DeviceBuffer(backend_, T * (is_glu(spec_.activation) ? 2 : 1) * inter * act);
@@ -179,7 +195,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   backend_limits.max_num_seqs = limits_.max_num_seqs;
   backend_limits.max_model_len = limits_.max_model_len;
   backend_limits.num_heads = spec_.num_heads;
-  backend_limits.num_kv_heads = spec_.num_kv_heads;
+  backend_limits.num_kv_heads = spec_.max_kv_heads();
   backend_limits.head_dim = spec_.head_dim;
   backend_limits.vocab_size = spec_.vocab_size;
   backend_limits.max_top_logprobs = kMaxTopLogprobs;
@@ -189,7 +205,12 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
 void Executor::allocate_kv_cache(int num_blocks) {
   if (kv_cache_.data()) throw InvalidArgument("executor: the KV pool is already allocated");
   kv_shape_.num_blocks = num_blocks;
-  kv_cache_ = DeviceBuffer(backend_, kv_shape_.total_bytes());
+  // Layers may differ in KV heads (num_kv_heads_per_layer): each starts where the previous ends.
+  kv_layer_offsets_.assign(1, 0);
+  for (int l = 0; l < spec_.num_layers; ++l) {
+    kv_layer_offsets_.push_back(kv_layer_offsets_.back() + layer_kv_shape(l).layer_bytes());
+  }
+  kv_cache_ = DeviceBuffer(backend_, kv_layer_offsets_.back());
 }
 
 void Executor::load_weights(const std::vector<HostTensor>& weights) {
@@ -227,8 +248,10 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
     const DType source = parse_dtype(t.dtype, "weight '" + e.name + "'");
     size_t count = 1;
     for (int64_t d : t.shape) count *= size_t(d);
-    std::vector<std::byte> converted(count * dtype_size(weight_dtype_));
-    convert_dtype(t.data, source, converted.data(), weight_dtype_, count);
+    // The LM head's bias is added to fp32 logits: it is kept in fp32.
+    const DType stored = e.name == "lm_head.bias" ? DType::kFloat32 : weight_dtype_;
+    std::vector<std::byte> converted(count * dtype_size(stored));
+    convert_dtype(t.data, source, converted.data(), stored, count);
     DeviceBuffer buffer(backend_, converted.size());
     backend_.upload(buffer.data(), converted.data(), converted.size());
     weights_.emplace(e.name, std::move(buffer));
@@ -245,6 +268,9 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
   final_norm_w_ = weight("final_norm.weight");
   final_norm_b_ = weight("final_norm.bias");
   lm_head_w_ = spec_.tied_embeddings ? embed_tokens_ : weight("lm_head.weight");
+  lm_head_b_ = static_cast<const float*>(weight("lm_head.bias"));
+  embed_norm_w_ = weight("embed_norm.weight");
+  embed_norm_b_ = weight("embed_norm.bias");
   const bool glu = is_glu(spec_.activation);
   for (int l = 0; l < spec_.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
@@ -257,6 +283,10 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
     layer.k_norm_w = weight(p + "k_norm.weight");
     layer.o_w = weight(p + "o.weight");
     layer.o_b = weight(p + "o.bias");
+    layer.attn_out_norm_w = weight(p + "attn_out_norm.weight");
+    layer.attn_out_norm_b = weight(p + "attn_out_norm.bias");
+    layer.mlp_out_norm_w = weight(p + "mlp_out_norm.weight");
+    layer.mlp_out_norm_b = weight(p + "mlp_out_norm.bias");
     layer.post_norm_w = weight(p + "post_attn_norm.weight");
     layer.post_norm_b = weight(p + "post_attn_norm.bias");
     layer.mlp_in_w = weight(p + (glu ? "gate_up.weight" : "up.weight"));
@@ -393,11 +423,12 @@ void Executor::norm(const void* in, void* residual, void* out, int rows, const v
 }
 
 void Executor::gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
-                    bool accumulate, bool fp32_out) {
+                    bool accumulate, bool fp32_out, const float* bias_f32) {
   GemmParams p{};
   p.in = in;
   p.weight = w;
   p.bias = b;
+  p.bias_f32 = bias_f32;
   p.out = out;
   p.m = m;
   p.n = n;
@@ -417,7 +448,8 @@ void Executor::gemm(const void* in, const void* w, const void* b, void* out, int
 void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   const Layer& w = layers_[l];
   const int T = batch.num_tokens();
-  const int hidden = spec_.hidden_size, q_size = spec_.q_size(), kv_size = spec_.kv_size();
+  const int hidden = spec_.hidden_size, q_size = spec_.q_size(), kv_size = spec_.kv_size_of(l);
+  const int num_kv_heads = spec_.kv_heads_of(l);
   const size_t act = dtype_size(act_dtype_);
 
   norm(first ? residual_.data() : delta_.data(), first ? nullptr : residual_.data(), hidden_.data(),
@@ -457,7 +489,7 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
     p.weight = w.q_norm_w;
     backend_.norm(p);
     p.in = p.out = k;
-    p.rows = T * spec_.num_kv_heads;
+    p.rows = T * num_kv_heads;
     p.weight = w.k_norm_w;
     backend_.norm(p);
   } else {
@@ -469,14 +501,14 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
     q_stride = kv_stride = width;
   }
 
-  void* layer_cache = kv_cache_.as<std::byte>() + size_t(l) * kv_shape_.layer_bytes();
+  void* layer_cache = kv_cache_.as<std::byte>() + kv_layer_offsets_[l];
   WriteKVParams wkv{};
   wkv.k = k;
   wkv.v = v;
   wkv.layer_cache = layer_cache;
   wkv.slot_mapping = d_slot_mapping_;
   wkv.num_tokens = T;
-  wkv.num_kv_heads = spec_.num_kv_heads;
+  wkv.num_kv_heads = num_kv_heads;
   wkv.head_dim = spec_.head_dim;
   wkv.block_size = kv_shape_.block_size;
   wkv.k_stride = wkv.v_stride = kv_stride;
@@ -490,7 +522,7 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
     r.cos_sin = rope_cos_sin_.as<float>();
     r.num_tokens = T;
     r.num_heads = spec_.num_heads;
-    r.num_kv_heads = spec_.num_kv_heads;
+    r.num_kv_heads = num_kv_heads;
     r.head_dim = spec_.head_dim;
     r.rotary_dim = spec_.rotary_dim();
     r.max_position = limits_.max_model_len;
@@ -514,7 +546,7 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   a.num_requests = batch.num_requests();
   a.num_tokens = T;
   a.num_heads = spec_.num_heads;
-  a.num_kv_heads = spec_.num_kv_heads;
+  a.num_kv_heads = num_kv_heads;
   a.head_dim = spec_.head_dim;
   a.block_size = kv_shape_.block_size;
   a.max_blocks_per_request = batch.block_table_width;
@@ -529,6 +561,9 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   backend_.paged_attention(a);
 
   gemm(attn_out_.data(), w.o_w, w.o_b, delta_.data(), T, hidden, q_size);
+  if (spec_.sandwich_norms) {
+    norm(delta_.data(), nullptr, delta_.data(), T, w.attn_out_norm_w, w.attn_out_norm_b);
+  }
 
   const void* mlp_input = hidden_.data();
   if (spec_.residual == ResidualKind::kSequential) {
@@ -550,6 +585,9 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   // Parallel blocks sum attention and MLP into one delta; sequential ones start a fresh delta.
   const bool accumulate = spec_.residual != ResidualKind::kSequential;
   gemm(mlp_act_.data(), w.down_w, w.down_b, delta_.data(), T, hidden, inter, accumulate);
+  if (spec_.sandwich_norms) {
+    norm(delta_.data(), nullptr, delta_.data(), T, w.mlp_out_norm_w, w.mlp_out_norm_b);
+  }
 }
 
 StepResult Executor::execute(const StepBatch& batch) {
@@ -560,14 +598,25 @@ StepResult Executor::execute(const StepBatch& batch) {
 
   if (!batch.block_copies.empty()) {
     CopyBlocksParams c{};
-    c.cache = kv_cache_.data();
-    c.layer_stride = int64_t(kv_shape_.layer_bytes());
-    c.block_bytes = int64_t(kv_shape_.block_bytes());
-    c.num_layers = kv_shape_.num_layers;
     c.num_blocks = kv_shape_.num_blocks;
     c.copies = d_block_copies_;
     c.num_copies = int32_t(batch.block_copies.size());
-    backend_.copy_blocks(c);
+    if (spec_.num_kv_heads_per_layer.empty()) {  // one launch covers every layer
+      c.cache = kv_cache_.data();
+      c.layer_stride = int64_t(kv_shape_.layer_bytes());
+      c.block_bytes = int64_t(kv_shape_.block_bytes());
+      c.num_layers = kv_shape_.num_layers;
+      backend_.copy_blocks(c);
+    } else {
+      for (int l = 0; l < spec_.num_layers; ++l) {
+        const KVCacheShape shape = layer_kv_shape(l);
+        c.cache = kv_cache_.as<std::byte>() + kv_layer_offsets_[l];
+        c.layer_stride = int64_t(shape.layer_bytes());
+        c.block_bytes = int64_t(shape.block_bytes());
+        c.num_layers = 1;
+        backend_.copy_blocks(c);
+      }
+    }
   }
 
   if (!batch.count_resets.empty() || !batch.count_entries.empty()) update_token_counts(batch);
@@ -587,6 +636,9 @@ StepResult Executor::execute(const StepBatch& batch) {
   e.weight_dtype = weight_dtype_;
   e.act_dtype = act_dtype_;
   backend_.embedding(e);
+  if (spec_.embedding_norm) {
+    norm(residual_.data(), nullptr, residual_.data(), T, embed_norm_w_, embed_norm_b_);
+  }
 
   for (int l = 0; l < spec_.num_layers; ++l) run_layer(l, batch, l == 0);
   if (S > 0) sample(batch, result);
@@ -612,7 +664,7 @@ void Executor::compute_logits(const int32_t* rows, int num_rows) {
   norm(sample_hidden_.data(), gathered_residual, sample_hidden_.data(), num_rows, final_norm_w_,
        final_norm_b_);
   gemm(sample_hidden_.data(), lm_head_w_, nullptr, logits_.data(), num_rows, spec_.vocab_size,
-       spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true);
+       spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true, lm_head_b_);
 }
 
 void Executor::sample(const StepBatch& batch, StepResult& result) {

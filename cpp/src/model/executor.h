@@ -103,6 +103,10 @@ class Executor {
     const void* k_norm_w = nullptr;
     const void* o_w = nullptr;
     const void* o_b = nullptr;
+    const void* attn_out_norm_w = nullptr;  // sandwich norms
+    const void* attn_out_norm_b = nullptr;
+    const void* mlp_out_norm_w = nullptr;
+    const void* mlp_out_norm_b = nullptr;
     const void* post_norm_w = nullptr;
     const void* post_norm_b = nullptr;
     const void* mlp_in_w = nullptr;  // gate_up (GLU) or up
@@ -122,7 +126,9 @@ class Executor {
   void run_layer(int layer_index, const StepBatch& batch, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
-            bool accumulate = false, bool fp32_out = false);
+            bool accumulate = false, bool fp32_out = false, const float* bias_f32 = nullptr);
+  /// One layer's share of the KV pool (its own KV head count).
+  KVCacheShape layer_kv_shape(int layer) const;
 
   ModelSpec spec_;
   Backend& backend_;
@@ -138,8 +144,12 @@ class Executor {
   const void* final_norm_w_ = nullptr;
   const void* final_norm_b_ = nullptr;
   const void* lm_head_w_ = nullptr;
+  const float* lm_head_b_ = nullptr;  // fp32
+  const void* embed_norm_w_ = nullptr;
+  const void* embed_norm_b_ = nullptr;
 
   DeviceBuffer kv_cache_;
+  std::vector<size_t> kv_layer_offsets_;  // byte offset of each layer's share, then the total
   DeviceBuffer rope_cos_sin_;   // [max_model_len, rotary_dim] fp32
   DeviceBuffer alibi_slopes_;   // [num_heads] fp32
 

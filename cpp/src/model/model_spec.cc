@@ -1,11 +1,18 @@
 #include <octavo/model_spec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include <octavo/error.h>
 
 namespace octavo {
+
+int ModelSpec::max_kv_heads() const {
+  int most = num_kv_heads;
+  for (int heads : num_kv_heads_per_layer) most = std::max(most, heads);
+  return most;
+}
 
 float ModelSpec::softmax_scale() const {
   return attention_scale > 0.0f ? attention_scale : 1.0f / std::sqrt(float(head_dim));
@@ -45,6 +52,17 @@ void ModelSpec::validate() const {
           "sliding_window lists " + str(sliding_window.size()) + " layers; the model has " +
               str(num_layers));
   require(norm_eps > 0.0f, a, "norm_eps must be positive");
+  require(num_kv_heads_per_layer.empty() || int(num_kv_heads_per_layer.size()) == num_layers, a,
+          "num_kv_heads_per_layer lists " + str(num_kv_heads_per_layer.size()) +
+              " layers; the model has " + str(num_layers));
+  for (size_t l = 0; l < num_kv_heads_per_layer.size(); ++l) {
+    const int heads = num_kv_heads_per_layer[l];
+    require(heads > 0 && num_heads % heads == 0, a,
+            "layer " + str(l) + " has " + str(heads) + " kv heads; num_heads (" + str(num_heads) +
+                ") must be a multiple of it");
+  }
+  require(!sandwich_norms || residual == ResidualKind::kSequential, a,
+          "sandwich_norms needs the sequential residual");
 }
 
 }  // namespace octavo

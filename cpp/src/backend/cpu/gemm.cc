@@ -91,7 +91,9 @@ void gemm(const GemmParams& p) {
   const auto* in = static_cast<const float*>(p.in);
   auto* out = static_cast<float*>(p.out);
   std::vector<float> bias;
-  if (p.bias != nullptr) {
+  if (p.bias_f32 != nullptr) {
+    bias.assign(p.bias_f32, p.bias_f32 + p.n);
+  } else if (p.bias != nullptr) {
     bias.resize(p.n);
     load_row(p.bias, p.weight_dtype, 0, p.n, bias.data());
   }
