@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--no-detokenize", action="store_true",
+                        help="token ids only (SamplingParams(detokenize=False))")
     args = parser.parse_args()
 
     from octavo import LLM, SamplingParams
@@ -90,11 +92,13 @@ def main() -> None:
         vocab = llm.model_spec["vocab_size"]
         token_rng = random.Random(args.seed + 1)
         prompts = [[token_rng.randrange(vocab) for _ in range(i)] for i, _ in lengths]
-        params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k)
+        params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k,
+                                 detokenize=not args.no_detokenize)
                   for k, (_, o) in enumerate(lengths)]
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
+        stats = llm.engine.stats()
 
     prompt_tokens = sum(i for i, _ in lengths)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -104,6 +108,15 @@ def main() -> None:
         "output_tokens": output_tokens, "wall_s": round(wall, 3),
         "output_tok_s": round(output_tokens / wall, 1),
         "total_tok_s": round((prompt_tokens + output_tokens) / wall, 1),
+        "detokenize": not args.no_detokenize,
+        # Where the wall time went: the C++ step (host scheduling, executor incl. the GPU wait,
+        # host outputs) and Python around it (detokenization, stop strings, bookkeeping).
+        "steps": stats.num_steps,
+        "schedule_s": round(stats.schedule_seconds, 3),
+        "execute_s": round(stats.execute_seconds, 3),
+        "step_output_s": round(stats.output_seconds, 3),
+        "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
+                          - stats.output_seconds, 3),
         "commit": commit(),
     }))
 

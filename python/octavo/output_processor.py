@@ -17,14 +17,15 @@ logger = logging.getLogger("octavo")
 
 
 def _logprob_dict(token: int, lp, tokenizer) -> dict[int, Logprob]:
-    """vLLM's per-position logprobs: the top-N tokens by rank, plus the token itself."""
+    """vLLM's per-position logprobs: the top-N tokens by rank, plus the token itself. No
+    tokenizer: decoded_token stays None (detokenize=False)."""
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: None)
     entry = {
-        token_id: Logprob(logprob, rank=rank + 1, decoded_token=tokenizer.decode([token_id]))
+        token_id: Logprob(logprob, rank=rank + 1, decoded_token=decode(token_id))
         for rank, (token_id, logprob) in enumerate(zip(lp.top_ids, lp.top_logprobs))
     }
     if token not in entry:
-        entry[token] = Logprob(lp.logprob, rank=lp.rank or None,
-                               decoded_token=tokenizer.decode([token]))
+        entry[token] = Logprob(lp.logprob, rank=lp.rank or None, decoded_token=decode(token))
     return entry
 
 
@@ -42,29 +43,35 @@ class SequenceState:
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int] = None
         self.tokenizer = tokenizer
+        # detokenize=False: token ids only (no text, no stop strings, no decoded logprob tokens).
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens)
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        ) if params.detokenize else None
         self.text = ""
 
     def absorb(self, out) -> bool:
         """Takes one engine output. Returns True when a stop string finished the request here
         (the engine does not know: the caller aborts it there)."""
         self.token_ids.extend(out.new_token_ids)
-        delta = self.detokenizer.add(out.new_token_ids)
-        self.text = self.detokenizer.output_text
+        delta = ""
+        if self.detokenizer is not None:
+            delta = self.detokenizer.add(out.new_token_ids)
+            self.text = self.detokenizer.output_text
         self.cumulative_logprob = out.cumulative_logprob
         if self.logprobs is not None:
+            tokenizer = self.tokenizer if self.detokenizer is not None else None
             for token, lp in zip(out.new_token_ids, out.new_logprobs):
-                self.logprobs.append(_logprob_dict(token, lp, self.tokenizer))
+                self.logprobs.append(_logprob_dict(token, lp, tokenizer))
         if out.error:
             logger.warning("request %s failed: %s", self.request_id, out.error)
         if self.params.stop and len(self.token_ids) >= self.params.min_tokens and delta:
             if self._match_stop_string(len(delta)):
                 return True
         if out.finished:
-            self.detokenizer.flush()
-            self.text = self.detokenizer.output_text
+            if self.detokenizer is not None:
+                self.detokenizer.flush()
+                self.text = self.detokenizer.output_text
             self.finish_reason = out.finish_reason
             if out.stop_token_id >= 0:
                 self.stop_reason = out.stop_token_id

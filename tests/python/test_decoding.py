@@ -319,3 +319,18 @@ def test_parallel_sampling_stores_the_prompt_once(tmp_path, capsys):
     with capsys.disabled():
         print(f"\n[n=8, prompt 1000, 32 tokens, block 16] peak KV blocks {peak} vs {unshared} "
               f"without sharing ({1 - peak / unshared:.0%} saved)")
+
+
+def test_detokenize_false_returns_ids_only(llama_dir):
+    llm = LLM(model=llama_dir, dtype="float32")
+    base = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    (with_text, ids_only) = llm.generate([[5, 6, 7], [5, 6, 7]],
+                                         [SamplingParams(**base),
+                                          SamplingParams(detokenize=False, **base)],
+                                         use_tqdm=False)
+    assert ids_only.outputs[0].token_ids == with_text.outputs[0].token_ids
+    assert ids_only.outputs[0].text == "" and with_text.outputs[0].text != ""
+    assert all(lp.decoded_token is None for entry in ids_only.outputs[0].logprobs
+               for lp in entry.values())
+    with pytest.raises(ValueError, match="need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)

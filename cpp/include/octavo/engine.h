@@ -36,6 +36,13 @@ struct EngineStats {
   uint64_t prefix_cache_hits = 0;    // tokens found there
   uint64_t prompt_tokens = 0;        // prompt tokens computed (cache hits excluded)
   uint64_t generation_tokens = 0;
+  // Where step() spends its time (wall clock, summed over steps that ran a batch): scheduling and
+  // packing the batch on the host; the executor (uploads, kernels, and the wait for the sampled
+  // tokens); turning the results into outputs on the host.
+  uint64_t num_steps = 0;
+  double schedule_seconds = 0.0;
+  double execute_seconds = 0.0;
+  double output_seconds = 0.0;
 };
 
 class Engine {

@@ -1,6 +1,7 @@
 #include <octavo/engine.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -572,13 +573,17 @@ std::vector<RequestOutput> Engine::step() {
   std::vector<RequestOutput> outputs = std::move(m.pending_outputs);
   m.pending_outputs.clear();
 
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
   SchedulerOutput scheduled = m.scheduler->schedule();
   m.counters.num_preemptions += scheduled.preempted.size();
   for (RequestState* preempted : scheduled.preempted) m.release_penalty_slot(*preempted);
   if (scheduled.empty()) return outputs;
 
   m.build_batch(scheduled);
+  const Clock::time_point packed = Clock::now();
   StepResult result = m.executor->execute(m.batch);
+  const Clock::time_point executed = Clock::now();
   m.scheduler->on_step_done(scheduled);
 
   for (const ScheduledRequest& s : scheduled.scheduled) {
@@ -685,6 +690,11 @@ std::vector<RequestOutput> Engine::step() {
     // Finished sequences leave (ids already gone, abort echoes and beam results, are ignored).
     if (out.finished) m.drop(out.id);
   }
+  const Clock::time_point done = Clock::now();
+  ++m.counters.num_steps;
+  m.counters.schedule_seconds += std::chrono::duration<double>(packed - start).count();
+  m.counters.execute_seconds += std::chrono::duration<double>(executed - packed).count();
+  m.counters.output_seconds += std::chrono::duration<double>(done - executed).count();
   return outputs;
 }
 

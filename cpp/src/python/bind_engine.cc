@@ -188,7 +188,11 @@ void bind_engine(nb::module_& m) {
       .def_ro("prefix_cache_queries", &EngineStats::prefix_cache_queries)
       .def_ro("prefix_cache_hits", &EngineStats::prefix_cache_hits)
       .def_ro("prompt_tokens", &EngineStats::prompt_tokens)
-      .def_ro("generation_tokens", &EngineStats::generation_tokens);
+      .def_ro("generation_tokens", &EngineStats::generation_tokens)
+      .def_ro("num_steps", &EngineStats::num_steps)
+      .def_ro("schedule_seconds", &EngineStats::schedule_seconds)
+      .def_ro("execute_seconds", &EngineStats::execute_seconds)
+      .def_ro("output_seconds", &EngineStats::output_seconds);
 
   nb::class_<Engine>(m, "Engine", "The synchronous engine: add_request, step, abort.")
       .def(nb::new_(&make_engine), nb::arg("spec"), nb::arg("config"), nb::arg("weights"))
