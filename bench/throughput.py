@@ -52,6 +52,9 @@ def build_random_model(name: str, directory: str) -> None:
 
 
 def commit() -> str:
+    """OCTAVO_COMMIT when set (a copy of the tree without its git history), else git's HEAD."""
+    if os.environ.get("OCTAVO_COMMIT"):
+        return os.environ["OCTAVO_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__)).stdout.strip()
