@@ -241,6 +241,10 @@ class WeightSource:
 
     name: str
     parts: tuple[tuple[str, tuple[int, ...]], ...]
+    # Applied to the concatenated parts, for layouts that are not canonical rows (GPT-2's Conv1D
+    # weights are [in, out]; GPT-NeoX and BLOOM interleave q, k, v per head). It must only move
+    # elements (transpose, reorder rows), so it serves every dtype, bfloat16 bits included.
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 class WeightPlan:
@@ -250,17 +254,25 @@ class WeightPlan:
         self.names = set(names)
         self.sources: list[WeightSource] = []
 
-    def add(self, canonical: str, *parts: tuple[str, tuple[int, ...]]) -> None:
+    def add(self, canonical: str, *parts: tuple[str, tuple[int, ...]],
+            transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         for hf_name, _ in parts:
             if hf_name not in self.names:
                 raise ValueError(
                     f"checkpoint lacks {hf_name!r}, needed for {canonical!r} "
                     f"({len(self.names)} tensors in the checkpoint)")
-        self.sources.append(WeightSource(canonical, tuple((n, tuple(s)) for n, s in parts)))
+        self.sources.append(
+            WeightSource(canonical, tuple((n, tuple(s)) for n, s in parts), transform))
 
 
 def gather(source: WeightSource, get_tensor: Callable[[str], np.ndarray]) -> np.ndarray:
-    """The canonical tensor of `source`: its parts checked and concatenated along rows."""
+    """The canonical tensor of `source`: its parts checked, concatenated along rows and passed
+    through its transform."""
+    fused = _concatenate(source, get_tensor)
+    return fused if source.transform is None else source.transform(fused)
+
+
+def _concatenate(source: WeightSource, get_tensor: Callable[[str], np.ndarray]) -> np.ndarray:
     arrays = []
     for hf_name, expected in source.parts:
         array = get_tensor(hf_name)
