@@ -5,7 +5,8 @@
         strings ("rms_norm", "silu_glu", "rotary", ...), `rope` as a dict of RopeConfig fields,
         `sliding_window` as one window per layer (0 = full attention).
     weight_plan(names, spec) -> WeightPlan
-        where each canonical tensor comes from; ValueError naming a missing HF tensor.
+        where each canonical tensor comes from; ValueError naming a missing HF tensor. A family
+        that sets WEIGHTS_USE_CONFIG = True takes weight_plan(names, spec, config) instead.
     canonical_weights(get_tensor, names, spec) -> Iterator[(canonical_name, ndarray)]
         the canonical tensors (q|k|v and gate|up fused by rows), dtype-agnostic byte moves.
 
@@ -125,7 +126,12 @@ def load_model(model_dir: str) -> tuple[dict, WeightsFactory, str, dict]:
             f"convert .bin weights with transformers' save_pretrained(safe_serialization=True))")
     files = [SafetensorsFile(p) for p in paths]
     where = {name: f for f in files for name in f.keys()}
-    plan = family.weight_plan(where.keys(), spec)
+    # A family that folds config values beyond the spec into its tensors (Jais: the logit scale)
+    # says so and gets the config too.
+    if getattr(family, "WEIGHTS_USE_CONFIG", False):
+        plan = family.weight_plan(where.keys(), spec, config)
+    else:
+        plan = family.weight_plan(where.keys(), spec)
 
     def tensor_dtype(name: str) -> str:
         dtype = where[name].dtype(name)
