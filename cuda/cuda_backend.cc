@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <octavo/error.h>
 
@@ -56,6 +57,7 @@ class CudaBackend final : public Backend {
     for (void* p : {gemm_workspace_, decode_workspace_, sample_workspace_}) {
       if (p) cudaFree(p);
     }
+    for (cudaGraphExec_t graph : graphs_) cudaGraphExecDestroy(graph);
     cudaFreeHost(pinned_upload_);
     cudaFreeHost(pinned_download_);
     cudaEventDestroy(upload_done_);
@@ -144,6 +146,31 @@ class CudaBackend final : public Backend {
     if (sample_workspace_bytes_) sample_workspace_ = allocate(sample_workspace_bytes_);
   }
 
+  bool supports_graphs() const override { return true; }
+
+  void begin_capture() override {
+    // Thread-local mode: other threads (Python's) may call CUDA meanwhile without breaking it.
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture");
+  }
+
+  int end_capture() override {
+    cudaGraph_t graph = nullptr;
+    check(cudaStreamEndCapture(stream_, &graph), "end capture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t error = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(error, "graph instantiate");
+    graphs_.push_back(exec);
+    return int(graphs_.size()) - 1;
+  }
+
+  void replay(int graph) override {
+    if (graph < 0 || graph >= int(graphs_.size())) {
+      throw InvalidArgument("replay: no graph " + std::to_string(graph));
+    }
+    check(cudaGraphLaunch(graphs_[graph], stream_), "graph launch");
+  }
+
   void copy_blocks(const CopyBlocksParams& p) override { cuda::copy_blocks(p, stream_); }
   void embedding(const EmbeddingParams& p) override { cuda::embedding(p, stream_); }
   void norm(const NormParams& p) override { cuda::norm(p, stream_); }
@@ -202,6 +229,7 @@ class CudaBackend final : public Backend {
   size_t decode_workspace_bytes_ = 0;
   void* sample_workspace_ = nullptr;
   size_t sample_workspace_bytes_ = 0;
+  std::vector<cudaGraphExec_t> graphs_;
 };
 
 }  // namespace

@@ -37,6 +37,8 @@ class EngineArgs:
         KV pool gets what weights and step buffers leave of it.
     seed: seeds requests that bring no seed of their own.
     device: "cpu", "cuda" or "cuda:N".
+    enforce_eager: never replay CUDA graphs (by default decode steps replay a graph captured per
+        padded batch size the first time one runs).
     """
 
     model: str
@@ -52,6 +54,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     device: str = "cpu"
+    enforce_eager: bool = False
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -141,6 +144,7 @@ def create_engine(args: EngineArgs, tokenizer=None):
         engine_config.cpu_kv_cache_bytes = int(args.kv_cache_memory_bytes)
     engine_config.gpu_memory_utilization = float(args.gpu_memory_utilization)
     engine_config.seed = int(args.seed) & 0xFFFFFFFFFFFFFFFF
+    engine_config.enforce_eager = bool(args.enforce_eager)
     engine_config.eos_token_ids = read_eos_token_ids(model_dir, config, tokenizer)
 
     weight_tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]

@@ -26,6 +26,10 @@ struct EngineConfig {
   /// CPU backend: bytes given to the KV pool when num_kv_blocks is 0 (vLLM's CPU KV space).
   size_t cpu_kv_cache_bytes = size_t{4} << 30;
   uint64_t seed = 0;                 // seeds requests that bring no seed of their own
+  /// Never replay captured graphs (vLLM's enforce_eager). By default a GPU backend captures a
+  /// decode step's forward pass once per padded batch size (1, 2, 4, 8, 16, ... max_num_seqs) the
+  /// first time one runs, and replays it after: one launch instead of hundreds.
+  bool enforce_eager = false;
   std::vector<int32_t> eos_token_ids;  // EOS ids of the model (generation config)
 };
 

@@ -7,6 +7,8 @@
 #include <optional>
 #include <string>
 
+#include <octavo/error.h>
+
 #include "backend/ops.h"
 
 namespace octavo {
@@ -49,6 +51,18 @@ class Backend {
   /// Allocates the scratch the ops need for steps up to `limits` (attention splits, sampling),
   /// so that no op allocates while a step runs.
   virtual void reserve_workspace(const BackendLimits& limits) { (void)limits; }
+
+  /// Graphs (CUDA graphs): the ops issued between begin_capture() and end_capture() are recorded,
+  /// not run; replay(id) runs them again with the same arguments (so every pointer they read must
+  /// hold that step's inputs). Backends without graphs return false from supports_graphs() and
+  /// throw from the rest.
+  virtual bool supports_graphs() const { return false; }
+  virtual void begin_capture() { throw Error(name() + " has no graph capture"); }
+  virtual int end_capture() { throw Error(name() + " has no graph capture"); }
+  virtual void replay(int graph) {
+    (void)graph;
+    throw Error(name() + " has no graph capture");
+  }
 
   // The ops (contracts in ops.h).
   virtual void copy_blocks(const CopyBlocksParams& p) = 0;

@@ -138,7 +138,8 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
   ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len,
-                        kMaxLogitBias + kMaxStopTokenIds + int(c.eos_token_ids.size())};
+                        kMaxLogitBias + kMaxStopTokenIds + int(c.eos_token_ids.size()),
+                        !c.enforce_eager};
   m.executor = std::make_unique<Executor>(m.spec, *m.backend, dtype, limits, c.block_size, weights);
 
   // The KV pool takes what is left: on a GPU, the allowed share of the card minus everything

@@ -134,6 +134,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
 
   // Step inputs: sized for the largest step so that the per-step upload never reallocates.
   const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
+  max_blocks_ = int(max_blocks);
   max_bias_entries_ = S * size_t(std::max(limits_.max_bias_per_seq, 1));
   const size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
                             S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
@@ -141,6 +142,19 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
                             S * sizeof(PenaltyRow) + S * 4 + T * 8;
   step_inputs_ = DeviceBuffer(backend_, step_bytes);
   step_staging_.resize(step_bytes);
+
+  if (limits_.use_graphs && backend_.supports_graphs()) {
+    // vLLM's capture sizes: 1, 2, 4, then every multiple of 8 up to the running-request cap.
+    for (int b : {1, 2, 4}) {
+      if (b < limits_.max_num_seqs) graph_buckets_.push_back(b);
+    }
+    for (int b = 8; b < limits_.max_num_seqs; b += 8) graph_buckets_.push_back(b);
+    graph_buckets_.push_back(limits_.max_num_seqs);
+    std::vector<int32_t> identity(limits_.max_num_seqs);
+    for (int i = 0; i < limits_.max_num_seqs; ++i) identity[i] = i;
+    identity_rows_ = DeviceBuffer(backend_, identity.size() * sizeof(int32_t));
+    backend_.upload(identity_rows_.data(), identity.data(), identity.size() * sizeof(int32_t));
+  }
 
   BackendLimits backend_limits;
   backend_limits.max_num_tokens = limits_.max_num_tokens;
@@ -254,7 +268,18 @@ const void* Executor::weight(const std::string& name) const {
   return it == weights_.end() ? nullptr : it->second.data();
 }
 
-void Executor::upload_step(const StepBatch& b) {
+int Executor::graph_bucket_of(const StepBatch& b) const {
+  if (graph_buckets_.empty() || b.max_query_len != 1 || b.num_prompt_logprob_rows() > 0 ||
+      b.num_samples() != b.num_requests() || b.num_requests() > graph_buckets_.back()) {
+    return 0;
+  }
+  for (int r = 0; r < b.num_samples(); ++r) {
+    if (b.sample_rows[r] != r) return 0;
+  }
+  return *std::lower_bound(graph_buckets_.begin(), graph_buckets_.end(), b.num_requests());
+}
+
+void Executor::upload_step(const StepBatch& b, int graph_bucket) {
   const int32_t T = b.num_tokens(), R = b.num_requests(), S = b.num_samples();
   const size_t bias_entries = b.bias_token_ids.size();
   const int32_t P = b.num_prompt_logprob_rows();
@@ -273,12 +298,19 @@ void Executor::upload_step(const StepBatch& b) {
   auto stage = [&](auto* dst_host, const auto& src) {
     std::memcpy(dst_host, src.data(), src.size() * sizeof(src[0]));
   };
-  int32_t* token_ids = carve<int32_t>(cursor, T);
-  int32_t* positions = carve<int32_t>(cursor, T);
-  int64_t* slots = carve<int64_t>(cursor, T);
-  int32_t* query_start = carve<int32_t>(cursor, R + 1);
-  int32_t* context_lens = carve<int32_t>(cursor, R);
-  int32_t* block_tables = carve<int32_t>(cursor, b.block_tables.size());
+  // What a forward pass reads comes first; graph steps carve it at fixed capacities so that every
+  // graph finds its inputs at the addresses it was captured with.
+  const bool graph = graph_bucket > 0;
+  const size_t token_capacity = graph ? size_t(limits_.max_num_seqs) : size_t(T);
+  const size_t request_capacity = graph ? size_t(limits_.max_num_seqs) : size_t(R);
+  const size_t table_capacity =
+      graph ? request_capacity * size_t(max_blocks_) : b.block_tables.size();
+  int32_t* token_ids = carve<int32_t>(cursor, token_capacity);
+  int32_t* positions = carve<int32_t>(cursor, token_capacity);
+  int64_t* slots = carve<int64_t>(cursor, token_capacity);
+  int32_t* query_start = carve<int32_t>(cursor, request_capacity + 1);
+  int32_t* context_lens = carve<int32_t>(cursor, request_capacity);
+  int32_t* block_tables = carve<int32_t>(cursor, table_capacity);
   int32_t* sample_rows = carve<int32_t>(cursor, S);
   SamplingRow* sampling = carve<SamplingRow>(cursor, S);
   int32_t* bias_offsets = carve<int32_t>(cursor, S + 1);
@@ -294,7 +326,26 @@ void Executor::upload_step(const StepBatch& b) {
   stage(slots, b.slot_mapping);
   stage(query_start, b.query_start);
   stage(context_lens, b.context_lens);
-  stage(block_tables, b.block_tables);
+  if (graph) {
+    const int B = graph_bucket;
+    for (int i = T; i < B; ++i) {
+      token_ids[i] = 0;
+      positions[i] = 0;
+      slots[i] = -1;  // padding writes no cache slot
+    }
+    for (int r = R; r < B; ++r) {
+      query_start[r + 1] = query_start[r] + 1;
+      context_lens[r] = 0;  // padding attends to nothing
+    }
+    std::memset(block_tables, 0, size_t(B) * max_blocks_ * sizeof(int32_t));
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(block_tables + size_t(r) * max_blocks_,
+                  b.block_tables.data() + size_t(r) * b.block_table_width,
+                  size_t(b.block_table_width) * sizeof(int32_t));
+    }
+  } else {
+    stage(block_tables, b.block_tables);
+  }
   stage(sample_rows, b.sample_rows);
   stage(sampling, b.sampling);
   stage(bias_offsets, b.bias_offsets);
@@ -397,9 +448,9 @@ void Executor::gemm(const void* in, const void* w, const void* b, void* out, int
 // One decoder layer. On entry, residual_ holds the residual stream minus the previous layer's
 // last sub-block output, which waits in delta_ (first layer: residual_ holds the embeddings and
 // delta_ is unused); the fused residual-add + norm folds it in.
-void Executor::run_layer(int l, const StepBatch& batch, bool first) {
+void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   const Layer& w = layers_[l];
-  const int T = batch.num_tokens();
+  const int T = f.num_tokens;
   const int hidden = spec_.hidden_size, q_size = spec_.q_size(), kv_size = spec_.kv_size_of(l);
   const int num_kv_heads = spec_.kv_heads_of(l);
   const size_t act = dtype_size(act_dtype_);
@@ -495,17 +546,17 @@ void Executor::run_layer(int l, const StepBatch& batch, bool first) {
   a.context_lens = d_context_lens_;
   a.block_tables = d_block_tables_;
   a.alibi_slopes = spec_.positions == PositionKind::kAlibi ? alibi_slopes_.as<float>() : nullptr;
-  a.num_requests = batch.num_requests();
+  a.num_requests = f.num_requests;
   a.num_tokens = T;
   a.num_heads = spec_.num_heads;
   a.num_kv_heads = num_kv_heads;
   a.head_dim = spec_.head_dim;
   a.block_size = kv_shape_.block_size;
-  a.max_blocks_per_request = batch.block_table_width;
+  a.max_blocks_per_request = f.block_table_width;
   a.q_stride = q_stride;
   a.sliding_window = spec_.window_of(l);
-  a.max_query_len = batch.max_query_len;
-  a.max_context_len = batch.max_context_len;
+  a.max_query_len = f.max_query_len;
+  a.max_context_len = f.max_context_len;
   a.scale = spec_.softmax_scale();
   a.softcap = spec_.attn_logit_softcap;
   a.act_dtype = act_dtype_;
@@ -546,7 +597,8 @@ StepResult Executor::execute(const StepBatch& batch) {
   StepResult result;
   const int T = batch.num_tokens(), S = batch.num_samples();
   if (T == 0) return result;
-  upload_step(batch);
+  const int bucket = graph_bucket_of(batch);
+  upload_step(batch, bucket);
 
   if (!batch.block_copies.empty()) {
     CopyBlocksParams c{};
@@ -573,6 +625,42 @@ StepResult Executor::execute(const StepBatch& batch) {
 
   if (!batch.count_resets.empty() || !batch.count_entries.empty()) update_token_counts(batch);
 
+  if (bucket == 0) {
+    forward(ForwardShape{T, batch.num_requests(), batch.block_table_width, batch.max_query_len,
+                         batch.max_context_len});
+    if (S > 0) sample(batch, result, /*logits_ready=*/false);
+  } else {
+    // A decode step: the forward and the LM head over the padded bucket, as one graph; the
+    // sampling (which varies with the requests' settings) runs after it on rows [0, S).
+    const ForwardShape shape{bucket, bucket, max_blocks_, 1, limits_.max_model_len};
+    auto graph = graphs_.find(bucket);
+    if (graph != graphs_.end()) {
+      backend_.replay(graph->second);
+    } else {
+      // The first step of a bucket runs eagerly (and creates the GEMM plans), then is captured.
+      forward(shape);
+      compute_logits(identity_rows_.as<int32_t>(), bucket);
+      backend_.begin_capture();
+      try {
+        forward(shape);
+        compute_logits(identity_rows_.as<int32_t>(), bucket);
+      } catch (...) {
+        try {
+          backend_.end_capture();
+        } catch (...) {
+        }
+        throw;
+      }
+      graphs_[bucket] = backend_.end_capture();
+    }
+    sample(batch, result, /*logits_ready=*/true);
+  }
+  if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, result);
+  return result;
+}
+
+void Executor::forward(const ForwardShape& f) {
+  const int T = f.num_tokens;
   EmbeddingParams e{};
   e.token_ids = d_token_ids_;
   e.table = embed_tokens_;
@@ -592,10 +680,7 @@ StepResult Executor::execute(const StepBatch& batch) {
     norm(residual_.data(), nullptr, residual_.data(), T, embed_norm_w_, embed_norm_b_);
   }
 
-  for (int l = 0; l < spec_.num_layers; ++l) run_layer(l, batch, l == 0);
-  if (S > 0) sample(batch, result);
-  if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, result);
-  return result;
+  for (int l = 0; l < spec_.num_layers; ++l) run_layer(l, f, l == 0);
 }
 
 void Executor::compute_logits(const int32_t* rows, int num_rows) {
@@ -619,9 +704,9 @@ void Executor::compute_logits(const int32_t* rows, int num_rows) {
        spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true, lm_head_b_);
 }
 
-void Executor::sample(const StepBatch& batch, StepResult& result) {
+void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_ready) {
   const int S = batch.num_samples();
-  compute_logits(d_sample_rows_, S);
+  if (!logits_ready) compute_logits(d_sample_rows_, S);
 
   if (!batch.bias_token_ids.empty()) {
     LogitBiasParams lb{};

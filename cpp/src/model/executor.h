@@ -69,6 +69,7 @@ struct ExecutorLimits {
   int max_num_seqs = 0;     // requests in one step
   int max_model_len = 0;    // positions are below this
   int max_bias_per_seq = 0; // logit-bias entries one request may bring to a step
+  bool use_graphs = true;   // replay captured graphs for decode steps where the backend can
 };
 
 class Executor {
@@ -117,13 +118,30 @@ class Executor {
 
   void load_weights(const std::vector<HostTensor>& weights);
   const void* weight(const std::string& name) const;     // nullptr when absent
-  void upload_step(const StepBatch& batch);
+  /// The sizes one forward pass runs at (the batch's own, or a graph bucket's padded ones).
+  struct ForwardShape {
+    int32_t num_tokens;
+    int32_t num_requests;
+    int32_t block_table_width;
+    int32_t max_query_len;
+    int32_t max_context_len;
+  };
+  /// Uploads the step's inputs. graph_bucket > 0: in the fixed layout every graph reads, the
+  /// requests padded to graph_bucket with empty ones (token 0 at position 0, no cache slot,
+  /// context 0) and block-table rows max_blocks_ wide.
+  void upload_step(const StepBatch& batch, int graph_bucket);
+  /// The graph bucket a step can replay (the smallest bucket holding its requests), or 0: the
+  /// step runs eagerly (prefill, prompt logprobs, forks or beams whose rows are not one per
+  /// request, no graph support).
+  int graph_bucket_of(const StepBatch& batch) const;
+  void forward(const ForwardShape& shape);
   void update_token_counts(const StepBatch& batch);
   /// Final norm and LM head for `rows` query rows (device indices) into logits_.
   void compute_logits(const int32_t* rows, int num_rows);
-  void sample(const StepBatch& batch, StepResult& result);
+  /// Samples the step's rows; logits_ready: a graph already computed logits for rows [0, S).
+  void sample(const StepBatch& batch, StepResult& result, bool logits_ready);
   void prompt_logprobs(const StepBatch& batch, StepResult& result);
-  void run_layer(int layer_index, const StepBatch& batch, bool first);
+  void run_layer(int layer_index, const ForwardShape& shape, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
             bool accumulate = false, bool fp32_out = false, const float* bias_f32 = nullptr);
@@ -148,6 +166,10 @@ class Executor {
   const void* embed_norm_w_ = nullptr;
   const void* embed_norm_b_ = nullptr;
 
+  DeviceBuffer identity_rows_;  // [max_num_seqs] int32 0, 1, 2, ...: a graph's logit rows
+  std::vector<int> graph_buckets_;          // padded batch sizes decode graphs are captured for
+  std::unordered_map<int, int> graphs_;     // bucket -> the backend's graph id
+  int max_blocks_ = 0;                      // block-table width of graph steps
   DeviceBuffer kv_cache_;
   std::vector<size_t> kv_layer_offsets_;  // byte offset of each layer's share, then the total
   DeviceBuffer rope_cos_sin_;   // [max_model_len, rotary_dim] fp32

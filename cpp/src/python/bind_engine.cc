@@ -131,6 +131,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("cpu_kv_cache_bytes", &EngineConfig::cpu_kv_cache_bytes)
       .def_rw("gpu_memory_utilization", &EngineConfig::gpu_memory_utilization)
       .def_rw("seed", &EngineConfig::seed)
+      .def_rw("enforce_eager", &EngineConfig::enforce_eager)
       .def_rw("eos_token_ids", &EngineConfig::eos_token_ids);
 
   nb::class_<SamplingParams>(m, "SamplingParams")

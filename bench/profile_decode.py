@@ -1,0 +1,80 @@
+"""Where a decode step's time goes on the GPU: kernel time per step (CUPTI, through
+torch.profiler) against the step's wall time, for a batch of running requests.
+
+    python bench/profile_decode.py --random-model qwen3-0.6b --batch 256 --context 1024
+
+Prints one JSON line: wall ms per step, GPU kernel ms per step (busy), the idle share, and the
+kernels that take the most time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from throughput import build_random_model, commit  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--random-model", default="qwen3-0.6b")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
+    from octavo.sampling_params import SamplingParams
+
+    with tempfile.TemporaryDirectory() as scratch:
+        build_random_model(args.random_model, scratch)
+        engine, spec, _ = create_engine(EngineArgs(
+            model=scratch, device="cuda", max_num_seqs=args.batch,
+            max_model_len=args.context + 4096, enable_prefix_caching=False,
+            enforce_eager=args.enforce_eager))
+    # Long enough that no request finishes while the others are still prefilling.
+    params = to_cpp_sampling_params(SamplingParams(temperature=1.0, max_tokens=4000,
+                                                   ignore_eos=True, seed=1))
+    for r in range(args.batch):
+        engine.add_request([(r * 7919 + i) % spec["vocab_size"] for i in range(args.context)],
+                           params)
+    while engine.stats().num_waiting > 0 or engine.stats().prompt_tokens < args.batch * args.context:
+        engine.step()
+    assert engine.stats().num_running == args.batch, "every request decodes in the profiled steps"
+    for _ in range(3):  # warm-up decode steps (the first of a batch size captures its graph)
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    busy_us = sum(e.device_time_total for e in kernels)
+    top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+    print(json.dumps({
+        "bench": "profile_decode", "model": args.random_model, "batch": args.batch,
+        "context": args.context, "steps": args.steps, "device": torch.cuda.get_device_name(),
+        "graphs": not args.enforce_eager,
+        "wall_ms_per_step": round(wall / args.steps * 1e3, 3),
+        "gpu_busy_ms_per_step": round(busy_us / args.steps / 1e3, 3),
+        "idle_share": round(1 - busy_us / 1e6 / wall, 3),
+        "launches_per_step": round(sum(e.count for e in kernels) / args.steps, 1),
+        "top_kernels": [{"name": e.key[:80], "ms_per_step": round(e.device_time_total / args.steps / 1e3, 3),
+                         "calls_per_step": round(e.count / args.steps, 1)} for e in top],
+        "commit": commit(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
