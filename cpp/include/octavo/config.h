@@ -9,6 +9,9 @@
 namespace octavo {
 
 struct EngineConfig {
+  /// An octavo model directory (octavo.json + safetensors, written by `octavo export`), loaded by
+  /// Engine(const EngineConfig&). Unused by the constructor that takes the spec and weights.
+  std::string model;
   std::string device = "cpu";  // "cpu", "cuda", "cuda:N"
   /// Storage dtype of weights and KV cache: "auto" (the checkpoint's), "float32", "float16",
   /// "bfloat16". The CPU backend computes in fp32 whatever the storage.

@@ -50,6 +50,10 @@ class Engine {
   /// Builds the backend, loads the weights (validating every name and shape against the spec)
   /// and sizes the KV pool. Throws InvalidArgument / FormatError / OutOfMemory with the reason.
   Engine(const ModelSpec& spec, const EngineConfig& config, const std::vector<HostTensor>& weights);
+  /// Loads the octavo model directory `config.model` (octavo/model_dir.h), mapping its weights.
+  /// dtype "auto" takes the stored dtype (float32 runs as bfloat16 on a GPU); empty eos_token_ids
+  /// take octavo.json's. Throws FormatError for a missing or malformed directory, else as above.
+  explicit Engine(const EngineConfig& config);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;

@@ -13,6 +13,7 @@
 #include "backend/backend.h"
 #include "backend/sampling_rng.h"
 #include "core/kv_cache_manager.h"
+#include "core/log.h"
 #include "core/request_state.h"
 #include "core/scheduler.h"
 #include "model/dtype_convert.h"
@@ -172,6 +173,7 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   m.scheduler = std::make_unique<Scheduler>(
       SchedulerConfig{c.max_num_seqs, c.max_num_batched_tokens}, *m.kv_cache);
   m.batch.clear();
+  log_engine_ready(m.spec, c, m.backend->name(), dtype);
 }
 
 Engine::~Engine() = default;
