@@ -17,6 +17,7 @@ Adding an architecture is a module here: every public module of this package is 
 
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
@@ -26,6 +27,7 @@ from types import ModuleType
 
 import numpy as np
 
+from octavo.models import _torch_bin_reader
 from octavo.models._common import gather
 
 
@@ -102,8 +104,26 @@ def _safetensors_api():
 WeightsFactory = Callable[[], Iterator[tuple[str, np.ndarray, str]]]
 
 
+def checkpoint_files(model_dir: str) -> list:
+    """Readers (keys(), dtype(name), tensor(name)) of the checkpoint's weight files: its
+    safetensors when it has any (the shards model.safetensors.index.json names, else every
+    *.safetensors), else its PyTorch .bin files (pytorch_model.bin, or the shards
+    pytorch_model.bin.index.json names), read with torch.load(weights_only=True)."""
+    if os.path.exists(os.path.join(model_dir, "model.safetensors.index.json")) or glob.glob(
+            os.path.join(model_dir, "*.safetensors")):
+        find_files, SafetensorsFile = _safetensors_api()
+        return [SafetensorsFile(p) for p in find_files(model_dir)]
+    bin_paths = _torch_bin_reader.find_bin_files(model_dir)
+    if bin_paths:
+        return [_torch_bin_reader.TorchBinFile(p) for p in bin_paths]
+    raise ValueError(
+        f"{model_dir!r} has no weights: no .safetensors files and no {_torch_bin_reader.SINGLE} "
+        f"or {_torch_bin_reader.INDEX} with its shards")
+
+
 def load_model(model_dir: str) -> tuple[dict, WeightsFactory, str, dict]:
-    """Reads a Hugging Face model directory (config.json + *.safetensors).
+    """Reads a Hugging Face model directory: config.json and the weights in safetensors or
+    PyTorch .bin files, sharded or not (see checkpoint_files).
 
     Returns (spec, weights, dtype, config): the ModelSpec dict; a function that returns a fresh
     iterator of (canonical_name, array, tensor_dtype), arrays being memory-mapped views unless
@@ -118,13 +138,7 @@ def load_model(model_dir: str) -> tuple[dict, WeightsFactory, str, dict]:
     family = get_model_family(config)
     spec = family.spec_from_config(config)
 
-    find_files, SafetensorsFile = _safetensors_api()
-    paths = list(find_files(model_dir))
-    if not paths:
-        raise ValueError(
-            f"{model_dir!r} has no .safetensors files (octavo reads safetensors checkpoints; "
-            f"convert .bin weights with transformers' save_pretrained(safe_serialization=True))")
-    files = [SafetensorsFile(p) for p in paths]
+    files = checkpoint_files(model_dir)
     where = {name: f for f in files for name in f.keys()}
     # A family that folds config values beyond the spec into its tensors (Jais: the logit scale)
     # says so and gets the config too.
