@@ -1,0 +1,236 @@
+"""What the GPT-lineage families share (GPT-2, GPT BigCode, OPT, GPT-J, GPT-NeoX, Falcon, MPT,
+BLOOM, Phi, Phi-3, StableLM, Starcoder2, OLMo, Jais): a spec builder that states every ModelSpec
+field, their non-gated activations, the tensor-name prefix a checkpoint was saved with, and the
+transforms that turn fused or transposed layouts into canonical rows.
+
+Every transform only moves elements (transpose, reorder rows), so it serves float32, float16 and
+bfloat16 (uint16 bits) alike; `scale_values` is the one exception, for folding a constant into a
+small tensor, and it rounds bfloat16 as the hardware does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from octavo.models._common import WeightPlan, architecture_of, rope_from_config
+
+# HF activation names of non-gated MLPs -> ModelSpec activation. gelu_new, gelu_fast and
+# gelu_pytorch_tanh are the same tanh approximation written three ways.
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+# ModelSpec fields every family must state; the rest default as in model_spec.h.
+_REQUIRED = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+_DEFAULTS = {
+    "norm": "layer_norm",
+    "norm_eps": 1e-5,
+    "norm_bias": True,
+    "activation": "gelu",
+    "positions": "rotary",
+    "rope": None,
+    "position_offset": 0,
+    "residual": "sequential",
+    "qkv_bias": False,
+    "o_bias": False,
+    "mlp_bias": False,
+    "qk_norm": False,
+    "tied_embeddings": False,
+    "lm_head_bias": False,
+    "embedding_norm": False,
+    "sandwich_norms": False,
+    "num_kv_heads_per_layer": [],
+    "embedding_scale": 1.0,
+    "attention_scale": 0.0,
+    "attn_logit_softcap": 0.0,
+    "final_logit_softcap": 0.0,
+    "sliding_window": None,
+}
+
+_NO_ROPE = {
+    "pairing": "neox", "theta": 10000.0, "rotary_dim": 0, "scaling": "none", "factor": 1.0,
+    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 0,
+    "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.0,
+}
+
+
+def unsupported(config: dict, what: str) -> ValueError:
+    """The error for a config option octavo cannot run, naming the architecture."""
+    return ValueError(f"{architecture_of(config)}: {what} is not supported")
+
+
+def make_spec(**fields) -> dict:
+    """A complete ModelSpec dict: the required fields, plus any others, the rest at their
+    model_spec.h defaults. `rope` defaults to no rotary (the dict is still complete)."""
+    missing = [f for f in _REQUIRED if fields.get(f) is None]
+    assert not missing, f"make_spec lacks {missing}"
+    unknown = set(fields) - set(_REQUIRED) - set(_DEFAULTS)
+    assert not unknown, f"not ModelSpec fields: {unknown}"
+    spec = {**_DEFAULTS, **fields}
+    if spec["rope"] is None:
+        spec["rope"] = dict(_NO_ROPE)
+    if spec["sliding_window"] is None:
+        spec["sliding_window"] = [0] * spec["num_layers"]
+    spec["num_kv_heads_per_layer"] = list(spec["num_kv_heads_per_layer"])
+    heads, kv_heads = spec["num_heads"], spec["num_kv_heads"]
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(
+            f"{spec['architecture']}: {heads} attention heads are not a multiple of {kv_heads} "
+            f"key/value heads")
+    return spec
+
+
+def activation(config: dict, key: str, default: str) -> str:
+    """The ModelSpec activation of a non-gated MLP from config[key]."""
+    name = config.get(key) or default
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"{architecture_of(config)}: activation {name!r} ({key}) is not supported; "
+            f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def head_dim(hidden: int, heads: int, config: dict) -> int:
+    if hidden % heads:
+        raise ValueError(
+            f"{architecture_of(config)}: hidden size {hidden} is not a multiple of "
+            f"{heads} attention heads")
+    return hidden // heads
+
+
+def rope(config: dict, head_size: int, *, theta: float | None = None,
+         partial_rotary_factor: float | None = None, pairing: str = "neox") -> dict:
+    """The rope dict from the config's rope_parameters / rope_scaling, with the family's own
+    keys for theta and the rotating fraction filled in where transformers' rope_parameters
+    lacks them (a key inside rope_parameters wins, as in transformers)."""
+    adjusted = dict(config)
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if theta is not None and "rope_theta" not in params and config.get("rope_theta") is None:
+        adjusted["rope_theta"] = theta
+    if (partial_rotary_factor is not None and "partial_rotary_factor" not in params
+            and config.get("partial_rotary_factor") is None):
+        adjusted["partial_rotary_factor"] = partial_rotary_factor
+    out = rope_from_config(adjusted, head_size)
+    out["pairing"] = pairing
+    if out["rotary_dim"] % 2 or out["rotary_dim"] > head_size:
+        raise ValueError(
+            f"{architecture_of(config)}: {out['rotary_dim']} rotary dimensions of a "
+            f"{head_size}-wide head (the count must be even and at most the head size)")
+    return out
+
+
+def plain_rope(head_size: int, rotary_dim: int, *, theta: float = 10000.0,
+               pairing: str = "neox") -> dict:
+    """An unscaled rope dict for families whose config states its rotary fields directly."""
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_size:
+        raise ValueError(
+            f"{rotary_dim} rotary dimensions of a {head_size}-wide head (the count must be "
+            f"even, positive and at most the head size)")
+    return {**_NO_ROPE, "theta": float(theta), "rotary_dim": int(rotary_dim),
+            "pairing": pairing}
+
+
+# --- tensor names -------------------------------------------------------------------------------
+
+
+def find_prefix(names: Iterable[str], anchor: str, prefixes: tuple[str, ...],
+                family: str) -> str:
+    """The prefix (one of `prefixes`) under which the checkpoint stores `anchor`: checkpoints
+    saved from the bare model (GPT2Model, BloomModel, OPTModel) lack the LM wrapper's
+    "transformer." or "model." in front of every name."""
+    names = set(names)
+    for prefix in prefixes:
+        if prefix + anchor in names:
+            return prefix
+    tried = ", ".join(repr(p + anchor) for p in prefixes)
+    raise ValueError(
+        f"checkpoint has none of {tried} ({len(names)} tensors in the checkpoint); is it a "
+        f"{family} checkpoint?")
+
+
+def conv1d(array: np.ndarray) -> np.ndarray:
+    """GPT-2's Conv1D stores [in, out]; a Linear weight is [out, in]."""
+    return array.T
+
+
+def per_head_qkv(num_heads: int, head_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows grouped per head as [head][q, k, v][head_size] (GPT-NeoX, BLOOM, MHA BigCode and
+    Falcon) -> all q rows, then k, then v. Serves weights [rows, in] and biases [rows]."""
+    def transform(array: np.ndarray) -> np.ndarray:
+        grouped = array.reshape(num_heads, 3, head_size, -1)
+        return grouped.transpose(1, 0, 2, 3).reshape(array.shape)
+
+    return transform
+
+
+def grouped_qkv(num_kv_heads: int, group: int, head_size: int
+                ) -> Callable[[np.ndarray], np.ndarray]:
+    """Falcon's new decoder layout, rows as [kv head][its `group` query heads, k, v][head_size]
+    -> q rows (kv-major, so query head h reads kv head h // group), then k, then v."""
+    def transform(array: np.ndarray) -> np.ndarray:
+        grouped = array.reshape(num_kv_heads, group + 2, head_size, -1)
+        q = grouped[:, :group].reshape(num_kv_heads * group * head_size, -1)
+        k = grouped[:, group].reshape(num_kv_heads * head_size, -1)
+        v = grouped[:, group + 1].reshape(num_kv_heads * head_size, -1)
+        return np.concatenate([q, k, v]).reshape((-1,) + array.shape[1:])
+
+    return transform
+
+
+def scale_values(array: np.ndarray, factor: float) -> np.ndarray:
+    """array * factor in the array's own storage: float32 and float16 directly; bfloat16 bits
+    (uint16) widened to float32, scaled, rounded to nearest even back to bfloat16."""
+    if array.dtype == np.uint16:
+        wide = (array.astype(np.uint32) << 16).view(np.float32) * np.float32(factor)
+        bits = wide.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+        return (rounded >> 16).astype(np.uint16)
+    return (array.astype(np.float32) * np.float32(factor)).astype(array.dtype)
+
+
+def add_norm(plan: WeightPlan, spec: dict, ours: str, hf: str) -> None:
+    """A norm's weight (and bias when the spec's norms carry one); nothing for a norm without
+    parameters."""
+    if spec["norm"] == "layer_norm_no_weight":
+        return
+    hidden = spec["hidden_size"]
+    plan.add(ours + ".weight", (hf + ".weight", (hidden,)))
+    if spec["norm_bias"]:
+        plan.add(ours + ".bias", (hf + ".bias", (hidden,)))
+
+
+def add_linear(plan: WeightPlan, ours: str, hf: str, rows: int, cols: int, bias: bool,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """A Linear layer (weight [rows, cols]) and its bias when `bias`; `transform` applies to
+    both (a row reorder)."""
+    plan.add(ours + ".weight", (hf + ".weight", (rows, cols)), transform=transform)
+    if bias:
+        plan.add(ours + ".bias", (hf + ".bias", (rows,)), transform=transform)
+
+
+def add_conv1d(plan: WeightPlan, ours: str, hf: str, rows: int, cols: int, bias: bool) -> None:
+    """A GPT-2 Conv1D layer (weight stored [cols, rows]) as a canonical Linear [rows, cols]."""
+    plan.add(ours + ".weight", (hf + ".weight", (cols, rows)), transform=conv1d)
+    if bias:
+        plan.add(ours + ".bias", (hf + ".bias", (rows,)))
+
+
+def add_head(plan: WeightPlan, spec: dict, final_norm: str | None, lm_head: str = "lm_head"
+             ) -> None:
+    """The final norm and, unless tied to the embedding, the LM head, with its bias when the spec
+    has one."""
+    vocab, hidden = spec["vocab_size"], spec["hidden_size"]
+    if final_norm is not None:
+        add_norm(plan, spec, "final_norm", final_norm)
+    if not spec["tied_embeddings"]:
+        # A tied checkpoint may still store lm_head.weight (a copy of the embedding): unused.
+        plan.add("lm_head.weight", (lm_head + ".weight", (vocab, hidden)))
+    if spec["lm_head_bias"]:
+        plan.add("lm_head.bias", (lm_head + ".bias", (vocab,)))
