@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -310,6 +311,17 @@ TEST(ModelDir, SavedModelLoadsAndGeneratesTheSameTokens) {
   const std::vector<int32_t> expected = greedy(in_memory, prompt, 12);
   ASSERT_EQ(expected.size(), 12u);
   EXPECT_EQ(greedy(loaded, prompt, 12), expected);
+
+  // The same directory through MappedModelDir, for constructors that take (spec, config, weights);
+  // the mapping may go once the engine is built.
+  std::unique_ptr<Engine> from_mapping;
+  {
+    MappedModelDir mapped(config);
+    EXPECT_EQ(mapped.config().dtype, "bfloat16");
+    EXPECT_EQ(mapped.weights().size(), weights.tensors.size());
+    from_mapping = std::make_unique<Engine>(mapped.spec(), mapped.config(), mapped.weights());
+  }
+  EXPECT_EQ(greedy(*from_mapping, prompt, 12), expected);
 }
 
 TEST(ModelDir, ConfigOverridesTheDirectory) {

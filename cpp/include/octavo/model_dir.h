@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -60,6 +61,40 @@ ModelDirConfig model_dir_config_from_json(std::string_view json);
 /// Reads DIR/octavo.json. Throws FormatError when DIR is not an octavo model directory (a Hugging
 /// Face checkpoint gets told to run `octavo export`).
 ModelDirConfig read_model_dir_config(const std::string& dir);
+
+/// An octavo model directory opened for loading, for the constructors that take (spec, config,
+/// weights), such as AsyncEngine's:
+///
+///   octavo::MappedModelDir model(config);  // config.model names the directory
+///   octavo::AsyncEngine engine(model.spec(), model.config(), model.weights());
+///
+/// The safetensors files are mapped read-only, not read: the weights are views into the mappings,
+/// valid while this object lives (an engine copies them during construction, so it may be
+/// destroyed right after). Engine(const EngineConfig&) does the same in one call.
+class MappedModelDir {
+ public:
+  /// Reads config.model's octavo.json and maps its weights. Throws InvalidArgument when
+  /// config.model is empty, FormatError for a missing or malformed directory or weights file (or
+  /// a weight stored in two files).
+  explicit MappedModelDir(const EngineConfig& config);
+  ~MappedModelDir();
+  MappedModelDir(MappedModelDir&&) noexcept;
+  MappedModelDir& operator=(MappedModelDir&&) noexcept;
+  MappedModelDir(const MappedModelDir&) = delete;
+  MappedModelDir& operator=(const MappedModelDir&) = delete;
+
+  const ModelSpec& spec() const;
+  /// The caller's config with what the directory settles: dtype "auto" becomes the stored dtype
+  /// (float32 runs as bfloat16 on a GPU, as in the Python engine and vLLM), and empty
+  /// eos_token_ids become octavo.json's.
+  const EngineConfig& config() const;
+  /// Every tensor of the directory under its canonical name, in file order.
+  const std::vector<HostTensor>& weights() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 /// Writes a model directory: DIR/octavo.json and DIR/model.safetensors holding `weights` as given
 /// (each keeps its dtype). DIR is created if missing; existing files of those names are

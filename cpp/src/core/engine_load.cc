@@ -1,6 +1,6 @@
-// Engine(EngineConfig): an octavo model directory (octavo/model_dir.h) loaded with no Python. The
-// safetensors files are mapped, not read: the executor converts and uploads each weight straight
-// from the mapping, so the host holds no second copy of the model.
+// Engine(EngineConfig) and MappedModelDir: an octavo model directory (octavo/model_dir.h) loaded
+// with no Python. The safetensors files are mapped, not read: the executor converts and uploads
+// each weight straight from the mapping, so the host holds no second copy of the model.
 #include <octavo/engine.h>
 
 #include <string>
@@ -35,10 +35,7 @@ ModelDirConfig read_model(const EngineConfig& config) {
   return read_model_dir_config(config.model);
 }
 
-// The configuration the directory implies where the caller left it open: the stored dtype (a
-// float32 model runs in bfloat16 on a GPU, as the Python engine and vLLM do) and the EOS ids.
-EngineConfig resolve_config(const EngineConfig& config) {
-  const ModelDirConfig model = read_model(config);
+EngineConfig resolve_config(const EngineConfig& config, const ModelDirConfig& model) {
   EngineConfig resolved = config;
   if (resolved.dtype == "auto") {
     resolved.dtype = model.dtype;
@@ -52,9 +49,7 @@ EngineConfig resolve_config(const EngineConfig& config) {
   return resolved;
 }
 
-// The weights of a model directory as HostTensors pointing into the mapped files. Lives for the
-// duration of the Engine constructor call (a temporary of the delegating call), which is as long
-// as the executor needs the host copies.
+// The weights of a model directory as HostTensors pointing into the mapped files.
 class MappedWeights {
  public:
   explicit MappedWeights(const std::string& dir) {
@@ -73,19 +68,41 @@ class MappedWeights {
     }
   }
 
+  const std::vector<HostTensor>& tensors() const { return tensors_; }
   operator const std::vector<HostTensor>&() const { return tensors_; }
 
  private:
-  std::vector<SafetensorsFile> files_;
+  std::vector<SafetensorsFile> files_;  // the mappings the tensors point into
   std::vector<HostTensor> tensors_;
 };
 
 }  // namespace
 
-// octavo.json is read twice (for the spec and for the config; a few KB) so that the delegated
-// constructor gets three independent arguments; braces evaluate them in order, so a bad
-// directory is reported by read_model() first.
+struct MappedModelDir::Impl {
+  explicit Impl(const EngineConfig& requested)
+      : model(read_model(requested)),
+        config(resolve_config(requested, model)),
+        weights(requested.model) {}
+
+  ModelDirConfig model;
+  EngineConfig config;
+  MappedWeights weights;
+};
+
+MappedModelDir::MappedModelDir(const EngineConfig& config) : impl_(std::make_unique<Impl>(config)) {}
+MappedModelDir::~MappedModelDir() = default;
+MappedModelDir::MappedModelDir(MappedModelDir&&) noexcept = default;
+MappedModelDir& MappedModelDir::operator=(MappedModelDir&&) noexcept = default;
+const ModelSpec& MappedModelDir::spec() const { return impl_->model.spec; }
+const EngineConfig& MappedModelDir::config() const { return impl_->config; }
+const std::vector<HostTensor>& MappedModelDir::weights() const { return impl_->weights.tensors(); }
+
+// The delegated constructor needs the spec, the config and the weights as three arguments, and
+// only a temporary of the delegating call lives long enough to hold the mapping: octavo.json is
+// therefore read twice (a few KB). Braces evaluate the arguments in order, so a bad directory is
+// reported by the first read.
 Engine::Engine(const EngineConfig& config)
-    : Engine{read_model(config).spec, resolve_config(config), MappedWeights(config.model)} {}
+    : Engine{read_model(config).spec, resolve_config(config, read_model(config)),
+             MappedWeights(config.model)} {}
 
 }  // namespace octavo

@@ -120,6 +120,7 @@ void bind_engine(nb::module_& m) {
 
   nb::class_<EngineConfig>(m, "EngineConfig")
       .def(nb::init<>())
+      .def_rw("model", &EngineConfig::model)
       .def_rw("device", &EngineConfig::device)
       .def_rw("dtype", &EngineConfig::dtype)
       .def_rw("max_model_len", &EngineConfig::max_model_len)

@@ -10,3 +10,4 @@ void bind_ops_elementwise(nanobind::module_& ops);
 void bind_ops_sampling(nanobind::module_& ops);
 void bind_engine(nanobind::module_& m);
 void bind_safetensors(nanobind::module_& m);
+void bind_model_dir(nanobind::module_& m);

@@ -35,4 +35,5 @@ NB_MODULE(_C, m) {
   bind_ops(m);
   bind_engine(m);
   bind_safetensors(m);
+  bind_model_dir(m);  // after bind_engine: it returns ModelSpec and Engine
 }
