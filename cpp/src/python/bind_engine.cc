@@ -10,27 +10,16 @@
 #include <octavo/engine.h>
 
 #include "python/bindings.h"
+#include "python/weights.h"
 
 namespace nb = nanobind;
 using namespace octavo;
 
 namespace {
 
-using HostArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;  // read-only views welcome
-using WeightTuple = std::tuple<std::string, std::string, HostArray>;
-
 Engine* make_engine(const ModelSpec& spec, const EngineConfig& config,
                                     const std::vector<WeightTuple>& weights) {
-  std::vector<HostTensor> tensors;
-  tensors.reserve(weights.size());
-  for (const auto& [name, dtype, array] : weights) {
-    HostTensor t;
-    t.name = name;
-    t.dtype = dtype;
-    for (size_t d = 0; d < array.ndim(); ++d) t.shape.push_back(int64_t(array.shape(d)));
-    t.data = array.data();
-    tensors.push_back(std::move(t));
-  }
+  std::vector<HostTensor> tensors = to_host_tensors(weights);
   nb::gil_scoped_release release;  // the arrays stay alive: `weights` holds them
   return new Engine(spec, config, tensors);  // nb::new_ takes ownership
 }

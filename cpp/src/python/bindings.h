@@ -9,5 +9,6 @@ void bind_ops_attention(nanobind::module_& ops);
 void bind_ops_elementwise(nanobind::module_& ops);
 void bind_ops_sampling(nanobind::module_& ops);
 void bind_engine(nanobind::module_& m);
+void bind_async_engine(nanobind::module_& m);
 void bind_safetensors(nanobind::module_& m);
 void bind_model_dir(nanobind::module_& m);

@@ -34,6 +34,7 @@ NB_MODULE(_C, m) {
   bind_kv_cache(m);
   bind_ops(m);
   bind_engine(m);
+  bind_async_engine(m);  // after bind_engine: it returns EngineOutput and EngineStats
   bind_safetensors(m);
   bind_model_dir(m);  // after bind_engine: it returns ModelSpec and Engine
 }
