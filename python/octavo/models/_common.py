@@ -242,8 +242,9 @@ class WeightSource:
     name: str
     parts: tuple[tuple[str, tuple[int, ...]], ...]
     # Applied to the concatenated parts, for layouts that are not canonical rows (GPT-2's Conv1D
-    # weights are [in, out]; GPT-NeoX and BLOOM interleave q, k, v per head). It must only move
-    # elements (transpose, reorder rows), so it serves every dtype, bfloat16 bits included.
+    # weights are [in, out]; GPT-NeoX and BLOOM interleave q, k, v per head). It moves elements
+    # (transpose, reorder rows), so it serves every dtype, bfloat16 bits included; one that
+    # computes (Baichuan 2 normalises LM-head rows) must return the dtype it got (bf16 as bits).
     transform: Callable[[np.ndarray], np.ndarray] | None = None
 
 
