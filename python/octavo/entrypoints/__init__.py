@@ -1,0 +1,1 @@
+"""Ways to run octavo as a service: the OpenAI-compatible HTTP server (entrypoints.openai)."""

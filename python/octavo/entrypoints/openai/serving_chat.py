@@ -1,0 +1,166 @@
+"""POST /v1/chat/completions: messages through the chat template, one choice per sequence."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Optional, Union
+
+from octavo.async_llm import RequestOutputKind
+from octavo.entrypoints.openai.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from octavo.entrypoints.openai.serving_engine import (
+    OpenAIError,
+    OpenAIServing,
+    clamp_logprob,
+    engine_error,
+    top_entries,
+)
+
+
+class OpenAIServingChat(OpenAIServing):
+    """The chat completions endpoint over an AsyncLLM."""
+
+    async def create_chat_completion(
+            self, request: ChatCompletionRequest
+    ) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
+        """The response, or for stream=true the server-sent events (the first output is already
+        in: any refusal of the request is a 400 before the stream starts)."""
+        model = self.model_name(request.model)
+        self.check_engine()
+        if request.tools and request.tool_choice != "none":
+            raise OpenAIError("tool calling is not supported by this server (tools need "
+                              "tool_choice='none')", param="tools")
+        if request.response_format and request.response_format.get("type", "text") != "text":
+            raise OpenAIError(f"response_format {request.response_format.get('type')!r} is not "
+                              "supported by this server; only 'text'", param="response_format")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = (request.max_completion_tokens if request.max_completion_tokens is not None
+                      else request.max_tokens)
+        prompt = self.render_chat(request.messages, request)
+        self.check_length(prompt, max_tokens, "messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        self.max_num_seqs_check(params)
+        if request.stream and params.best_of is not None and params.best_of > params.n:
+            raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
+                              "once all finished", param="best_of")
+        if request.logit_bias:
+            self.check_tokens([int(t) for t in params.logit_bias], "logit_bias")
+        request_id = random_id("chatcmpl")
+        created = int(time.time())
+
+        if request.stream:
+            outputs = self.generate_all([prompt], params, request_id, RequestOutputKind.DELTA)
+            try:
+                first = await outputs.__anext__()
+            except BaseException as error:
+                await outputs.aclose()
+                if isinstance(error, Exception):
+                    raise engine_error(error) from None
+                raise
+            return self._stream(first, outputs, len(prompt.token_ids), request, model,
+                                request_id, created)
+
+        final = None
+        outputs = self.generate_all([prompt], params, request_id, RequestOutputKind.FINAL_ONLY)
+        try:
+            async for _, output in outputs:
+                final = output
+        except Exception as error:
+            raise engine_error(error) from None
+        finally:
+            await outputs.aclose()
+        choices = [
+            ChatCompletionChoice(
+                index=completion.index,
+                message=ChatResponseMessage(content=completion.text),
+                logprobs=self._logprobs(completion.token_ids, completion.logprobs, logprobs),
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+            for completion in final.outputs]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        return ChatCompletionResponse(id=request_id, created=created, model=model,
+                                      choices=choices,
+                                      usage=self.usage([prompt], completion_tokens))
+
+    def _logprobs(self, token_ids, entries, top: Optional[int]) -> Optional[ChatChoiceLogprobs]:
+        """OpenAI's chat logprobs: per token its text, bytes, logprob and the `top` most likely
+        tokens at that position."""
+        if top is None or entries is None:
+            return None
+        content = []
+        for token, entry in zip(token_ids, entries):
+            sampled = entry[token]
+            text = self._token_text(token, sampled.decoded_token)
+            content.append(ChatTokenLogprob(
+                token=text, logprob=clamp_logprob(sampled.logprob),
+                bytes=list(text.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=(t_text := self._token_text(t, lp.decoded_token)),
+                               logprob=clamp_logprob(lp.logprob),
+                               bytes=list(t_text.encode("utf-8")))
+                    for t, lp in top_entries(entry, top)]))
+        return ChatChoiceLogprobs(content=content)
+
+    def _token_text(self, token: int, decoded: Optional[str]) -> str:
+        return decoded if decoded is not None else self.tokenizer.decode([token])
+
+    async def _stream(self, first, outputs, prompt_tokens: int, request: ChatCompletionRequest,
+                      model: str, request_id: str, created: int) -> AsyncIterator[str]:
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous_usage = bool(include_usage and options.continuous_usage_stats)
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        completion_tokens = 0
+
+        def usage() -> UsageInfo:
+            return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                             total_tokens=prompt_tokens + completion_tokens)
+
+        def event(choices: list, with_usage: Optional[UsageInfo] = None) -> str:
+            response = ChatCompletionStreamResponse(id=request_id, created=created, model=model,
+                                                    choices=choices, usage=with_usage)
+            return f"data: {response.model_dump_json()}\n\n"
+
+        try:
+            # OpenAI's first chunk of each choice names the role, with empty content.
+            yield event([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(
+                role="assistant", content="")) for i in range(request.n)],
+                usage() if continuous_usage else None)
+            output = first[1]
+            while True:
+                choices = []
+                for completion in output.outputs:
+                    completion_tokens += len(completion.token_ids)
+                    choices.append(ChatCompletionStreamChoice(
+                        index=completion.index, delta=DeltaMessage(content=completion.text),
+                        logprobs=self._logprobs(completion.token_ids, completion.logprobs, top),
+                        finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason))
+                if choices:
+                    yield event(choices, usage() if continuous_usage else None)
+                try:
+                    _, output = await outputs.__anext__()
+                except StopAsyncIteration:
+                    break
+            if include_usage:
+                yield event([], usage())
+        except Exception as error:  # the stream has started: the error goes in it
+            yield f"data: {json.dumps(engine_error(error).body())}\n\n"
+        finally:
+            await outputs.aclose()
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,209 @@
+"""POST /v1/completions: text (or token-id) prompts, one choice per prompt and sequence."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Optional, Union
+
+from octavo.async_llm import RequestOutputKind
+from octavo.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from octavo.entrypoints.openai.serving_engine import (
+    OpenAIError,
+    OpenAIServing,
+    Prompt,
+    clamp_logprob,
+    engine_error,
+)
+from octavo.outputs import Logprob
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """The completions endpoint over an AsyncLLM."""
+
+    def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            batch: list = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            batch = [prompt]
+        else:
+            batch = list(prompt)
+        if not batch:
+            raise OpenAIError("prompt is an empty list; give a prompt", param="prompt")
+        prompts = []
+        for item in batch:
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                prompts.append(Prompt(item, ids))
+            else:
+                self.check_tokens(item, "prompt")
+                prompts.append(Prompt(None, list(item)))
+        return prompts
+
+    async def create_completion(
+            self, request: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
+        """The response, or for stream=true the server-sent events (the first output is already
+        in: any refusal of the request is a 400 before the stream starts)."""
+        model = self.model_name(request.model)
+        self.check_engine()
+        if request.suffix is not None:
+            raise OpenAIError("suffix is not supported by this server", param="suffix")
+        prompts = self._prompts(request)
+        for prompt in prompts:
+            self.check_length(prompt, request.max_tokens, "prompt")
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and request.logprobs is not None:
+            # The echoed prompt's tokens get logprobs too (the first one has none).
+            prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
+        params = self.sampling_params(request, request.max_tokens, request.logprobs,
+                                      prompt_logprobs)
+        self.max_num_seqs_check(params)
+        if request.stream and params.best_of is not None and params.best_of > params.n:
+            raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
+                              "once all finished", param="best_of")
+        if request.logit_bias:
+            self.check_tokens([int(t) for t in params.logit_bias], "logit_bias")
+        request_id = random_id("cmpl")
+        created = int(time.time())
+
+        if request.stream:
+            outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.DELTA)
+            try:
+                first = await outputs.__anext__()
+            except BaseException as error:
+                await outputs.aclose()
+                if isinstance(error, Exception):
+                    raise engine_error(error) from None
+                raise
+            return self._stream(first, outputs, prompts, request, model, request_id, created)
+
+        final: list = [None] * len(prompts)
+        outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.FINAL_ONLY)
+        try:
+            async for index, output in outputs:
+                final[index] = output
+        except Exception as error:
+            raise engine_error(error) from None
+        finally:
+            await outputs.aclose()
+
+        choices = []
+        completion_tokens = 0
+        for i, (prompt, output) in enumerate(zip(prompts, final)):
+            for completion in output.outputs:
+                completion_tokens += len(completion.token_ids)
+                text = completion.text
+                token_ids = list(completion.token_ids)
+                entries = completion.logprobs
+                if request.echo:
+                    text = self._prompt_text(prompt) + text
+                    token_ids = prompt.token_ids + token_ids
+                    if entries is not None:
+                        entries = list(output.prompt_logprobs or []) + list(entries)
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self._logprobs(token_ids, entries, 0)
+                choices.append(CompletionChoice(
+                    index=i * request.n + completion.index, text=text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                  usage=self.usage(prompts, completion_tokens))
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids)
+
+    def _logprobs(self, token_ids: list[int], entries: Optional[list],
+                  offset: int) -> CompletionLogProbs:
+        """OpenAI's completion logprobs: per token its text, logprob, the top tokens' logprobs
+        (with the sampled token's, as vLLM gives them) and its offset in the choice's text."""
+        result = CompletionLogProbs()
+        for token, entry in zip(token_ids, entries or []):
+            if entry is None:  # the first prompt token: nothing precedes it
+                token_text = self.tokenizer.decode([token])
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+            else:
+                sampled: Logprob = entry[token]
+                token_text = self._token_text(token, sampled)
+                result.token_logprobs.append(clamp_logprob(sampled.logprob))
+                # The top tokens by rank, then the sampled one when it ranks lower.
+                result.top_logprobs.append({self._token_text(t, lp): clamp_logprob(lp.logprob)
+                                            for t, lp in entry.items()})
+            result.tokens.append(token_text)
+            result.text_offset.append(offset)
+            offset += len(token_text)
+        return result
+
+    def _token_text(self, token: int, logprob: Logprob) -> str:
+        if logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token])
+
+    async def _stream(self, first, outputs, prompts: list[Prompt], request: CompletionRequest,
+                      model: str, request_id: str, created: int) -> AsyncIterator[str]:
+        n = request.n
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous_usage = bool(include_usage and options.continuous_usage_stats)
+        offsets: dict[int, int] = {}
+        echoed: set[int] = set()
+        prompt_logprobs: dict[int, list] = {}
+        tokens_by_prompt = [0] * len(prompts)
+
+        def chunk(i: int, output) -> str:
+            choices = []
+            if output.prompt_logprobs is not None:
+                prompt_logprobs[i] = output.prompt_logprobs
+            for completion in output.outputs:
+                index = i * n + completion.index
+                text = completion.text
+                token_ids = list(completion.token_ids)
+                entries = completion.logprobs
+                if request.echo and index not in echoed:
+                    echoed.add(index)
+                    text = self._prompt_text(prompts[i]) + text
+                    token_ids = prompts[i].token_ids + token_ids
+                    if entries is not None:
+                        entries = list(prompt_logprobs.get(i, [])) + list(entries)
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self._logprobs(token_ids, entries, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(text)
+                tokens_by_prompt[i] += len(completion.token_ids)
+                choices.append(CompletionChoice(
+                    index=index, text=text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+            response = CompletionResponse(id=request_id, created=created, model=model,
+                                          choices=choices)
+            if continuous_usage:
+                prompt_tokens = len(prompts[i].token_ids)
+                response.usage = UsageInfo(
+                    prompt_tokens=prompt_tokens, completion_tokens=tokens_by_prompt[i],
+                    total_tokens=prompt_tokens + tokens_by_prompt[i])
+            return f"data: {response.model_dump_json()}\n\n"
+
+        try:
+            yield chunk(*first)
+            async for i, output in outputs:
+                yield chunk(i, output)
+            if include_usage:
+                usage = CompletionResponse(id=request_id, created=created, model=model,
+                                           choices=[],
+                                           usage=self.usage(prompts, sum(tokens_by_prompt)))
+                yield f"data: {usage.model_dump_json()}\n\n"
+        except Exception as error:  # the stream has started: the error goes in it
+            yield f"data: {json.dumps(engine_error(error).body())}\n\n"
+        finally:
+            await outputs.aclose()
+        yield "data: [DONE]\n\n"
