@@ -66,6 +66,16 @@ def unsupported(config: dict, what: str) -> ValueError:
     return ValueError(f"{architecture_of(config)}: {what} is not supported")
 
 
+def config_int(config: dict, *keys: str) -> int:
+    """The first of `keys` that config.json sets (families and their releases spell the same size
+    differently: n_embd, n_embed, hidden_size, d_model); ValueError naming every spelling."""
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    raise ValueError(f"config.json of {architecture_of(config)} lacks "
+                     + " or ".join(repr(k) for k in keys))
+
+
 def make_spec(**fields) -> dict:
     """A complete ModelSpec dict: the required fields, plus any others, the rest at their
     model_spec.h defaults. `rope` defaults to no rotary (the dict is still complete)."""

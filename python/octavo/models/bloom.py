@@ -25,7 +25,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, per_head_qkv, unsupported)
+    add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec, per_head_qkv,
+    unsupported)
 
 ARCHITECTURES = ("BloomForCausalLM",)
 MODEL_TYPES = ("bloom",)
@@ -35,13 +36,13 @@ def spec_from_config(config: dict) -> dict:
     """ModelSpec fields of a BLOOM config (n_embed or hidden_size, n_head, n_layer)."""
     if config.get("apply_residual_connection_post_layernorm"):
         raise unsupported(config, "apply_residual_connection_post_layernorm=true")
-    hidden = int(config.get("hidden_size") or require(config, "n_embed"))
-    heads = int(config.get("n_head") or require(config, "num_attention_heads"))
+    hidden = config_int(config, "hidden_size", "n_embed")
+    heads = config_int(config, "n_head", "num_attention_heads")
     return make_spec(
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("n_layer") or require(config, "num_hidden_layers")),
+        num_layers=config_int(config, "n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=head_dim(hidden, heads, config),

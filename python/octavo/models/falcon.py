@@ -30,8 +30,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, find_prefix, grouped_qkv, head_dim, make_spec,
-    rope, unsupported)
+    activation, add_head, add_linear, add_norm, config_int, find_prefix, grouped_qkv, head_dim,
+    make_spec, rope, unsupported)
 
 ARCHITECTURES = ("FalconForCausalLM", "RWForCausalLM")
 # RefinedWeb is the 40B-style layout, RefinedWebModel the 7B-style one (as transformers converts
@@ -57,8 +57,8 @@ def spec_from_config(config: dict) -> dict:
             config, "alibi=true (Falcon-RW): its ALiBi bias is scaled by 1/sqrt(head_dim) with "
                     "the scores, and ModelSpec has no ALiBi slope scale")
     new_arch, multi_query, parallel = _layout(config)
-    hidden = int(config.get("hidden_size") or require(config, "n_embed"))
-    heads = int(config.get("num_attention_heads") or require(config, "n_head"))
+    hidden = config_int(config, "hidden_size", "n_embed")
+    heads = config_int(config, "num_attention_heads", "n_head")
     size = head_dim(hidden, heads, config)
     if new_arch:
         kv_heads = int(config.get("num_kv_heads") or config.get("n_head_kv") or heads)
@@ -74,7 +74,7 @@ def spec_from_config(config: dict) -> dict:
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("num_hidden_layers") or require(config, "n_layer")),
+        num_layers=config_int(config, "num_hidden_layers", "n_layer"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=size,

@@ -21,7 +21,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    activation, add_conv1d, add_head, add_norm, find_prefix, head_dim, make_spec, unsupported)
+    activation, add_conv1d, add_head, add_norm, config_int, find_prefix, head_dim, make_spec,
+    unsupported)
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 MODEL_TYPES = ("gpt2",)
@@ -33,9 +34,9 @@ def spec_from_config(config: dict) -> dict:
         raise unsupported(config, "scale_attn_by_inverse_layer_idx (a per-layer softmax scale)")
     if config.get("add_cross_attention"):
         raise unsupported(config, "add_cross_attention (an encoder-decoder model)")
-    hidden = int(config.get("n_embd") or require(config, "hidden_size"))
-    heads = int(config.get("n_head") or require(config, "num_attention_heads"))
-    num_layers = int(config.get("n_layer") or require(config, "num_hidden_layers"))
+    hidden = config_int(config, "n_embd", "hidden_size")
+    heads = config_int(config, "n_head", "num_attention_heads")
+    num_layers = config_int(config, "n_layer", "num_hidden_layers")
     size = head_dim(hidden, heads, config)
     return make_spec(
         architecture=pick_architecture(config, ARCHITECTURES),
@@ -46,8 +47,7 @@ def spec_from_config(config: dict) -> dict:
         num_kv_heads=heads,
         head_dim=size,
         intermediate_size=int(config.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(config.get("n_positions")
-                                    or require(config, "max_position_embeddings")),
+        max_position_embeddings=config_int(config, "n_positions", "max_position_embeddings"),
         norm="layer_norm",
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         norm_bias=True,

@@ -19,8 +19,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, per_head_qkv,
-    unsupported)
+    activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
+    per_head_qkv, unsupported)
 
 ARCHITECTURES = ("GPTBigCodeForCausalLM",)
 MODEL_TYPES = ("gpt_bigcode",)
@@ -30,19 +30,18 @@ def spec_from_config(config: dict) -> dict:
     """ModelSpec fields of a GPT BigCode config; multi_query (default true) means one KV head."""
     if config.get("add_cross_attention"):
         raise unsupported(config, "add_cross_attention (an encoder-decoder model)")
-    hidden = int(config.get("n_embd") or require(config, "hidden_size"))
-    heads = int(config.get("n_head") or require(config, "num_attention_heads"))
+    hidden = config_int(config, "n_embd", "hidden_size")
+    heads = config_int(config, "n_head", "num_attention_heads")
     return make_spec(
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("n_layer") or require(config, "num_hidden_layers")),
+        num_layers=config_int(config, "n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=1 if config.get("multi_query", True) else heads,
         head_dim=head_dim(hidden, heads, config),
         intermediate_size=int(config.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(config.get("n_positions")
-                                    or require(config, "max_position_embeddings")),
+        max_position_embeddings=config_int(config, "n_positions", "max_position_embeddings"),
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         activation=activation(config, "activation_function", "gelu_pytorch_tanh"),
         positions="learned",

@@ -18,7 +18,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, plain_rope)
+    activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
+    plain_rope)
 
 ARCHITECTURES = ("GPTJForCausalLM",)
 MODEL_TYPES = ("gptj",)
@@ -27,8 +28,8 @@ MODEL_TYPES = ("gptj",)
 def spec_from_config(config: dict) -> dict:
     """ModelSpec fields of a GPT-J config (n_embd, n_layer, n_head, n_inner, n_positions,
     rotary_dim)."""
-    hidden = int(config.get("n_embd") or require(config, "hidden_size"))
-    heads = int(config.get("n_head") or require(config, "num_attention_heads"))
+    hidden = config_int(config, "n_embd", "hidden_size")
+    heads = config_int(config, "n_head", "num_attention_heads")
     size = head_dim(hidden, heads, config)
     # transformers' GPT-J needs rotary_dim: without it its tables do not fit the heads.
     rotary = plain_rope(size, int(require(config, "rotary_dim")), pairing="gptj")
@@ -36,13 +37,12 @@ def spec_from_config(config: dict) -> dict:
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("n_layer") or require(config, "num_hidden_layers")),
+        num_layers=config_int(config, "n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=size,
         intermediate_size=int(config.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(config.get("n_positions")
-                                    or require(config, "max_position_embeddings")),
+        max_position_embeddings=config_int(config, "n_positions", "max_position_embeddings"),
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         activation=activation(config, "activation_function", "gelu_new"),
         positions="rotary",

@@ -29,7 +29,8 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    ACTIVATIONS, add_conv1d, find_prefix, head_dim, make_spec, scale_values, unsupported)
+    ACTIVATIONS, add_conv1d, config_int, find_prefix, head_dim, make_spec, scale_values,
+    unsupported)
 
 ARCHITECTURES = ("JAISLMHeadModel",)
 MODEL_TYPES = ("jais",)
@@ -65,8 +66,8 @@ def spec_from_config(config: dict) -> dict:
         raise ValueError(
             f"JAISLMHeadModel: activation_function {act!r} is not supported; supported: swiglu, "
             f"{', '.join(sorted(ACTIVATIONS))}")
-    hidden = int(config.get("n_embd") or require(config, "hidden_size"))
-    heads = int(config.get("n_head") or require(config, "num_attention_heads"))
+    hidden = config_int(config, "n_embd", "hidden_size")
+    heads = config_int(config, "n_head", "num_attention_heads")
     size = head_dim(hidden, heads, config)
     embeddings_scale, _, by_d = _scales(config)
     if not config.get("scale_attn_weights", True):
@@ -77,13 +78,12 @@ def spec_from_config(config: dict) -> dict:
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("n_layer") or require(config, "num_hidden_layers")),
+        num_layers=config_int(config, "n_layer", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=size,
         intermediate_size=int(config.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(config.get("n_positions")
-                                    or require(config, "max_position_embeddings")),
+        max_position_embeddings=config_int(config, "n_positions", "max_position_embeddings"),
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         activation="silu_glu" if act == "swiglu" else ACTIVATIONS[act],
         positions=position_type,

@@ -22,7 +22,7 @@ import numpy as np
 
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
-    add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, unsupported)
+    add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec, unsupported)
 
 ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM")
 MODEL_TYPES = ("mpt",)
@@ -49,14 +49,14 @@ def spec_from_config(config: dict) -> dict:
         raise unsupported(config, f"norm_type {config['norm_type']!r}")
     if config.get("logit_scale") not in (None, 1, 1.0):
         raise unsupported(config, f"logit_scale {config['logit_scale']!r}")
-    hidden = int(config.get("d_model") or require(config, "hidden_size"))
-    heads = int(config.get("n_heads") or require(config, "num_attention_heads"))
+    hidden = config_int(config, "d_model", "hidden_size")
+    heads = config_int(config, "n_heads", "num_attention_heads")
     softmax_scale = attn.get("softmax_scale")
     return make_spec(
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(config.get("n_layers") or require(config, "num_hidden_layers")),
+        num_layers=config_int(config, "n_layers", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=head_dim(hidden, heads, config),

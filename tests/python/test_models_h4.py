@@ -350,7 +350,7 @@ def test_jais_scales_change_the_reference(config):
         assert np.max(np.abs(np.array(other) - np.array(base))) > 1e-2, key
 
 
-# --- hub layouts: the same model saved the way the hub's checkpoints were --------------------------
+# --- hub layouts: the same model saved the way the hub's checkpoints were -------------------------
 
 
 def load_canonical(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
