@@ -114,8 +114,10 @@ def read_eos_token_ids(model_dir: str, config: dict, tokenizer=None) -> list:
     return []
 
 
-def create_engine(args: EngineArgs, tokenizer=None):
-    """Returns (engine, spec dict, config dict). Raises ValueError for a bad checkpoint or argument."""
+def create_engine(args: EngineArgs, tokenizer=None, asynchronous: bool = False):
+    """Returns (engine, spec dict, config dict): a `_C.Engine` (driven by step()), or with
+    `asynchronous` a `_C.AsyncEngine` (its own loop thread). Raises ValueError for a bad
+    checkpoint or argument."""
     model_dir = args.model
     if not os.path.isdir(model_dir):
         raise ValueError(
@@ -148,7 +150,8 @@ def create_engine(args: EngineArgs, tokenizer=None):
     engine_config.eos_token_ids = read_eos_token_ids(model_dir, config, tokenizer)
 
     weight_tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]
-    engine = _C.Engine(cpp_spec, engine_config, weight_tuples)
+    engine_class = _C.AsyncEngine if asynchronous else _C.Engine
+    engine = engine_class(cpp_spec, engine_config, weight_tuples)
     del weight_tuples
     resolved = engine.config
     logger.info(
