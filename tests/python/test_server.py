@@ -97,7 +97,15 @@ def test_stream_is_server_sent_events_ending_in_done(server):
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(line[len("data: "):]) for line in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert all(chunk["usage"] is None for chunk in chunks)  # no include_usage
+    assert all("usage" not in chunk for chunk in chunks)  # no include_usage
+
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                  if line and line != "data: [DONE]"]
+    # OpenAI's shape: a null usage in every chunk but the last, which has no choices.
+    assert all(chunk["usage"] is None and chunk["choices"] for chunk in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
 
 
 @pytest.mark.parametrize("stream", [False, True])

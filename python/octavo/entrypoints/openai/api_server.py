@@ -29,9 +29,11 @@ try:
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _error:  # the [server] extra is not installed
-    raise ImportError(
-        f"octavo's OpenAI server needs fastapi and uvicorn ({_error}); install them with "
-        "pip install 'octavo[server]'") from _error
+    _message = (f"octavo's OpenAI server needs fastapi and uvicorn ({_error}); install them "
+                "with: pip install 'octavo[server]'")
+    if __name__ == "__main__":
+        raise SystemExit(_message) from None
+    raise ImportError(_message) from _error
 from pydantic import BaseModel, ValidationError
 
 import octavo

@@ -201,29 +201,6 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: Optional[str] = None
 
 
-class DeltaMessage(_Response):
-    role: Optional[str] = None
-    content: Optional[str] = None
-
-
-class ChatCompletionStreamChoice(_Response):
-    index: int
-    delta: DeltaMessage
-    logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class ChatCompletionStreamResponse(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatCompletionStreamChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
-
-
 class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Optional, Union
@@ -13,17 +12,15 @@ from octavo.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamChoice,
-    ChatCompletionStreamResponse,
     ChatResponseMessage,
     ChatTokenLogprob,
-    DeltaMessage,
     TopLogprob,
     UsageInfo,
     random_id,
 )
 from octavo.entrypoints.openai.serving_engine import (
     OpenAIError,
+    EventWriter,
     OpenAIServing,
     clamp_logprob,
     engine_error,
@@ -125,42 +122,43 @@ class OpenAIServingChat(OpenAIServing):
         include_usage = bool(options and options.include_usage)
         continuous_usage = bool(include_usage and options.continuous_usage_stats)
         top = (request.top_logprobs or 0) if request.logprobs else None
+        writer = EventWriter(request_id, "chat.completion.chunk", created, model, include_usage)
         completion_tokens = 0
 
-        def usage() -> UsageInfo:
+        def usage() -> Optional[UsageInfo]:
+            if not continuous_usage:
+                return None
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                              total_tokens=prompt_tokens + completion_tokens)
 
-        def event(choices: list, with_usage: Optional[UsageInfo] = None) -> str:
-            response = ChatCompletionStreamResponse(id=request_id, created=created, model=model,
-                                                    choices=choices, usage=with_usage)
-            return f"data: {response.model_dump_json()}\n\n"
-
         try:
             # OpenAI's first chunk of each choice names the role, with empty content.
-            yield event([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(
-                role="assistant", content="")) for i in range(request.n)],
-                usage() if continuous_usage else None)
+            yield writer.event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}
+                                for i in range(request.n)], usage())
             output = first[1]
             while True:
                 choices = []
                 for completion in output.outputs:
                     completion_tokens += len(completion.token_ids)
-                    choices.append(ChatCompletionStreamChoice(
-                        index=completion.index, delta=DeltaMessage(content=completion.text),
-                        logprobs=self._logprobs(completion.token_ids, completion.logprobs, top),
-                        finish_reason=completion.finish_reason,
-                        stop_reason=completion.stop_reason))
+                    logprobs = self._logprobs(completion.token_ids, completion.logprobs, top)
+                    choices.append({
+                        "index": completion.index, "delta": {"content": completion.text},
+                        "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                        "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason})
                 if choices:
-                    yield event(choices, usage() if continuous_usage else None)
+                    yield writer.event(choices, usage())
                 try:
                     _, output = await outputs.__anext__()
                 except StopAsyncIteration:
                     break
             if include_usage:
-                yield event([], usage())
+                yield writer.event([], UsageInfo(
+                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens))
         except Exception as error:  # the stream has started: the error goes in it
-            yield f"data: {json.dumps(engine_error(error).body())}\n\n"
+            yield writer.error(error)
         finally:
             await outputs.aclose()
-        yield "data: [DONE]\n\n"
+        yield writer.DONE

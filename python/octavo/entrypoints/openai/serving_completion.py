@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Optional, Union
@@ -13,13 +12,13 @@ from octavo.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
     random_id,
 )
 from octavo.entrypoints.openai.serving_engine import (
     OpenAIError,
     OpenAIServing,
     Prompt,
+    EventWriter,
     clamp_logprob,
     engine_error,
 )
@@ -156,54 +155,49 @@ class OpenAIServingCompletion(OpenAIServing):
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
         continuous_usage = bool(include_usage and options.continuous_usage_stats)
+        writer = EventWriter(request_id, "text_completion", created, model, include_usage)
         offsets: dict[int, int] = {}
         echoed: set[int] = set()
         prompt_logprobs: dict[int, list] = {}
         tokens_by_prompt = [0] * len(prompts)
 
-        def chunk(i: int, output) -> str:
+        def event(i: int, output) -> str:
             choices = []
             if output.prompt_logprobs is not None:
                 prompt_logprobs[i] = output.prompt_logprobs
             for completion in output.outputs:
                 index = i * n + completion.index
                 text = completion.text
-                token_ids = list(completion.token_ids)
+                token_ids = completion.token_ids
                 entries = completion.logprobs
                 if request.echo and index not in echoed:
                     echoed.add(index)
                     text = self._prompt_text(prompts[i]) + text
-                    token_ids = prompts[i].token_ids + token_ids
+                    token_ids = prompts[i].token_ids + list(token_ids)
                     if entries is not None:
                         entries = list(prompt_logprobs.get(i, [])) + list(entries)
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = self._logprobs(token_ids, entries, offsets.get(index, 0))
+                    logprobs = self._logprobs(token_ids, entries,
+                                              offsets.get(index, 0)).model_dump()
                 offsets[index] = offsets.get(index, 0) + len(text)
                 tokens_by_prompt[i] += len(completion.token_ids)
-                choices.append(CompletionChoice(
-                    index=index, text=text, logprobs=logprobs,
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-            response = CompletionResponse(id=request_id, created=created, model=model,
-                                          choices=choices)
+                choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": completion.finish_reason,
+                                "stop_reason": completion.stop_reason})
+            usage = None
             if continuous_usage:
-                prompt_tokens = len(prompts[i].token_ids)
-                response.usage = UsageInfo(
-                    prompt_tokens=prompt_tokens, completion_tokens=tokens_by_prompt[i],
-                    total_tokens=prompt_tokens + tokens_by_prompt[i])
-            return f"data: {response.model_dump_json()}\n\n"
+                usage = self.usage([prompts[i]], tokens_by_prompt[i])
+            return writer.event(choices, usage)
 
         try:
-            yield chunk(*first)
+            yield event(*first)
             async for i, output in outputs:
-                yield chunk(i, output)
+                yield event(i, output)
             if include_usage:
-                usage = CompletionResponse(id=request_id, created=created, model=model,
-                                           choices=[],
-                                           usage=self.usage(prompts, sum(tokens_by_prompt)))
-                yield f"data: {usage.model_dump_json()}\n\n"
+                yield writer.event([], self.usage(prompts, sum(tokens_by_prompt)))
         except Exception as error:  # the stream has started: the error goes in it
-            yield f"data: {json.dumps(engine_error(error).body())}\n\n"
+            yield writer.error(error)
         finally:
             await outputs.aclose()
-        yield "data: [DONE]\n\n"
+        yield writer.DONE

@@ -4,6 +4,7 @@ length checks, OpenAI fields to SamplingParams, and running several prompts as o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -50,6 +51,31 @@ def top_entries(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logpro
     token, which may rank lower)."""
     ranked = [(token, lp) for token, lp in entry.items() if lp.rank is not None and lp.rank <= count]
     return sorted(ranked, key=lambda item: item[1].rank)
+
+
+class EventWriter:
+    """The server-sent events of one streamed response, written straight to JSON: with hundreds
+    of streams the event loop spends its time here, and building pydantic models per chunk costs
+    about twice as much. Chunks are OpenAI's: a "text_completion" object like CompletionResponse,
+    or a "chat.completion.chunk" whose choices carry a `delta` message."""
+
+    def __init__(self, request_id: str, object_name: str, created: int, model: str,
+                 include_usage: bool):
+        self._head = (f'data: {{"id":{json.dumps(request_id)},"object":{json.dumps(object_name)},'
+                      f'"created":{created},"model":{json.dumps(model)},"choices":')
+        # OpenAI: with include_usage, every chunk has a usage field, null but in the last.
+        self._no_usage = ',"usage":null' if include_usage else ""
+
+    def event(self, choices: list[dict], usage: Optional[UsageInfo] = None) -> str:
+        body = self._head + json.dumps(choices, separators=(",", ":"))
+        body += self._no_usage if usage is None else ',"usage":' + usage.model_dump_json()
+        return body + "}\n\n"
+
+    @staticmethod
+    def error(error: Exception) -> str:
+        return f"data: {json.dumps(engine_error(error).body())}\n\n"
+
+    DONE = "data: [DONE]\n\n"
 
 
 @dataclass
