@@ -24,16 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import numpy as np
-
-from octavo import _C
-from octavo.engine_core import (
-    EngineArgs,
-    read_eos_token_ids,
-    to_cpp_sampling_params,
-    to_cpp_spec,
-)
-from octavo.models import load_model
+from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
 from octavo.output_processor import RequestState
 from octavo.outputs import CompletionOutput, RequestOutput
 from octavo.sampling_params import SamplingParams
@@ -90,51 +81,6 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine ended a request with an error (its message is the reason)."""
-
-
-def create_async_engine(args: EngineArgs, tokenizer=None):
-    """engine_core.create_engine, building `_C.AsyncEngine` (which starts the engine loop on its
-    own thread) instead of `_C.Engine`. Returns (engine, spec dict, config dict)."""
-    import os
-
-    if not os.path.isdir(args.model):
-        raise ValueError(
-            f"model {args.model!r} is not a directory; give a local Hugging Face checkpoint "
-            "directory (config.json, *.safetensors)")
-    spec, weights, checkpoint_dtype, config = load_model(args.model)
-    cpp_spec = to_cpp_spec(spec)
-
-    engine_config = _C.EngineConfig()
-    engine_config.device = args.device
-    engine_config.dtype = checkpoint_dtype if args.dtype == "auto" else args.dtype
-    if args.dtype == "auto" and args.device.startswith("cuda") and checkpoint_dtype == "float32":
-        logger.info("octavo: float32 checkpoint on %s: running in bfloat16", args.device)
-        engine_config.dtype = "bfloat16"
-    if args.max_model_len is not None:
-        engine_config.max_model_len = int(args.max_model_len)
-    engine_config.max_num_seqs = int(args.max_num_seqs)
-    if args.max_num_batched_tokens is not None:
-        engine_config.max_num_batched_tokens = int(args.max_num_batched_tokens)
-    engine_config.block_size = int(args.block_size)
-    engine_config.enable_prefix_caching = bool(args.enable_prefix_caching)
-    if args.num_gpu_blocks_override is not None:
-        engine_config.num_kv_blocks = int(args.num_gpu_blocks_override)
-    if args.kv_cache_memory_bytes is not None:
-        engine_config.cpu_kv_cache_bytes = int(args.kv_cache_memory_bytes)
-    engine_config.gpu_memory_utilization = float(args.gpu_memory_utilization)
-    engine_config.seed = int(args.seed) & 0xFFFFFFFFFFFFFFFF
-    engine_config.enforce_eager = bool(args.enforce_eager)
-    engine_config.eos_token_ids = read_eos_token_ids(args.model, config, tokenizer)
-
-    weight_tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]
-    engine = _C.AsyncEngine(cpp_spec, engine_config, weight_tuples)
-    del weight_tuples
-    resolved = engine.config
-    logger.info(
-        "octavo: %s on %s, %s; KV pool %d blocks x %d tokens = %d tokens; max_model_len %d",
-        spec.get("architecture"), resolved.device, resolved.dtype, resolved.num_kv_blocks,
-        resolved.block_size, resolved.num_kv_blocks * resolved.block_size, resolved.max_model_len)
-    return engine, spec, config
 
 
 class _DeltaTracker:
@@ -205,8 +151,8 @@ class AsyncLLM:
         self.engine_args = engine_args
         self.tokenizer = load_tokenizer(engine_args.tokenizer or engine_args.model,
                                         trust_remote_code=engine_args.trust_remote_code)
-        self.engine, self.model_spec, self.model_config = create_async_engine(
-            engine_args, self.tokenizer)
+        self.engine, self.model_spec, self.model_config = create_engine(
+            engine_args, self.tokenizer, asynchronous=True)
         self.max_model_len = int(self.engine.config.max_model_len)
         # group id -> the request's queue of (engine outputs, monotonic time they arrived).
         self._queues: dict[int, asyncio.Queue] = {}
