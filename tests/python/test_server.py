@@ -85,6 +85,19 @@ def test_streamed_completion_equals_the_whole_one(client, llm):
     assert usage.completion_tokens == len(expected.outputs[0].token_ids)
     assert usage.prompt_tokens == len(expected.prompt_token_ids)
 
+    whole = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=20,
+                                      temperature=0, logprobs=2).choices[0].logprobs
+    tokens, token_logprobs, offsets = [], [], []
+    for chunk in client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=20,
+                                           temperature=0, logprobs=2, stream=True):
+        for choice in chunk.choices:
+            tokens += choice.logprobs.tokens
+            token_logprobs += choice.logprobs.token_logprobs
+            offsets += choice.logprobs.text_offset
+    assert tokens == whole.tokens
+    assert token_logprobs == pytest.approx(whole.token_logprobs, abs=1e-6)
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+
 
 def test_stream_is_server_sent_events_ending_in_done(server):
     body = {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0,

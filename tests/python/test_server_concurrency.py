@@ -110,6 +110,21 @@ def test_concurrent_streams_with_clients_hanging_up(server, llama_dir):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_a_client_that_gives_up_on_a_whole_response_aborts_it(server):
+    before = read_metrics(server.url)
+    body = {"prompt": PROMPTS[0], "max_tokens": 230, "ignore_eos": True, "n": 4,
+            "temperature": 1.0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/completions", json=body, timeout=0.5)
+    after = _wait_for_idle_pool(server.url)
+    assert metric(after, "octavo:kv_cache_blocks_used") == 0
+    assert metric(after, "octavo:request_success_total", finished_reason="abort") == metric(
+        before, "octavo:request_success_total", finished_reason="abort") + 1
+    generated = (metric(after, "octavo:generation_tokens_total")
+                 - metric(before, "octavo:generation_tokens_total"))
+    assert generated < 4 * 230
+
+
 def test_bench_serving_smoke(server, tmp_path):
     result_path = tmp_path / "result.json"
     command = [sys.executable, os.path.join(REPO, "bench", "serving.py"),
