@@ -26,6 +26,10 @@ from octavo.tokenizer import load_tokenizer
 
 PromptType = Union[str, dict, Sequence[int]]
 
+# How long one wait for engine outputs lasts; the GIL is released meanwhile, so Ctrl-C is seen at
+# least this often.
+_POLL_SECONDS = 0.1
+
 logger = logging.getLogger("octavo")
 
 
@@ -51,7 +55,10 @@ class LLM:
         args = engine_args_from_kwargs(model, {"tokenizer": tokenizer, **engine_kwargs})
         self.tokenizer = load_tokenizer(args.tokenizer or model,
                                         trust_remote_code=args.trust_remote_code)
-        self.engine, self.model_spec, self.model_config = create_engine(args, self.tokenizer)
+        # The engine runs its steps on its own thread (octavo._C.AsyncEngine); this object only
+        # submits, aborts and turns outputs into text.
+        self.engine, self.model_spec, self.model_config = create_engine(
+            args, self.tokenizer, asynchronous=True)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -160,22 +167,22 @@ class LLM:
                 from tqdm.auto import tqdm
 
                 progress = tqdm(total=len(order), desc="Beam search", dynamic_ncols=True)
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
+            unfinished = len(order)
+            while unfinished:
+                for out in self.engine.get_outputs(_POLL_SECONDS):
                     if out.error:
                         raise RuntimeError(f"beam search of request {out.group_id} failed: "
                                            f"{out.error}")
                     if out.group_id in results and out.finished:
                         results[out.group_id].append(out)
-                        if progress is not None and out.index == 0:
-                            progress.update(1)
+                        if out.index == 0:
+                            unfinished -= 1
+                            if progress is not None:
+                                progress.update(1)
             if progress is not None:
                 progress.close()
         except BaseException:
-            for engine_id, _ in order:
-                self.engine.abort(engine_id)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._abort_and_drain(engine_id for engine_id, _ in order)
             raise
 
         outputs = []
@@ -191,6 +198,16 @@ class LLM:
             outputs.append(BeamSearchOutput(sequences=sequences))
         return outputs
 
+    def _abort_and_drain(self, engine_ids) -> None:
+        for engine_id in engine_ids:
+            self.engine.abort(engine_id)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Waits until the engine has no request left, dropping outputs nobody waits for."""
+        while self.engine.num_unfinished():
+            self.engine.get_outputs(_POLL_SECONDS)
+
     def _run(self, prompts: list, params_list: list, use_tqdm: bool) -> list[RequestOutput]:
         running: dict[int, RequestState] = {}
         order: list[int] = []
@@ -202,10 +219,7 @@ class LLM:
                                               params, self.tokenizer)
                 order.append(engine_id)
         except BaseException:
-            for engine_id in order:
-                self.engine.abort(engine_id)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._abort_and_drain(order)
             raise
 
         progress = None
@@ -214,20 +228,25 @@ class LLM:
 
             progress = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
         try:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
+            # The engine steps on its own thread; text is made here meanwhile, so detokenization
+            # overlaps the next step instead of delaying it.
+            unfinished = len(order)
+            while unfinished:
+                for out in self.engine.get_outputs(_POLL_SECONDS):
                     state = running.get(out.group_id)
                     if state is None or state.done:
                         continue
                     if state.absorb(out):
                         self.engine.abort(out.id, whole_group=False)  # a stop string ended it
-                    if state.done and progress is not None:
-                        progress.update(1)
+                    if state.done:
+                        unfinished -= 1
+                        if progress is not None:
+                            progress.update(1)
+            # Sequences ended by stop strings finish with the engine's next step: wait, so the
+            # next call starts on an idle engine.
+            self._drain()
         except BaseException:
-            for engine_id in order:
-                self.engine.abort(engine_id)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._abort_and_drain(order)
             raise
         finally:
             if progress is not None:

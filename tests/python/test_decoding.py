@@ -226,7 +226,7 @@ def test_beam_search_with_text_prompts_and_errors(llama_dir):
         llm.beam_search(["Paris"], BeamSearchParams(beam_width=5, max_tokens=4))
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search(["Paris"], SamplingParams())
-    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_unfinished() == 0
 
 
 def test_beam_search_shares_blocks_and_survives_preemption(llama, capsys):

@@ -126,7 +126,7 @@ def test_bad_requests_fail_alone(good_dir):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], params, use_tqdm=False)
     # A rejected batch leaves nothing behind: the engine serves the next call normally.
-    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_unfinished() == 0
     (out,) = llm.generate([[5, 6]], params, use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4
     # max_tokens beyond max_model_len is capped there, finishing with "length".

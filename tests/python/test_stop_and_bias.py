@@ -67,7 +67,7 @@ def test_stop_string_across_tokens_cuts_the_text(llm, free_run, ascii_only):
     # Generation stopped at the token that completed the match, not later.
     assert completion.token_ids == free_run.token_ids[:len(completion.token_ids)]
     assert len(completion.token_ids) <= boundary_token + 1
-    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_unfinished() == 0
     assert llm.engine.stats().num_running == 0
 
     kept = stop_params(ascii_only, stop=[stop], include_stop_str_in_output=True)
