@@ -108,6 +108,7 @@ def activation(config: dict, key: str, default: str) -> str:
 
 
 def head_dim(hidden: int, heads: int, config: dict) -> int:
+    """hidden / heads, which every family here takes as the head size."""
     if hidden % heads:
         raise ValueError(
             f"{architecture_of(config)}: hidden size {hidden} is not a multiple of "
@@ -116,7 +117,7 @@ def head_dim(hidden: int, heads: int, config: dict) -> int:
 
 
 def rope(config: dict, head_size: int, *, theta: float | None = None,
-         partial_rotary_factor: float | None = None, pairing: str = "neox") -> dict:
+         partial_rotary_factor: float | None = None) -> dict:
     """The rope dict from the config's rope_parameters / rope_scaling, with the family's own
     keys for theta and the rotating fraction filled in where transformers' rope_parameters
     lacks them (a key inside rope_parameters wins, as in transformers)."""
@@ -128,7 +129,6 @@ def rope(config: dict, head_size: int, *, theta: float | None = None,
             and config.get("partial_rotary_factor") is None):
         adjusted["partial_rotary_factor"] = partial_rotary_factor
     out = rope_from_config(adjusted, head_size)
-    out["pairing"] = pairing
     if out["rotary_dim"] % 2 or out["rotary_dim"] > head_size:
         raise ValueError(
             f"{architecture_of(config)}: {out['rotary_dim']} rotary dimensions of a "
