@@ -144,18 +144,203 @@ def save_native(model, directory: str, tokenizer_dir: str) -> str:
     return directory
 
 
-def llama_state(model) -> dict:
-    return dict(model.state_dict())
-
-
 def config_keys(**keys) -> dict:
     """The tiny sizes under Llama's config keys, plus `keys`."""
-    base = {k: SIZES[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                  "num_hidden_layers", "num_attention_heads",
-                                  "num_key_value_heads", "max_position_embeddings",
-                                  "tie_word_embeddings", "bos_token_id", "eos_token_id",
-                                  "pad_token_id")}
-    return {**base, "hidden_act": "silu", "rms_norm_eps": 1e-6, **keys}
+    return llama_keys(transformers.LlamaConfig(**SIZES), **keys)
+
+
+def llama_keys(config, **keys) -> dict:
+    """A transformers config's sizes under Llama's config.json keys, plus `keys`."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+             "bos_token_id", "eos_token_id", "pad_token_id")
+    return {**{k: getattr(config, k) for k in names}, "tie_word_embeddings": False,
+            "hidden_act": "silu", "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-6), **keys}
+
+
+# --- converters: a transformers model -> (config.json, tensors) in a family's published layout --
+# Shared with tests/gpu/test_models_h5.py.
+
+
+def as_internlm(model):
+    """InternLM: Llama's tensors (attention_bias=True), "bias" and "rotary" config keys."""
+    config = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "bias": True,
+              "rotary": {"base": 10000, "type": "dynamic"}, **llama_keys(model.config)}
+    config.pop("num_key_value_heads")  # InternLM is multi-head
+    return config, dict(model.state_dict())
+
+
+def as_internlm2(model):
+    """wqkv groups each KV head's query heads with it: [q0 q1 k v] per KV head."""
+    c = model.config
+    heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    state = dict(model.state_dict())
+    tensors = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"],
+               "model.norm.weight": state["model.norm.weight"],
+               "output.weight": state["lm_head.weight"]}
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        q = state[p + "self_attn.q_proj.weight"].reshape(kv_heads, heads // kv_heads, d, -1)
+        k = state[p + "self_attn.k_proj.weight"].reshape(kv_heads, 1, d, -1)
+        v = state[p + "self_attn.v_proj.weight"].reshape(kv_heads, 1, d, -1)
+        tensors[p + "attention.wqkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, c.hidden_size)
+        tensors[p + "attention.wo.weight"] = state[p + "self_attn.o_proj.weight"]
+        tensors[p + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+        tensors[p + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        tensors[p + "feed_forward.w1.weight"] = state[p + "mlp.gate_proj.weight"]
+        tensors[p + "feed_forward.w3.weight"] = state[p + "mlp.up_proj.weight"]
+        tensors[p + "feed_forward.w2.weight"] = state[p + "mlp.down_proj.weight"]
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+              "bias": False, "rope_theta": c.rope_parameters["rope_theta"],
+              "rope_scaling": {"type": "dynamic", "factor": 2.0}, **llama_keys(c)}
+    return config, tensors
+
+
+def w_pack_state(model) -> dict:
+    """Llama tensors with q, k and v fused into self_attn.W_pack, as Baichuan stores them."""
+    state = dict(model.state_dict())
+    for layer in range(model.config.num_hidden_layers):
+        attn = f"model.layers.{layer}.self_attn."
+        state[attn + "W_pack.weight"] = torch.cat(
+            [state.pop(attn + f"{p}_proj.weight") for p in "qkv"])
+    return state
+
+
+def as_baichuan_7b(model):
+    config = {"architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan",
+              **llama_keys(model.config)}
+    config.pop("num_key_value_heads")
+    return config, w_pack_state(model)
+
+
+def chatglm_tensors(model, multi_query: bool) -> dict:
+    """GLM-4 (transformers' GlmForCausalLM) tensors in ChatGLM's original layout."""
+    state = dict(model.state_dict())
+    heads, d = model.config.num_attention_heads, model.config.head_dim
+    tensors = {"transformer.embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
+               "transformer.encoder.final_layernorm.weight": state["model.norm.weight"],
+               "transformer.output_layer.weight": state["lm_head.weight"],
+               "transformer.rotary_pos_emb.inv_freq": torch.zeros(4)}  # stored, unused
+    for layer in range(model.config.num_hidden_layers):
+        hf, ours = f"model.layers.{layer}.", f"transformer.encoder.layers.{layer}."
+        for kind in ("weight", "bias"):
+            q, k, v = (state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
+            if multi_query:
+                qkv = torch.cat([q, k, v])
+            else:  # per head [q, k, v]
+                qkv = torch.stack([t.reshape(heads, d, *t.shape[1:]) for t in (q, k, v)], 1)
+                qkv = qkv.reshape(3 * heads * d, *q.shape[1:])
+            tensors[ours + f"self_attention.query_key_value.{kind}"] = qkv
+        tensors[ours + "self_attention.dense.weight"] = state[hf + "self_attn.o_proj.weight"]
+        tensors[ours + "input_layernorm.weight"] = state[hf + "input_layernorm.weight"]
+        tensors[ours + "post_attention_layernorm.weight"] = state[
+            hf + "post_attention_layernorm.weight"]
+        tensors[ours + "mlp.dense_h_to_4h.weight"] = state[hf + "mlp.gate_up_proj.weight"]
+        tensors[ours + "mlp.dense_4h_to_h.weight"] = state[hf + "mlp.down_proj.weight"]
+    return tensors
+
+
+def as_chatglm(model):
+    """ChatGLM2/3 from transformers' GLM-4 (GlmForCausalLM, the same math); multi-query groups
+    when the model has fewer KV heads than heads, else per-head [q, k, v] rows."""
+    c = model.config
+    multi_query = c.num_key_value_heads < c.num_attention_heads
+    config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm",
+              "num_layers": c.num_hidden_layers, "padded_vocab_size": c.vocab_size,
+              "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+              "ffn_hidden_size": c.intermediate_size, "kv_channels": c.head_dim,
+              "num_attention_heads": c.num_attention_heads,
+              "seq_length": c.max_position_embeddings, "multi_query_attention": multi_query,
+              "multi_query_group_num": c.num_key_value_heads, "layernorm_epsilon": c.rms_norm_eps,
+              "rmsnorm": True, "apply_residual_connection_post_layernorm": False,
+              "post_layer_norm": True, "add_bias_linear": False, "add_qkv_bias": True,
+              "original_rope": True, "rope_ratio": c.rope_parameters["rope_theta"] / 10000.0,
+              "eos_token_id": 1, "pad_token_id": 2}
+    return config, chatglm_tensors(model, multi_query)
+
+
+def as_qwen(model):
+    """The first Qwen from Qwen2 (the same math, multi-head); w2 is the gate, w1 the up."""
+    c = model.config
+    state = dict(model.state_dict())
+    tensors = {"transformer.wte.weight": state["model.embed_tokens.weight"],
+               "transformer.ln_f.weight": state["model.norm.weight"],
+               "lm_head.weight": state["lm_head.weight"]}
+    for layer in range(c.num_hidden_layers):
+        hf, ours = f"model.layers.{layer}.", f"transformer.h.{layer}."
+        for kind in ("weight", "bias"):
+            tensors[ours + f"attn.c_attn.{kind}"] = torch.cat(
+                [state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+        tensors[ours + "attn.c_proj.weight"] = state[hf + "self_attn.o_proj.weight"]
+        tensors[ours + "ln_1.weight"] = state[hf + "input_layernorm.weight"]
+        tensors[ours + "ln_2.weight"] = state[hf + "post_attention_layernorm.weight"]
+        tensors[ours + "mlp.w2.weight"] = state[hf + "mlp.gate_proj.weight"]
+        tensors[ours + "mlp.w1.weight"] = state[hf + "mlp.up_proj.weight"]
+        tensors[ours + "mlp.c_proj.weight"] = state[hf + "mlp.down_proj.weight"]
+    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+              "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+              "num_attention_heads": c.num_attention_heads,
+              "num_hidden_layers": c.num_hidden_layers, "kv_channels": c.head_dim,
+              "intermediate_size": 2 * c.intermediate_size, "rotary_pct": 1.0,
+              "rotary_emb_base": c.rope_parameters["rope_theta"],
+              "layer_norm_epsilon": c.rms_norm_eps,
+              "seq_length": c.max_position_embeddings // 2,
+              "max_position_embeddings": c.max_position_embeddings, "no_bias": True,
+              "use_dynamic_ntk": True, "use_logn_attn": True, "tie_word_embeddings": False}
+    return config, tensors
+
+
+def as_orion(model):
+    """Orion from StableLM with full rotary and a sequential residual: Llama's names, LayerNorm
+    with weight and bias; Orion names its epsilon rms_norm_eps."""
+    c = model.config
+    config = {"architectures": ["OrionForCausalLM"], "model_type": "orion",
+              **llama_keys(c, rms_norm_eps=c.layer_norm_eps),
+              "rope_theta": c.rope_parameters["rope_theta"], "attention_bias": False}
+    return config, dict(model.state_dict())
+
+
+def as_aquila(model):
+    config = {"architectures": ["AquilaForCausalLM"], "model_type": "aquila",
+              **llama_keys(model.config)}
+    return config, dict(model.state_dict())
+
+
+def as_yi(model):
+    """The first Yi release: Llama with the layer norms named ln1 and ln2."""
+    state = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2"): v
+             for k, v in model.state_dict().items()}
+    config = {"architectures": ["YiForCausalLM"], "model_type": "Yi",
+              "rope_theta": model.config.rope_parameters["rope_theta"],
+              **llama_keys(model.config)}
+    return config, state
+
+
+def with_kv_heads_per_layer(model, counts: list[int], seed: int = 15):
+    """The Llama `model` with layer L's attention rebuilt with counts[L] KV heads (DeciLM's
+    variable GQA), random weights."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    torch.manual_seed(seed)
+    keys = {k: v for k, v in model.config.to_dict().items() if k != "rope_scaling"}
+    for layer, heads in enumerate(counts):
+        config = transformers.LlamaConfig(**{**keys, "num_key_value_heads": heads})
+        config._attn_implementation = model.config._attn_implementation
+        attention = LlamaAttention(config, layer).to(next(model.parameters()).dtype)
+        for p in attention.parameters():
+            torch.nn.init.normal_(p, 0.0, model.config.initializer_range)
+        model.model.layers[layer].self_attn = attention.eval()
+    return model
+
+
+def as_decilm(model):
+    c = model.config
+    counts = [layer.self_attn.k_proj.out_features // c.head_dim for layer in model.model.layers]
+    config = {"architectures": ["DeciLMForCausalLM"], "model_type": "deci",
+              "num_key_value_heads_per_layer": counts,
+              "rope_scaling": {"type": "dynamic", "factor": 2.0}, **llama_keys(c)}
+    config.pop("num_key_value_heads")
+    return config, dict(model.state_dict())
 
 
 # --- families transformers implements -----------------------------------------------------------
@@ -222,58 +407,21 @@ def test_internlm(tmp_path, tokenizer_dir):
     Written as a single pytorch_model.bin."""
     model = native_model(transformers.LlamaConfig, seed=4, num_key_value_heads=4,
                          attention_bias=True)
-    config = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "bias": True,
-              "rotary": {"base": 10000, "type": "dynamic"}, **config_keys(num_key_value_heads=4)}
-    config.pop("num_key_value_heads")
-    directory = save_checkpoint(str(tmp_path / "internlm"), config, llama_state(model),
-                                tokenizer_dir, fmt="bin")
+    directory = save_checkpoint(str(tmp_path / "internlm"), *as_internlm(model), tokenizer_dir,
+                                fmt="bin")
     check_generation(directory, hf_logits(model))
 
 
 def test_internlm2(tmp_path, tokenizer_dir):
-    """wqkv groups each KV head's query heads with it: [q0 q1 k v] per KV head."""
     model = native_model(transformers.LlamaConfig, seed=5, rope_theta=1e6)
-    heads, kv_heads, d = 4, 2, 16
-    state = llama_state(model)
-    tensors = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"],
-               "model.norm.weight": state["model.norm.weight"],
-               "output.weight": state["lm_head.weight"]}
-    for layer in range(3):
-        hf, ours = f"model.layers.{layer}.", f"model.layers.{layer}."
-        q = state[hf + "self_attn.q_proj.weight"].reshape(kv_heads, heads // kv_heads, d, -1)
-        k = state[hf + "self_attn.k_proj.weight"].reshape(kv_heads, 1, d, -1)
-        v = state[hf + "self_attn.v_proj.weight"].reshape(kv_heads, 1, d, -1)
-        tensors[ours + "attention.wqkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, 64)
-        tensors[ours + "attention.wo.weight"] = state[hf + "self_attn.o_proj.weight"]
-        tensors[ours + "attention_norm.weight"] = state[hf + "input_layernorm.weight"]
-        tensors[ours + "ffn_norm.weight"] = state[hf + "post_attention_layernorm.weight"]
-        tensors[ours + "feed_forward.w1.weight"] = state[hf + "mlp.gate_proj.weight"]
-        tensors[ours + "feed_forward.w3.weight"] = state[hf + "mlp.up_proj.weight"]
-        tensors[ours + "feed_forward.w2.weight"] = state[hf + "mlp.down_proj.weight"]
-    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
-              "bias": False, "rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0},
-              **config_keys()}
-    directory = save_checkpoint(str(tmp_path / "internlm2"), config, tensors, tokenizer_dir)
+    directory = save_checkpoint(str(tmp_path / "internlm2"), *as_internlm2(model), tokenizer_dir)
     check_generation(directory, hf_logits(model))
-
-
-def w_pack_state(model) -> dict:
-    """Llama tensors with q, k and v fused into self_attn.W_pack, as Baichuan stores them."""
-    state = llama_state(model)
-    for layer in range(model.config.num_hidden_layers):
-        attn = f"model.layers.{layer}.self_attn."
-        state[attn + "W_pack.weight"] = torch.cat(
-            [state.pop(attn + f"{p}_proj.weight") for p in "qkv"])
-    return state
 
 
 def test_baichuan_7b(tmp_path, tokenizer_dir):
     """Baichuan-7B (BaiChuanForCausalLM): Llama with W_pack; as sharded pytorch_model-*.bin."""
     model = native_model(transformers.LlamaConfig, seed=6, num_key_value_heads=4)
-    config = {"architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan",
-              **config_keys()}
-    config.pop("num_key_value_heads")
-    directory = save_checkpoint(str(tmp_path / "baichuan"), config, w_pack_state(model),
+    directory = save_checkpoint(str(tmp_path / "baichuan"), *as_baichuan_7b(model),
                                 tokenizer_dir, fmt="bin", shards=3)
     spec, _, _, _ = load_model(directory)
     assert spec["positions"] == "rotary"
@@ -398,114 +546,46 @@ def test_baichuan_13b_alibi(tmp_path, tokenizer_dir):
     assert llm.engine.config.max_model_len == 128
 
 
-def chatglm_tensors(model, multi_query: bool) -> dict:
-    """GLM-4 (transformers' GlmForCausalLM) tensors in ChatGLM's original layout."""
-    state = llama_state(model)
-    heads, d = model.config.num_attention_heads, model.config.head_dim
-    tensors = {"transformer.embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
-               "transformer.encoder.final_layernorm.weight": state["model.norm.weight"],
-               "transformer.output_layer.weight": state["lm_head.weight"],
-               "transformer.rotary_pos_emb.inv_freq": torch.zeros(4)}  # stored, unused
-    for layer in range(model.config.num_hidden_layers):
-        hf, ours = f"model.layers.{layer}.", f"transformer.encoder.layers.{layer}."
-        for kind in ("weight", "bias"):
-            q, k, v = (state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
-            if multi_query:
-                qkv = torch.cat([q, k, v])
-            else:  # per head [q, k, v]
-                qkv = torch.stack([t.reshape(heads, d, *t.shape[1:]) for t in (q, k, v)], 1)
-                qkv = qkv.reshape(3 * heads * d, *q.shape[1:])
-            tensors[ours + f"self_attention.query_key_value.{kind}"] = qkv
-        tensors[ours + "self_attention.dense.weight"] = state[hf + "self_attn.o_proj.weight"]
-        tensors[ours + "input_layernorm.weight"] = state[hf + "input_layernorm.weight"]
-        tensors[ours + "post_attention_layernorm.weight"] = state[
-            hf + "post_attention_layernorm.weight"]
-        tensors[ours + "mlp.dense_h_to_4h.weight"] = state[hf + "mlp.gate_up_proj.weight"]
-        tensors[ours + "mlp.dense_4h_to_h.weight"] = state[hf + "mlp.down_proj.weight"]
-    return tensors
-
-
-@pytest.mark.parametrize("multi_query", [True, False], ids=["groups", "per_head_qkv"])
-def test_chatglm(tmp_path, tokenizer_dir, multi_query):
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["groups", "per_head_qkv"])
+def test_chatglm(tmp_path, tokenizer_dir, kv_heads):
     """ChatGLM2/3 against transformers' GLM-4 (same math: half-rotary in GPT-J pairs, q/k/v
     biases, fused gate|up), rope_ratio 1.5 -> base 15000."""
-    kv_heads = 2 if multi_query else 4
     model = native_model(transformers.GlmConfig, seed=9, num_key_value_heads=kv_heads,
                          partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
                          rope_theta=15000.0)
-    config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 3,
-              "padded_vocab_size": VOCAB, "vocab_size": VOCAB, "hidden_size": 64,
-              "ffn_hidden_size": 112, "kv_channels": 16, "num_attention_heads": 4,
-              "seq_length": 256, "multi_query_attention": multi_query,
-              "multi_query_group_num": 2, "layernorm_epsilon": 1e-5, "rmsnorm": True,
-              "apply_residual_connection_post_layernorm": False, "post_layer_norm": True,
-              "add_bias_linear": False, "add_qkv_bias": True, "original_rope": True,
-              "rope_ratio": 1.5, "eos_token_id": 1, "pad_token_id": 2}
-    directory = save_checkpoint(str(tmp_path / "chatglm"), config,
-                                chatglm_tensors(model, multi_query), tokenizer_dir)
+    directory = save_checkpoint(str(tmp_path / "chatglm"), *as_chatglm(model), tokenizer_dir)
     spec, _, _, _ = load_model(directory)
     assert spec["rope"]["pairing"] == "gptj" and spec["rope"]["rotary_dim"] == 8
+    assert spec["rope"]["theta"] == pytest.approx(15000.0)
     check_generation(directory, hf_logits(model))
 
 
 def test_qwen(tmp_path, tokenizer_dir):
-    """The first Qwen against Qwen2 (same math); w2 is the gate, w1 the up projection. As
-    sharded safetensors. Its dynamic NTK and logn attention act only past seq_length, which
-    becomes the context limit."""
+    """The first Qwen against Qwen2, as sharded safetensors. Its dynamic NTK and logn attention
+    act only past seq_length (128 here), which becomes the context limit."""
     model = native_model(transformers.Qwen2Config, seed=10, num_key_value_heads=4,
                          use_sliding_window=False)
-    state = llama_state(model)
-    tensors = {"transformer.wte.weight": state["model.embed_tokens.weight"],
-               "transformer.ln_f.weight": state["model.norm.weight"],
-               "lm_head.weight": state["lm_head.weight"]}
-    for layer in range(3):
-        hf, ours = f"model.layers.{layer}.", f"transformer.h.{layer}."
-        for kind in ("weight", "bias"):
-            tensors[ours + f"attn.c_attn.{kind}"] = torch.cat(
-                [state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-        tensors[ours + "attn.c_proj.weight"] = state[hf + "self_attn.o_proj.weight"]
-        tensors[ours + "ln_1.weight"] = state[hf + "input_layernorm.weight"]
-        tensors[ours + "ln_2.weight"] = state[hf + "post_attention_layernorm.weight"]
-        tensors[ours + "mlp.w2.weight"] = state[hf + "mlp.gate_proj.weight"]
-        tensors[ours + "mlp.w1.weight"] = state[hf + "mlp.up_proj.weight"]
-        tensors[ours + "mlp.c_proj.weight"] = state[hf + "mlp.down_proj.weight"]
-    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": VOCAB,
-              "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3,
-              "kv_channels": 16, "intermediate_size": 224, "rotary_pct": 1.0,
-              "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "seq_length": 128,
-              "max_position_embeddings": 256, "no_bias": True, "use_dynamic_ntk": True,
-              "use_logn_attn": True, "tie_word_embeddings": False}
-    directory = save_checkpoint(str(tmp_path / "qwen"), config, tensors, tokenizer_dir, shards=2)
+    directory = save_checkpoint(str(tmp_path / "qwen"), *as_qwen(model), tokenizer_dir, shards=2)
     llm = check_generation(directory, hf_logits(model))
     assert llm.engine.config.max_model_len == 128
 
 
 def test_orion(tmp_path, tokenizer_dir):
-    """Orion against StableLM with full rotary and sequential residual: Llama with LayerNorm
-    (weight and bias); Orion names its epsilon rms_norm_eps."""
     model = native_model(transformers.StableLmConfig, seed=11, partial_rotary_factor=1.0,
                          layer_norm_eps=1e-5, use_qkv_bias=False, use_parallel_residual=False)
-    config = {"architectures": ["OrionForCausalLM"], "model_type": "orion",
-              **config_keys(rms_norm_eps=1e-5), "rope_theta": 10000.0, "attention_bias": False}
-    directory = save_checkpoint(str(tmp_path / "orion"), config, llama_state(model), tokenizer_dir)
+    directory = save_checkpoint(str(tmp_path / "orion"), *as_orion(model), tokenizer_dir)
     check_generation(directory, hf_logits(model))
 
 
 def test_aquila(tmp_path, tokenizer_dir):
     model = native_model(transformers.LlamaConfig, seed=12)
-    config = {"architectures": ["AquilaForCausalLM"], "model_type": "aquila", **config_keys()}
-    directory = save_checkpoint(str(tmp_path / "aquila"), config, llama_state(model), tokenizer_dir)
+    directory = save_checkpoint(str(tmp_path / "aquila"), *as_aquila(model), tokenizer_dir)
     check_generation(directory, hf_logits(model))
 
 
 def test_yi(tmp_path, tokenizer_dir):
-    """The first Yi release: Llama with the layer norms named ln1 and ln2."""
     model = native_model(transformers.LlamaConfig, seed=13, rope_theta=5e6)
-    state = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2"): v
-             for k, v in llama_state(model).items()}
-    config = {"architectures": ["YiForCausalLM"], "model_type": "Yi", "rope_theta": 5e6,
-              **config_keys()}
-    directory = save_checkpoint(str(tmp_path / "yi"), config, state, tokenizer_dir)
+    directory = save_checkpoint(str(tmp_path / "yi"), *as_yi(model), tokenizer_dir)
     check_generation(directory, hf_logits(model))
 
 
@@ -514,26 +594,10 @@ def test_yi(tmp_path, tokenizer_dir):
 def test_decilm(tmp_path, tokenizer_dir):
     """DeciLM's variable GQA: 2, 4 and 1 KV heads in layers 0, 1, 2 (a Llama whose attention
     modules are rebuilt per layer is the reference)."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
-    counts = [2, 4, 1]
-    model = native_model(transformers.LlamaConfig, seed=14)
-    torch.manual_seed(15)
-    for layer, heads in enumerate(counts):
-        keys = {k: v for k, v in model.config.to_dict().items() if k != "rope_scaling"}
-        config = transformers.LlamaConfig(**{**keys, "num_key_value_heads": heads})
-        config._attn_implementation = "eager"
-        attention = LlamaAttention(config, layer)
-        for p in attention.parameters():
-            torch.nn.init.normal_(p, 0.0, 0.1)
-        model.model.layers[layer].self_attn = attention.eval()
-    config = {"architectures": ["DeciLMForCausalLM"], "model_type": "deci",
-              "num_key_value_heads_per_layer": counts,
-              "rope_scaling": {"type": "dynamic", "factor": 2.0}, **config_keys()}
-    config.pop("num_key_value_heads")
-    directory = save_checkpoint(str(tmp_path / "decilm"), config, llama_state(model), tokenizer_dir)
+    model = with_kv_heads_per_layer(native_model(transformers.LlamaConfig, seed=14), [2, 4, 1])
+    directory = save_checkpoint(str(tmp_path / "decilm"), *as_decilm(model), tokenizer_dir)
     spec, _, _, _ = load_model(directory)
-    assert spec["num_kv_heads_per_layer"] == counts
+    assert spec["num_kv_heads_per_layer"] == [2, 4, 1]
     check_generation(directory, hf_logits(model))
 
 
