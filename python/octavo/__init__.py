@@ -22,6 +22,18 @@ def _configure_logging() -> None:
 _configure_logging()
 
 
+def _configure_openmp() -> None:
+    # The CPU backend's OpenMP threads run on the engine's own thread while Python turns the
+    # previous step's tokens into text: spinning idle OpenMP workers would starve it. Set before
+    # the compiled module (and libgomp) loads; an explicit setting wins.
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_configure_openmp()
+
+
 def backends() -> list:
     """Backends compiled into this build: always "cpu", plus "cuda" when built with it."""
     from octavo import _C
