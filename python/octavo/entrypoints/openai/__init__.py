@@ -1,1 +1,2 @@
-"""The OpenAI-compatible HTTP server: `python -m octavo.entrypoints.openai.api_server --model MODEL`."""
+"""The OpenAI-compatible HTTP server:
+`python -m octavo.entrypoints.openai.api_server --model MODEL`."""

@@ -192,38 +192,60 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+def _field_path(loc: tuple) -> tuple[str, Optional[str], int]:
+    """A pydantic location as the client wrote it ("messages[0].content"), the field name that
+    last led there, and how many union branches it went through."""
+    path, named, unions = "", None, 0
+    for item in loc:
+        if _is_union_tag(item):
+            unions += 1
+        elif isinstance(item, int):
+            path += f"[{item}]"
+        else:
+            path += f".{item}" if path else str(item)
+            named = item
+    return path, named, unions
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        text = json.dumps(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return _json_type(value)
+
+
 def _validation_error(error: ValidationError) -> OpenAIError:
     """A pydantic error as a 400 whose message names the field, its problem and the value."""
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False)
+    first = errors[0]
     kind, loc = first["type"], first["loc"]
     if kind == "json_invalid":
         return OpenAIError(f"the request body is not valid JSON: {first['msg']}")
     if not loc:
         return OpenAIError(f"the request body must be a JSON object, got "
                            f"{_json_type(first.get('input'))}")
-    path, named = "", None
-    for item in loc:
-        if _is_union_tag(item):
-            hint = _UNION_HINTS.get(named)
-            if hint:
-                return OpenAIError(f"{path} must be {hint}; got {_json_type(first.get('input'))}"
-                                   if kind in ("string_type", "list_type") else
-                                   f"{path}: {first['msg']} (expected {hint})",
-                                   param=str(loc[0]))
-            continue
-        if isinstance(item, int):
-            path += f"[{item}]"
-        else:
-            path += f".{item}" if path else str(item)
-            named = item
+    param = str(loc[0])
+    if any(_is_union_tag(item) for item in loc):
+        # A value that matched no branch of a Union: if some branch got further into it than
+        # its type (an array of token ids holding a string), that is the mistake to name;
+        # otherwise the value's type is, against the types the field takes.
+        union_path, named, _ = _field_path(loc[:next(i for i, item in enumerate(loc)
+                                                     if _is_union_tag(item))])
+        deepest = max((e for e in errors if e["loc"][:1] == loc[:1]),
+                      key=lambda e: (len(_field_path(e["loc"])[0]),
+                                     [i for i in e["loc"] if isinstance(i, int)]))
+        path = _field_path(deepest["loc"])[0]
+        if path != union_path:
+            return OpenAIError(f"{path}: {deepest['msg']} (got {_shown(deepest.get('input'))})",
+                               param=param)
+        hint = _UNION_HINTS.get(named)
+        if hint:
+            return OpenAIError(f"{union_path} must be {hint}; got "
+                               f"{_json_type(first.get('input'))}", param=param)
+    path = _field_path(loc)[0]
     if kind == "missing":
-        return OpenAIError(f"{path} is required", param=str(loc[0]))
-    value = first.get("input")
-    shown = json.dumps(value) if isinstance(value, (int, float, str, bool)) or value is None \
-        else _json_type(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return OpenAIError(f"{path}: {first['msg']} (got {shown})", param=str(loc[0]))
+        return OpenAIError(f"{path} is required", param=param)
+    return OpenAIError(f"{path}: {first['msg']} (got {_shown(first.get('input'))})", param=param)
 
 
 async def _parse(raw: Request, model: type[BaseModel]) -> Any:

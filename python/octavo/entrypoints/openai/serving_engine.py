@@ -49,7 +49,8 @@ def clamp_logprob(value: float) -> float:
 def top_entries(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logprob]]:
     """The `count` most likely tokens of one position, best first (entry also holds the sampled
     token, which may rank lower)."""
-    ranked = [(token, lp) for token, lp in entry.items() if lp.rank is not None and lp.rank <= count]
+    ranked = [(token, lp) for token, lp in entry.items()
+              if lp.rank is not None and lp.rank <= count]
     return sorted(ranked, key=lambda item: item[1].rank)
 
 
@@ -137,7 +138,6 @@ class OpenAIServing:
                         prompt_logprobs: Optional[int]) -> SamplingParams:
         """OpenAI's and vLLM's request fields as SamplingParams; 400 naming the field when a
         value is out of range."""
-        stop = request.stop
         try:
             return SamplingParams(
                 n=request.n,
@@ -151,7 +151,7 @@ class OpenAIServing:
                 top_k=0 if request.top_k is None else request.top_k,
                 min_p=0.0 if request.min_p is None else request.min_p,
                 seed=request.seed,
-                stop=stop,
+                stop=request.stop,
                 stop_token_ids=request.stop_token_ids,
                 ignore_eos=request.ignore_eos,
                 max_tokens=max_tokens,
