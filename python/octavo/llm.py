@@ -157,11 +157,10 @@ class LLM:
         order: list[tuple[int, list[int]]] = []
         results: dict[int, list] = {}
         try:
-            for prompt in prompts:
-                _, token_ids = self._to_prompt(prompt)
-                engine_id = self.engine.add_request(token_ids, cpp)
-                order.append((engine_id, token_ids))
-                results[engine_id] = []
+            prompt_ids = [self._to_prompt(prompt)[1] for prompt in prompts]
+            engine_ids = self.engine.add_requests(prompt_ids, [cpp] * len(prompt_ids))
+            order = list(zip(engine_ids, prompt_ids))
+            results = {engine_id: [] for engine_id in engine_ids}
             progress = None
             if use_tqdm:
                 from tqdm.auto import tqdm
@@ -212,12 +211,13 @@ class LLM:
         running: dict[int, RequestState] = {}
         order: list[int] = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                text, token_ids = self._to_prompt(prompt)
-                engine_id = self.engine.add_request(token_ids, to_cpp_sampling_params(params))
+            converted = [self._to_prompt(prompt) for prompt in prompts]
+            # One submission: the whole batch is queued before the engine's next step.
+            order = self.engine.add_requests([ids for _, ids in converted],
+                                             [to_cpp_sampling_params(p) for p in params_list])
+            for engine_id, (text, token_ids), params in zip(order, converted, params_list):
                 running[engine_id] = RequestState(str(next(self._request_counter)), text, token_ids,
-                                              params, self.tokenizer)
-                order.append(engine_id)
+                                                  params, self.tokenizer)
         except BaseException:
             self._abort_and_drain(order)
             raise

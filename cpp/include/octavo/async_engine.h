@@ -53,6 +53,14 @@ class AsyncEngine {
   RequestId add_request(std::vector<int32_t> prompt_token_ids, const SamplingParams& params,
                         OutputCallback on_output = {});
 
+  /// Queues several requests under one hold of the engine, so that no step starts between them
+  /// (an offline batch is scheduled as a whole, as the synchronous Engine would). Their outputs
+  /// go to the queue. If one is invalid, the ones before it are aborted (their abort outputs
+  /// still come) and its InvalidArgument is thrown.
+  std::vector<RequestId> add_requests(std::vector<std::vector<int32_t>> prompts,
+                                      const std::vector<SamplingParams>& params);
+
+
   /// Thread-safe and non-blocking; Engine::abort's meaning (whole_group: every sequence of the
   /// request `id`; otherwise only the sequence `id`). Applied before the next step starts, so
   /// the request's final output (finish_reason kAbort) comes from that step, unless it finished

@@ -326,6 +326,56 @@ RequestId AsyncEngine::add_request(std::vector<int32_t> prompt_token_ids,
   return id;
 }
 
+std::vector<RequestId> AsyncEngine::add_requests(std::vector<std::vector<int32_t>> prompts,
+                                                 const std::vector<SamplingParams>& params) {
+  Impl& m = *impl_;
+  if (prompts.size() != params.size()) {
+    throw InvalidArgument("add_requests: " + std::to_string(prompts.size()) + " prompts and " +
+                          std::to_string(params.size()) + " sampling params; give one each");
+  }
+  {
+    std::lock_guard<std::mutex> lock(m.mutex);
+    if (!m.failure.empty()) throw Error(m.failure);
+    if (m.stop_mode != Impl::StopMode::kRunning) {
+      throw Error("the AsyncEngine is shut down and accepts no new requests");
+    }
+    ++m.num_waiting_submitters;
+  }
+  struct Leave {
+    Impl& m;
+    ~Leave() {
+      {
+        std::lock_guard<std::mutex> lock(m.mutex);
+        --m.num_waiting_submitters;
+      }
+      m.work_cv.notify_all();
+    }
+  } leave{m};
+
+  std::vector<RequestId> ids;
+  std::lock_guard<std::mutex> engine_lock(m.engine_mutex);
+  auto register_added = [&] {
+    const EngineStats snapshot = m.engine.stats();
+    std::lock_guard<std::mutex> lock(m.mutex);
+    for (RequestId id : ids) m.groups[id];
+    m.num_unfinished += int(ids.size());
+    m.stats = snapshot;
+  };
+  try {
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ids.push_back(m.engine.add_request(std::move(prompts[i]), params[i]));
+    }
+  } catch (...) {
+    for (RequestId id : ids) m.engine.abort(id);
+    register_added();
+    throw;
+  }
+  register_added();
+  std::lock_guard<std::mutex> lock(m.mutex);
+  if (!m.failure.empty()) throw Error(m.failure);
+  return ids;
+}
+
 void AsyncEngine::abort(RequestId id, bool whole_group) {
   Impl& m = *impl_;
   {

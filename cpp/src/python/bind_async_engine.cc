@@ -55,6 +55,10 @@ void bind_async_engine(nb::module_& m) {
           nb::arg("prompt_token_ids"), nb::arg("params"), nb::call_guard<nb::gil_scoped_release>(),
           "Queues a request and returns its id (the group_id of its outputs). Raises ValueError "
           "for a request that can never run, RuntimeError after shutdown or a failed step.")
+      .def("add_requests", &AsyncEngine::add_requests, nb::arg("prompts"), nb::arg("params"),
+           nb::call_guard<nb::gil_scoped_release>(),
+           "Queues several requests with no step between them; returns their ids. Raises like "
+           "add_request (the ones before an invalid request are aborted).")
       .def("abort", &AsyncEngine::abort, nb::arg("id"), nb::arg("whole_group") = true,
            nb::call_guard<nb::gil_scoped_release>(),
            "Aborts request `id` (whole_group) or only the sequence `id`, before the next step; "
