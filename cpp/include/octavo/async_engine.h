@@ -2,10 +2,15 @@
 // threads may submit and abort; each request's outputs stream either to a callback or into one
 // shared queue that wait_outputs() drains. Wraps octavo::Engine (engine.h), which is synchronous.
 //
-// Ordering: a request's outputs are delivered in step order, each exactly once, the last one
-// with finished set (for n > 1, one finished output per sequence; beam search: beam_width
-// finished outputs in one step). Outputs of one step are delivered before any of the next step.
+// Ordering: a request's outputs are delivered in step order, each exactly once, and each
+// sequence's last one has finished set (n > 1: one finished output per sequence; beam search:
+// its results, all finished, in one step). Every output of one step is delivered before any of
+// the next step; within a step, queued outputs become visible before that step's callbacks run.
 // Callbacks run on the loop thread, so one callback never runs concurrently with another.
+//
+// Failure: if a step throws (a device error, a bug), every unfinished request gets a final
+// output with finish_reason kAbort and `error` holding the message, the loop stops, and later
+// add_request calls throw Error with that message. Nothing waits forever on a failed engine.
 //
 // Locking: add_request() calls Engine::add_request under the mutex that the loop thread holds
 // while it runs a step, so a submission waits for at most the step in progress (the loop lets
@@ -60,7 +65,6 @@ class AsyncEngine {
   std::vector<RequestId> add_requests(std::vector<std::vector<int32_t>> prompts,
                                       const std::vector<SamplingParams>& params);
 
-
   /// Thread-safe and non-blocking; Engine::abort's meaning (whole_group: every sequence of the
   /// request `id`; otherwise only the sequence `id`). Applied before the next step starts, so
   /// the request's final output (finish_reason kAbort) comes from that step, unless it finished
@@ -69,7 +73,8 @@ class AsyncEngine {
 
   /// Blocks until the queue holds outputs, `timeout` passes, or the loop has stopped after
   /// shutdown(); returns everything queued, in delivery order (empty on timeout). Thread-safe;
-  /// with several callers each output goes to exactly one of them.
+  /// with several callers each output goes to exactly one of them. Negative timeouts count as
+  /// zero; timeouts beyond a century as a century.
   std::vector<RequestOutput> wait_outputs(std::chrono::milliseconds timeout);
 
   /// Stops accepting requests and stops the loop. finish_in_flight: run until every request has
