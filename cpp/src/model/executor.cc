@@ -296,7 +296,8 @@ void Executor::upload_step(const StepBatch& b, int graph_bucket) {
   std::byte* base = step_staging_.data();
   std::byte* cursor = base;
   auto stage = [&](auto* dst_host, const auto& src) {
-    std::memcpy(dst_host, src.data(), src.size() * sizeof(src[0]));
+    // An empty vector's data() may be null, which memcpy may not take even for 0 bytes.
+    if (!src.empty()) std::memcpy(dst_host, src.data(), src.size() * sizeof(src[0]));
   };
   // What a forward pass reads comes first; graph steps carve it at fixed capacities so that every
   // graph finds its inputs at the addresses it was captured with.
@@ -751,7 +752,7 @@ void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_re
   backend_.synchronize();
   auto read = [&](auto& vec, size_t offset, size_t count) {
     vec.resize(count);
-    std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
+    if (count > 0) std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
   };
   read(result.sampled, 0, S);
   read(result.sampled_logprob, size_t(S) * 4, S);
@@ -791,7 +792,7 @@ void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
   backend_.synchronize();
   auto read = [&](auto& vec, size_t offset, size_t count) {
     vec.resize(count);
-    std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
+    if (count > 0) std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
   };
   read(result.prompt_logprob, 0, P);
   read(result.prompt_rank, size_t(P) * 4, P);
