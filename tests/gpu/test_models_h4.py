@@ -90,8 +90,12 @@ def test_family_matches_transformers_on_gpu(case, tmp_path):
     model_half = copy.deepcopy(model32).half()
     model_half.save_pretrained(str(tmp_path))
     build_tokenizer(str(tmp_path))
-    # The reference runs in fp32 on the fp16-rounded weights, as octavo reads them.
-    model32 = copy.deepcopy(model_half).float().cuda()
+    # The reference runs in fp32 on the fp16-rounded weights, as octavo reads them; its buffers
+    # (rotary frequencies, ALiBi tables) stay fp32, as octavo computes them.
+    with torch.no_grad():
+        for param in model32.parameters():
+            param.copy_(param.half().float())
+    model32 = model32.cuda()
     model_half = model_half.cuda()
     prompts = prompts_for(VOCAB)
     reference = [hf_greedy(model32, p, device="cuda", with_margins=True) for p in prompts]
