@@ -51,7 +51,15 @@ class LLM:
         device: "cpu".
     """
 
-    def __init__(self, model: str, tokenizer: Optional[str] = None, **engine_kwargs: Any):
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None,
+                 **engine_kwargs: Any):
+        if model is None:
+            # No model: the small checkpoint shipped in the package (octavo/default_model), so
+            # that a first run needs no download.
+            from octavo import default_model
+
+            model = default_model.path()
+            logger.info("octavo: no model given: using the embedded default model at %s", model)
         args = engine_args_from_kwargs(model, {"tokenizer": tokenizer, **engine_kwargs})
         self.tokenizer = load_tokenizer(args.tokenizer or model,
                                         trust_remote_code=args.trust_remote_code)
