@@ -178,9 +178,12 @@ class OpenAIServingCompletion(OpenAIServing):
                         entries = list(prompt_logprobs.get(i, [])) + list(entries)
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = self._logprobs(token_ids, entries,
-                                              offsets.get(index, 0)).model_dump()
-                offsets[index] = offsets.get(index, 0) + len(text)
+                    # Offsets count the tokens' own texts, as the whole response's do (the
+                    # streamed text may lag behind them: a partial UTF-8 character waits).
+                    result = self._logprobs(token_ids, entries, offsets.get(index, 0))
+                    if result.tokens:
+                        offsets[index] = result.text_offset[-1] + len(result.tokens[-1])
+                    logprobs = result.model_dump()
                 tokens_by_prompt[i] += len(completion.token_ids)
                 choices.append({"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": completion.finish_reason,
