@@ -37,7 +37,7 @@ class LLM:
     """An engine over one model, for offline generation.
 
     Args:
-        model: a local Hugging Face checkpoint directory.
+        model: a local Hugging Face checkpoint directory (default: the embedded default model).
         tokenizer: tokenizer directory (default: `model`).
         dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
         max_model_len: longest prompt + output in tokens (default: the model's limit).
@@ -48,7 +48,9 @@ class LLM:
         num_gpu_blocks_override: fix the KV pool size, in blocks.
         kv_cache_memory_bytes: CPU KV pool size in bytes (default 4 GiB).
         seed: seeds requests that bring no seed of their own (default 0).
-        device: "cpu".
+        device: "cpu", "cuda" or "cuda:N".
+        enforce_eager: never replay CUDA graphs for decode steps.
+    The engine runs its steps on its own thread (octavo._C.AsyncEngine); `self.engine` is it.
     """
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None,
