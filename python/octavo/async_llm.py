@@ -328,10 +328,9 @@ class AsyncLLM:
                         raise EngineDeadError(f"the engine is not running: {self._dead_reason}")
                     for out in outputs:
                         if out.error and error is None:
-                            # The AsyncEngine refuses bad requests in add_request: an output
-                            # error means a step failed, and the engine with it.
+                            # A failed step (the engine stops: the next add_request says so)
+                            # or this request's own failure (non-finite logits).
                             error = out.error
-                            self._dead_reason = f"an engine step failed: {error}"
                         if state.done:
                             continue
                         if out.new_token_ids:
@@ -343,6 +342,10 @@ class AsyncLLM:
                             self._abort(out.id, whole_group=False)
                 if error is not None:
                     raise RequestFailedError(f"request {request_id} failed: {error}")
+                if self._dead_reason is not None and any(
+                        seq.finish_reason == "abort" for seq in state.sequences):
+                    # Nothing here aborts a request it still reads: shutdown() did.
+                    raise EngineDeadError(f"the engine is not running: {self._dead_reason}")
                 finished = state.done
                 if tracker is not None:
                     output = tracker.delta(state)
