@@ -75,6 +75,7 @@ ModelSpec unusual_spec() {
   s.attention_scale = 0.3f;
   s.attn_logit_softcap = 50.0f;
   s.final_logit_softcap = 30.0f;
+  s.alibi_slope_scale = 0.125f;
   s.sliding_window = {0, 16};
   return s;
 }
@@ -126,6 +127,7 @@ void expect_same_spec(const ModelSpec& a, const ModelSpec& b) {
   EXPECT_EQ(bits(a.attention_scale), bits(b.attention_scale));
   EXPECT_EQ(bits(a.attn_logit_softcap), bits(b.attn_logit_softcap));
   EXPECT_EQ(bits(a.final_logit_softcap), bits(b.final_logit_softcap));
+  EXPECT_EQ(bits(a.alibi_slope_scale), bits(b.alibi_slope_scale));
   EXPECT_EQ(a.sliding_window, b.sliding_window);
 }
 

@@ -51,6 +51,9 @@ CASES = {
     "falcon_40b_style": lambda: T.FalconConfig(
         vocab_size=VOCAB, hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
         num_kv_heads=2, new_decoder_architecture=True, bias=False, initializer_range=INIT),
+    "falcon_rw_alibi": lambda: T.FalconConfig(
+        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+        multi_query=False, parallel_attn=False, bias=True, alibi=True, initializer_range=INIT),
     "mpt": lambda: T.MptConfig(vocab_size=VOCAB, d_model=256, n_layers=2, n_heads=4,
                                max_seq_len=MAX_POSITIONS, initializer_range=INIT),
     "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=256, n_layer=2, n_head=4,

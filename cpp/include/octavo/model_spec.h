@@ -119,6 +119,8 @@ struct ModelSpec {
   float attention_scale = 0.0f;       // softmax scale; 0 means 1 / sqrt(head_dim)
   float attn_logit_softcap = 0.0f;    // 0: none; else cap * tanh(score / cap) (Gemma 2)
   float final_logit_softcap = 0.0f;   // same on the LM head's logits
+  /// Multiplies every ALiBi slope (Falcon-RW scales its bias with the scores: 1 / sqrt(head_dim)).
+  float alibi_slope_scale = 1.0f;
   /// Per layer: attend only to the last `window` positions (0 = full attention). Empty: all full.
   std::vector<int> sliding_window;
 

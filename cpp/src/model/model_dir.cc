@@ -125,6 +125,7 @@ void visit_spec(Spec& s, Visitor&& v) {
   v("attention_scale", s.attention_scale);
   v("attn_logit_softcap", s.attn_logit_softcap);
   v("final_logit_softcap", s.final_logit_softcap);
+  v("alibi_slope_scale", s.alibi_slope_scale);
   v("sliding_window", s.sliding_window);
 }
 

@@ -61,6 +61,8 @@ void ModelSpec::validate() const {
             "layer " + str(l) + " has " + str(heads) + " kv heads; num_heads (" + str(num_heads) +
                 ") must be a multiple of it");
   }
+  require(std::isfinite(alibi_slope_scale) && alibi_slope_scale > 0.0f, a,
+          "alibi_slope_scale must be positive and finite");
   require(!sandwich_norms || residual == ResidualKind::kSequential, a,
           "sandwich_norms needs the sequential residual");
 }

@@ -104,6 +104,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("attention_scale", &ModelSpec::attention_scale)
       .def_rw("attn_logit_softcap", &ModelSpec::attn_logit_softcap)
       .def_rw("final_logit_softcap", &ModelSpec::final_logit_softcap)
+      .def_rw("alibi_slope_scale", &ModelSpec::alibi_slope_scale)
       .def_rw("sliding_window", &ModelSpec::sliding_window)
       .def("validate", &ModelSpec::validate);
 

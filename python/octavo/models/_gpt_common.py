@@ -51,6 +51,7 @@ _DEFAULTS = {
     "attention_scale": 0.0,
     "attn_logit_softcap": 0.0,
     "final_logit_softcap": 0.0,
+    "alibi_slope_scale": 1.0,
     "sliding_window": None,
 }
 

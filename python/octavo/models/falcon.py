@@ -17,13 +17,15 @@ HF tensors -> canonical, per layer L (prefix "transformer."):
     h.L.ln_mlp | h.L.post_attention_layernorm -> layers.L.post_attn_norm
 and word_embeddings, ln_f, lm_head -> embed_tokens, final_norm, lm_head (tied by default).
 
-Falcon's ALiBi variant (alibi=true, Falcon-RW-1B/7B) is refused: transformers adds the ALiBi
-bias before the 1/sqrt(head_dim) scale, so its slopes are those of BLOOM divided by
-sqrt(head_dim), which ModelSpec has no field for.
+Falcon's ALiBi variant (alibi=true, Falcon-RW-1B/7B) has no rotary. transformers adds the ALiBi
+bias before the 1/sqrt(head_dim) softmax scale, so its slopes are BLOOM's times 1/sqrt(head_dim)
+(alibi_slope_scale). As for BLOOM, transformers rounds each bias to bfloat16 first; octavo keeps
+it in fp32.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -52,10 +54,6 @@ def _layout(config: dict) -> tuple[bool, bool, bool]:
 def spec_from_config(config: dict) -> dict:
     """ModelSpec fields of a Falcon config (n_embed, n_head, n_layer, n_head_kv of RW configs
     read too)."""
-    if config.get("alibi"):
-        raise unsupported(
-            config, "alibi=true (Falcon-RW): its ALiBi bias is scaled by 1/sqrt(head_dim) with "
-                    "the scores, and ModelSpec has no ALiBi slope scale")
     new_arch, multi_query, parallel = _layout(config)
     hidden = config_int(config, "hidden_size", "n_embed")
     heads = config_int(config, "num_attention_heads", "n_head")
@@ -70,6 +68,10 @@ def spec_from_config(config: dict) -> dict:
         kv_heads = 1 if multi_query else heads
         residual = "parallel_one_norm" if parallel else "sequential"
     bias = bool(config.get("bias", False))
+    if config.get("alibi"):
+        positions = {"positions": "alibi", "alibi_slope_scale": 1.0 / math.sqrt(size)}
+    else:
+        positions = {"rope": rope(config, size)}
     return make_spec(
         architecture=pick_architecture(config, ARCHITECTURES),
         vocab_size=int(require(config, "vocab_size")),
@@ -82,12 +84,12 @@ def spec_from_config(config: dict) -> dict:
         max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
         norm_eps=float(config.get("layer_norm_epsilon") or 1e-5),
         activation=activation(config, "activation", "gelu"),
-        rope=rope(config, size),
         residual=residual,
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=bias,
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        **positions,
     )
 
 
