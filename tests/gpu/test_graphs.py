@@ -22,7 +22,8 @@ from octavo import LLM, BeamSearchParams, SamplingParams  # noqa: E402
 def model_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("graphs"))
     build_checkpoint(directory, "Qwen3ForCausalLM", dtype=torch.bfloat16, hidden_size=384,
-                     head_dim=64, intermediate_size=512, initializer_range=0.25)
+                     head_dim=64, intermediate_size=512, initializer_range=0.25,
+                     max_position_embeddings=1024)
     return directory
 
 
@@ -51,4 +52,21 @@ def test_graph_replay_matches_eager(model_dir, batch):
         g_lp = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
         np.testing.assert_allclose(g_lp, e_lp, atol=2e-2)
     assert [s.tokens for s in graph_beams[0].sequences] == [s.tokens for s in eager_beams[0].sequences]
+    assert llm.engine.stats().num_free_kv_blocks == llm.engine.stats().num_kv_blocks
+
+
+def test_graph_table_widths_match_eager(model_dir):
+    """Contexts that grow across the graphs' block-table widths (16, 32, 64 blocks of 16 tokens:
+    256, 512, 1024 tokens) mid-generation, in one batch with short ones."""
+    rng = np.random.default_rng(7)
+    lengths = [230, 250, 500, 700, 20]
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in lengths]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    eager, _, _ = run(model_dir, True, prompts, params)
+    graph, _, llm = run(model_dir, False, prompts, params)
+    for e, g in zip(eager, graph):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        e_lp = [next(iter(d.values())).logprob for d in e.outputs[0].logprobs]
+        g_lp = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
+        np.testing.assert_allclose(g_lp, e_lp, atol=2e-2)
     assert llm.engine.stats().num_free_kv_blocks == llm.engine.stats().num_kv_blocks

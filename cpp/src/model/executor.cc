@@ -110,6 +110,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   }
   if (spec_.positions == PositionKind::kAlibi) {
     std::vector<float> slopes = alibi_slopes(spec_.num_heads);
+    for (float& slope : slopes) slope *= spec_.alibi_slope_scale;
     alibi_slopes_ = DeviceBuffer(backend_, slopes.size() * sizeof(float));
     backend_.upload(alibi_slopes_.data(), slopes.data(), slopes.size() * sizeof(float));
   }
@@ -136,10 +137,14 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
   max_blocks_ = int(max_blocks);
   max_bias_entries_ = S * size_t(std::max(limits_.max_bias_per_seq, 1));
-  const size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
+  size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
                             S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
                             max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4 +
                             S * sizeof(PenaltyRow) + S * 4 + T * 8;
+  // Graph steps' tables get their own region after the rest, so a step uploads only the rows
+  // and width its graph reads rather than the whole [max_num_seqs, max_blocks] capacity.
+  table_offset_ = (step_bytes + 15) / 16 * 16;
+  step_bytes = table_offset_ + S * max_blocks * 4;
   step_inputs_ = DeviceBuffer(backend_, step_bytes);
   step_staging_.resize(step_bytes);
 
@@ -268,18 +273,23 @@ const void* Executor::weight(const std::string& name) const {
   return it == weights_.end() ? nullptr : it->second.data();
 }
 
-int Executor::graph_bucket_of(const StepBatch& b) const {
+Executor::GraphKey Executor::graph_key_of(const StepBatch& b) const {
   if (graph_buckets_.empty() || b.max_query_len != 1 || b.num_prompt_logprob_rows() > 0 ||
       b.num_samples() != b.num_requests() || b.num_requests() > graph_buckets_.back()) {
-    return 0;
+    return {};
   }
   for (int r = 0; r < b.num_samples(); ++r) {
-    if (b.sample_rows[r] != r) return 0;
+    if (b.sample_rows[r] != r) return {};
   }
-  return *std::lower_bound(graph_buckets_.begin(), graph_buckets_.end(), b.num_requests());
+  // Widths from 16 blocks up in powers of two: few graphs per batch bucket, and an attention
+  // plan made for at most twice the longest context rather than for max_model_len.
+  int width = 16;
+  while (width < b.block_table_width) width *= 2;
+  return {*std::lower_bound(graph_buckets_.begin(), graph_buckets_.end(), b.num_requests()),
+          std::min(width, max_blocks_)};
 }
 
-void Executor::upload_step(const StepBatch& b, int graph_bucket) {
+void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   const int32_t T = b.num_tokens(), R = b.num_requests(), S = b.num_samples();
   const size_t bias_entries = b.bias_token_ids.size();
   const int32_t P = b.num_prompt_logprob_rows();
@@ -301,17 +311,16 @@ void Executor::upload_step(const StepBatch& b, int graph_bucket) {
   };
   // What a forward pass reads comes first; graph steps carve it at fixed capacities so that every
   // graph finds its inputs at the addresses it was captured with.
-  const bool graph = graph_bucket > 0;
+  const bool graph = graph_key.batch > 0;
   const size_t token_capacity = graph ? size_t(limits_.max_num_seqs) : size_t(T);
   const size_t request_capacity = graph ? size_t(limits_.max_num_seqs) : size_t(R);
-  const size_t table_capacity =
-      graph ? request_capacity * size_t(max_blocks_) : b.block_tables.size();
   int32_t* token_ids = carve<int32_t>(cursor, token_capacity);
   int32_t* positions = carve<int32_t>(cursor, token_capacity);
   int64_t* slots = carve<int64_t>(cursor, token_capacity);
   int32_t* query_start = carve<int32_t>(cursor, request_capacity + 1);
   int32_t* context_lens = carve<int32_t>(cursor, request_capacity);
-  int32_t* block_tables = carve<int32_t>(cursor, table_capacity);
+  int32_t* block_tables = graph ? reinterpret_cast<int32_t*>(base + table_offset_)
+                                : carve<int32_t>(cursor, b.block_tables.size());
   int32_t* sample_rows = carve<int32_t>(cursor, S);
   SamplingRow* sampling = carve<SamplingRow>(cursor, S);
   int32_t* bias_offsets = carve<int32_t>(cursor, S + 1);
@@ -327,8 +336,10 @@ void Executor::upload_step(const StepBatch& b, int graph_bucket) {
   stage(slots, b.slot_mapping);
   stage(query_start, b.query_start);
   stage(context_lens, b.context_lens);
+  const size_t graph_table_bytes =
+      graph ? size_t(graph_key.batch) * graph_key.table_width * sizeof(int32_t) : 0;
   if (graph) {
-    const int B = graph_bucket;
+    const int B = graph_key.batch, W = graph_key.table_width;
     for (int i = T; i < B; ++i) {
       token_ids[i] = 0;
       positions[i] = 0;
@@ -338,9 +349,9 @@ void Executor::upload_step(const StepBatch& b, int graph_bucket) {
       query_start[r + 1] = query_start[r] + 1;
       context_lens[r] = 0;  // padding attends to nothing
     }
-    std::memset(block_tables, 0, size_t(B) * max_blocks_ * sizeof(int32_t));
+    std::memset(block_tables, 0, graph_table_bytes);
     for (int r = 0; r < R; ++r) {
-      std::memcpy(block_tables + size_t(r) * max_blocks_,
+      std::memcpy(block_tables + size_t(r) * W,
                   b.block_tables.data() + size_t(r) * b.block_table_width,
                   size_t(b.block_table_width) * sizeof(int32_t));
     }
@@ -359,6 +370,9 @@ void Executor::upload_step(const StepBatch& b, int graph_bucket) {
   stage(prompt_targets, b.prompt_logprob_targets);
   const size_t used = size_t(cursor - base);
   backend_.upload(step_inputs_.data(), base, used);
+  if (graph) {
+    backend_.upload(step_inputs_.as<std::byte>() + table_offset_, block_tables, graph_table_bytes);
+  }
 
   auto device = [&](auto* host_pointer) {
     using T = std::remove_pointer_t<decltype(host_pointer)>;
@@ -598,8 +612,8 @@ StepResult Executor::execute(const StepBatch& batch) {
   StepResult result;
   const int T = batch.num_tokens(), S = batch.num_samples();
   if (T == 0) return result;
-  const int bucket = graph_bucket_of(batch);
-  upload_step(batch, bucket);
+  const GraphKey graph_key = graph_key_of(batch);
+  upload_step(batch, graph_key);
 
   if (!batch.block_copies.empty()) {
     CopyBlocksParams c{};
@@ -626,15 +640,18 @@ StepResult Executor::execute(const StepBatch& batch) {
 
   if (!batch.count_resets.empty() || !batch.count_entries.empty()) update_token_counts(batch);
 
-  if (bucket == 0) {
+  if (graph_key.batch == 0) {
     forward(ForwardShape{T, batch.num_requests(), batch.block_table_width, batch.max_query_len,
                          batch.max_context_len});
     if (S > 0) sample(batch, result, /*logits_ready=*/false);
   } else {
     // A decode step: the forward and the LM head over the padded bucket, as one graph; the
     // sampling (which varies with the requests' settings) runs after it on rows [0, S).
-    const ForwardShape shape{bucket, bucket, max_blocks_, 1, limits_.max_model_len};
-    auto graph = graphs_.find(bucket);
+    const int bucket = graph_key.batch;
+    const ForwardShape shape{bucket, bucket, graph_key.table_width, 1,
+                             std::min(limits_.max_model_len,
+                                      graph_key.table_width * kv_shape_.block_size)};
+    auto graph = graphs_.find(graph_key);
     if (graph != graphs_.end()) {
       backend_.replay(graph->second);
     } else {
@@ -652,7 +669,7 @@ StepResult Executor::execute(const StepBatch& batch) {
         }
         throw;
       }
-      graphs_[bucket] = backend_.end_capture();
+      graphs_[graph_key] = backend_.end_capture();
     }
     sample(batch, result, /*logits_ready=*/true);
   }

@@ -126,14 +126,24 @@ class Executor {
     int32_t max_query_len;
     int32_t max_context_len;
   };
-  /// Uploads the step's inputs. graph_bucket > 0: in the fixed layout every graph reads, the
-  /// requests padded to graph_bucket with empty ones (token 0 at position 0, no cache slot,
-  /// context 0) and block-table rows max_blocks_ wide.
-  void upload_step(const StepBatch& batch, int graph_bucket);
-  /// The graph bucket a step can replay (the smallest bucket holding its requests), or 0: the
-  /// step runs eagerly (prefill, prompt logprobs, forks or beams whose rows are not one per
-  /// request, no graph support).
-  int graph_bucket_of(const StepBatch& batch) const;
+  /// A decode graph's padded sizes: requests, and block-table width (a power of two of blocks,
+  /// which also bounds the context the attention plan is made for).
+  struct GraphKey {
+    int batch = 0;  // 0: no graph, the step runs eagerly
+    int table_width = 0;
+    bool operator==(const GraphKey& o) const { return batch == o.batch && table_width == o.table_width; }
+  };
+  struct GraphKeyHash {
+    size_t operator()(const GraphKey& k) const { return size_t(k.batch) << 32 | size_t(k.table_width); }
+  };
+  /// Uploads the step's inputs. With a graph key: in the fixed layout every graph reads, the
+  /// requests padded to key.batch with empty ones (token 0 at position 0, no cache slot,
+  /// context 0), block-table rows key.table_width wide at the fixed table_offset_.
+  void upload_step(const StepBatch& batch, GraphKey graph);
+  /// The graph a step can replay (the smallest bucket holding its requests, the smallest
+  /// power-of-two width holding its block tables), or batch 0: the step runs eagerly (prefill,
+  /// prompt logprobs, forks or beams whose rows are not one per request, no graph support).
+  GraphKey graph_key_of(const StepBatch& batch) const;
   void forward(const ForwardShape& shape);
   void update_token_counts(const StepBatch& batch);
   /// Final norm and LM head for `rows` query rows (device indices) into logits_.
@@ -168,8 +178,9 @@ class Executor {
 
   DeviceBuffer identity_rows_;  // [max_num_seqs] int32 0, 1, 2, ...: a graph's logit rows
   std::vector<int> graph_buckets_;          // padded batch sizes decode graphs are captured for
-  std::unordered_map<int, int> graphs_;     // bucket -> the backend's graph id
-  int max_blocks_ = 0;                      // block-table width of graph steps
+  std::unordered_map<GraphKey, int, GraphKeyHash> graphs_;  // -> the backend's graph id
+  int max_blocks_ = 0;       // blocks of a max_model_len sequence: the widest graph table
+  size_t table_offset_ = 0;  // graph steps' block tables: a fixed place at the end of step_inputs_
   DeviceBuffer kv_cache_;
   std::vector<size_t> kv_layer_offsets_;  // byte offset of each layer's share, then the total
   DeviceBuffer rope_cos_sin_;   // [max_model_len, rotary_dim] fp32
