@@ -24,6 +24,8 @@ from throughput import build_random_model, commit  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--random-model", default="qwen3-0.6b")
+    parser.add_argument("--model", default=None, help="a checkpoint directory instead")
+    parser.add_argument("--result-json", default=None, help="also append the JSON line here")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=30)
@@ -37,9 +39,10 @@ def main() -> None:
     from octavo.sampling_params import SamplingParams
 
     with tempfile.TemporaryDirectory() as scratch:
-        build_random_model(args.random_model, scratch)
+        if args.model is None:
+            build_random_model(args.random_model, scratch)
         engine, spec, _ = create_engine(EngineArgs(
-            model=scratch, device="cuda", max_num_seqs=args.batch,
+            model=args.model or scratch, device="cuda", max_num_seqs=args.batch,
             max_model_len=args.context + 4096, enable_prefix_caching=False,
             enforce_eager=args.enforce_eager))
     # Long enough that no request finishes while the others are still prefilling.
@@ -62,8 +65,8 @@ def main() -> None:
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
     busy_us = sum(e.device_time_total for e in kernels)
     top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
-    print(json.dumps({
-        "bench": "profile_decode", "model": args.random_model, "batch": args.batch,
+    line = json.dumps({
+        "bench": "profile_decode", "model": args.model or args.random_model, "batch": args.batch,
         "context": args.context, "steps": args.steps, "device": torch.cuda.get_device_name(),
         "graphs": not args.enforce_eager,
         "wall_ms_per_step": round(wall / args.steps * 1e3, 3),
@@ -73,7 +76,11 @@ def main() -> None:
         "top_kernels": [{"name": e.key[:80], "ms_per_step": round(e.device_time_total / args.steps / 1e3, 3),
                          "calls_per_step": round(e.count / args.steps, 1)} for e in top],
         "commit": commit(),
-    }))
+    })
+    print(line)
+    if args.result_json:
+        with open(args.result_json, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
