@@ -16,6 +16,10 @@
 namespace octavo {
 namespace {
 
+// Weights in another dtype are converted through a staging buffer of this size (the CUDA
+// backend's pinned upload size).
+constexpr size_t kConvertChunkBytes = size_t{8} << 20;
+
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -200,6 +204,7 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
     }
   }
   std::unordered_map<std::string, const HostTensor*> by_name;
+  std::vector<std::byte> staging;
   for (const HostTensor& t : weights) {
     if (!by_name.emplace(t.name, &t).second) {
       throw FormatError("weight '" + t.name + "' was given twice");
@@ -221,10 +226,21 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
     for (int64_t d : t.shape) count *= size_t(d);
     // The LM head's bias is added to fp32 logits: it is kept in fp32.
     const DType stored = e.name == "lm_head.bias" ? DType::kFloat32 : weight_dtype_;
-    std::vector<std::byte> converted(count * dtype_size(stored));
-    convert_dtype(t.data, source, converted.data(), stored, count);
-    DeviceBuffer buffer(backend_, converted.size());
-    backend_.upload(buffer.data(), converted.data(), converted.size());
+    DeviceBuffer buffer(backend_, count * dtype_size(stored));
+    if (source == stored) {
+      backend_.upload(buffer.data(), t.data, count * dtype_size(stored));
+    } else {
+      // Converted a slice at a time through one staging buffer: no whole-model host copy.
+      const size_t chunk = kConvertChunkBytes / dtype_size(stored);
+      staging.resize(std::min(count, chunk) * dtype_size(stored));
+      for (size_t first = 0; first < count; first += chunk) {
+        const size_t n = std::min(chunk, count - first);
+        convert_dtype(static_cast<const std::byte*>(t.data) + first * dtype_size(source), source,
+                      staging.data(), stored, n);
+        backend_.upload(buffer.as<std::byte>() + first * dtype_size(stored), staging.data(),
+                        n * dtype_size(stored));
+      }
+    }
     weights_.emplace(e.name, std::move(buffer));
     by_name.erase(it);
   }
