@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=parse_range, default=(100, 1024), help="N or LOW:HIGH")
     parser.add_argument("--output-len", type=parse_range, default=(100, 1024), help="N or LOW:HIGH")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--no-detokenize", action="store_true",
                         help="token ids only (SamplingParams(detokenize=False))")

@@ -56,7 +56,7 @@ constexpr const char* kUsage = R"(usage: octavo_bench (--model DIR | --random-mo
   --device D                cpu | cuda | cuda:N (default cpu)
   --dtype T                 auto | float32 | float16 | bfloat16 (auto: bfloat16 for random
                             weights, the directory's dtype otherwise)
-  --max-num-seqs N          running requests per step (default 256)
+  --max-num-seqs N          running requests per step (default: the engine's)
   --max-num-batched-tokens N  tokens per step (default: the engine's)
   --max-model-len N         default: the longest request + 1, as bench/throughput.py sets it
   --block-size N            tokens per KV block (default 16)
@@ -80,7 +80,7 @@ struct Options {
   uint64_t seed = 0;
   std::string device = "cpu";
   std::string dtype = "auto";
-  int max_num_seqs = 256;
+  int max_num_seqs = 0;  // 0: the engine's default
   int max_num_batched_tokens = 0;
   int max_model_len = 0;
   int block_size = 16;

@@ -27,8 +27,9 @@ class EngineArgs:
     model: path to a Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
     dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16"; storage of weights and KV.
     max_model_len: longest prompt + output, in tokens; None: the model's max_position_embeddings.
-    max_num_seqs: requests running at once (default 256).
-    max_num_batched_tokens: tokens per step; None: min(8192, max_model_len), at least max_num_seqs.
+    max_num_seqs: requests running at once; None: 1024 on a GPU of at least 70 GiB, else 256.
+    max_num_batched_tokens: tokens per step; None: 16384 on a GPU of at least 70 GiB, else
+        min(8192, max_model_len); at least max_num_seqs.
     block_size: tokens per KV block (power of two, default 16).
     enable_prefix_caching: reuse cached KV of shared prompt prefixes (default True).
     num_gpu_blocks_override: fix the KV pool size in blocks instead of sizing it from memory.
@@ -45,7 +46,7 @@ class EngineArgs:
     tokenizer: Optional[str] = None
     dtype: str = "auto"
     max_model_len: Optional[int] = None
-    max_num_seqs: int = 256
+    max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -135,7 +136,10 @@ def create_engine(args: EngineArgs, tokenizer=None, asynchronous: bool = False):
         engine_config.dtype = "bfloat16"
     if args.max_model_len is not None:
         engine_config.max_model_len = int(args.max_model_len)
-    engine_config.max_num_seqs = int(args.max_num_seqs)
+    if args.max_num_seqs is not None:
+        if int(args.max_num_seqs) < 1:
+            raise ValueError(f"max_num_seqs is {args.max_num_seqs}; it must be at least 1")
+        engine_config.max_num_seqs = int(args.max_num_seqs)
     if args.max_num_batched_tokens is not None:
         engine_config.max_num_batched_tokens = int(args.max_num_batched_tokens)
     engine_config.block_size = int(args.block_size)

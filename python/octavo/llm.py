@@ -41,8 +41,10 @@ class LLM:
         tokenizer: tokenizer directory (default: `model`).
         dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
         max_model_len: longest prompt + output in tokens (default: the model's limit).
-        max_num_seqs: requests running at once (default 256).
-        max_num_batched_tokens: tokens per step (default min(8192, max_model_len)).
+        max_num_seqs: requests running at once (default 1024 on a GPU of at least 70 GiB,
+            else 256).
+        max_num_batched_tokens: tokens per step (default 16384 on a GPU of at least 70 GiB,
+            else min(8192, max_model_len)).
         block_size: tokens per KV-cache block (default 16).
         enable_prefix_caching: reuse the KV of shared prompt prefixes (default True).
         num_gpu_blocks_override: fix the KV pool size, in blocks.

@@ -17,8 +17,11 @@ struct EngineConfig {
   /// "bfloat16". The CPU backend computes in fp32 whatever the storage.
   std::string dtype = "auto";
   int max_model_len = 0;             // 0: the model's max_position_embeddings
-  int max_num_seqs = 256;            // running requests per step
-  int max_num_batched_tokens = 0;    // tokens per step; 0: min(8192, max_model_len), >= max_num_seqs
+  /// Running requests per step; 0: 1024 on a GPU of at least 70 GiB, else 256 (vLLM's defaults).
+  int max_num_seqs = 0;
+  /// Tokens per step (prefill chunks included); 0: 16384 on a GPU of at least 70 GiB, else
+  /// min(8192, max_model_len); never below max_num_seqs.
+  int max_num_batched_tokens = 0;
   int block_size = 16;               // tokens per KV block
   bool enable_prefix_caching = true;
   /// Fixed KV pool size in blocks (vLLM: num_gpu_blocks_override); 0: sized from memory.
@@ -30,8 +33,9 @@ struct EngineConfig {
   size_t cpu_kv_cache_bytes = size_t{4} << 30;
   uint64_t seed = 0;                 // seeds requests that bring no seed of their own
   /// Never replay captured graphs (vLLM's enforce_eager). By default a GPU backend captures a
-  /// decode step's forward pass once per padded batch size (1, 2, 4, 8, 16, ... max_num_seqs) the
-  /// first time one runs, and replays it after: one launch instead of hundreds.
+  /// decode step's forward pass once per padded batch size (1, 2, 4, 8, 16, ... up to 512) and
+  /// block-table width the first time one runs, and replays it after: one launch instead of
+  /// hundreds.
   bool enforce_eager = false;
   std::vector<int32_t> eos_token_ids;  // EOS ids of the model (generation config)
 };

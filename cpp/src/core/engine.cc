@@ -125,11 +125,9 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
                           "max_position_embeddings " + num(spec.max_position_embeddings) +
                           " (lower max_model_len)");
   }
-  if (c.max_num_seqs < 1) {
-    throw InvalidArgument("max_num_seqs is " + num(c.max_num_seqs) + "; it must be at least 1");
-  }
-  if (c.max_num_batched_tokens <= 0) {
-    c.max_num_batched_tokens = std::max(std::min(8192, c.max_model_len), c.max_num_seqs);
+  if (c.max_num_seqs < 0) {
+    throw InvalidArgument("max_num_seqs is " + num(c.max_num_seqs) + "; it must be at least 1 "
+                          "(0: the default)");
   }
 
   if (!(c.gpu_memory_utilization > 0.0f && c.gpu_memory_utilization <= 1.0f)) {
@@ -138,6 +136,15 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   }
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
+  // vLLM's throughput defaults: a large card runs many more requests and longer prefill chunks
+  // per step (Llama-3.1-8B's workload on an H100: +36% output tokens/s over 256 and 1945).
+  const std::optional<MemoryInfo> device_memory = m.backend->memory_info();
+  const bool large_device = device_memory && device_memory->total_bytes >= (size_t{70} << 30);
+  if (c.max_num_seqs == 0) c.max_num_seqs = large_device ? 1024 : 256;
+  if (c.max_num_batched_tokens <= 0) {
+    c.max_num_batched_tokens =
+        std::max(large_device ? 16384 : std::min(8192, c.max_model_len), c.max_num_seqs);
+  }
   ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len,
                         kMaxLogitBias + kMaxStopTokenIds + int(c.eos_token_ids.size()),
                         !c.enforce_eager};

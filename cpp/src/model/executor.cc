@@ -19,6 +19,8 @@ namespace {
 // Weights in another dtype are converted through a staging buffer of this size (the CUDA
 // backend's pinned upload size).
 constexpr size_t kConvertChunkBytes = size_t{8} << 20;
+// The largest decode batch replayed from a graph (vLLM's largest capture size).
+constexpr int kMaxGraphBatch = 512;
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -157,8 +159,10 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
     for (int b : {1, 2, 4}) {
       if (b < limits_.max_num_seqs) graph_buckets_.push_back(b);
     }
-    for (int b = 8; b < limits_.max_num_seqs; b += 8) graph_buckets_.push_back(b);
-    graph_buckets_.push_back(limits_.max_num_seqs);
+    // Larger batches run eagerly: their launch overhead is small beside their work.
+    const int largest = std::min(limits_.max_num_seqs, kMaxGraphBatch);
+    for (int b = 8; b < largest; b += 8) graph_buckets_.push_back(b);
+    graph_buckets_.push_back(largest);
     std::vector<int32_t> identity(limits_.max_num_seqs);
     for (int i = 0; i < limits_.max_num_seqs; ++i) identity[i] = i;
     identity_rows_ = DeviceBuffer(backend_, identity.size() * sizeof(int32_t));

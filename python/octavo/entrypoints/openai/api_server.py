@@ -97,10 +97,12 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "a float32 checkpoint on a GPU)")
     engine.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output in tokens (default: the model's)")
-    engine.add_argument("--max-num-seqs", type=int, default=256,
-                        help="sequences running at once (default 256)")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences running at once (default 1024 on a GPU of at least "
+                             "70 GiB, else 256)")
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="tokens per engine step (default min(8192, max_model_len))")
+                        help="tokens per engine step (default 16384 on a GPU of at least 70 GiB, "
+                             "else min(8192, max_model_len))")
     engine.add_argument("--block-size", type=int, default=16,
                         help="tokens per KV-cache block (default 16)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
