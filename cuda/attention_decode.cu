@@ -46,7 +46,7 @@ constexpr int kStages = 3;            // tiles in flight: one computed, kStages 
 constexpr int kRowsPerGroup = 4;      // token rows a row group handles per tile
 constexpr int kMaxGroupTile = 8;      // query heads per CTA; larger GQA groups are tiled
 constexpr int kMaxSplits = 256;       // bounds the reduction's shared memory
-constexpr int kMinSplitTokens = 256;  // shorter splits cost more in fixed work than they gain
+constexpr int kMinSplitTokens = 64;   // shorter splits cost more in fixed work than they gain
 constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H100 SM (2 for
                                       // group tile 8, limited by registers)
 
@@ -518,30 +518,6 @@ __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeArg
 
 std::string str(long long value) { return std::to_string(value); }
 
-/// SMs of the current device, queried once per device.
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
-    gpu::get_last_error();
-    throw BackendError("paged_attention_decode: no current CUDA device");
-  }
-  if (device < kMaxDevices) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      count <= 0) {
-    gpu::get_last_error();
-    throw BackendError("paged_attention_decode: cannot query the SM count of device " +
-                       str(device));
-  }
-  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
-  return count;
-}
-
 struct Plan {
   int group = 1;
   int group_tile = 1;
@@ -574,7 +550,7 @@ Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
   plan.group_tile = group_tile_for(plan.group);
   plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
   const int64_t ctas_per_sm = plan.group_tile <= 4 ? kCtasPerSmTarget : kCtasPerSmTarget / 2;
-  const int64_t target = int64_t{sm_count()} * ctas_per_sm;
+  const int64_t target = int64_t{current_sm_count()} * ctas_per_sm;
   if (target_ctas != nullptr) *target_ctas = target;
   const int64_t max_keys = max_keys_of(p);
   const int64_t splits = initial_splits(p.num_requests, int64_t{p.num_kv_heads} * plan.group_tiles,
@@ -686,6 +662,30 @@ void check_launch(const char* op) {
 }
 
 }  // namespace
+
+/// SMs of the current device, queried once per device.
+int current_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    gpu::get_last_error();
+    throw BackendError("cuda: no current CUDA device");
+  }
+  if (device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      count <= 0) {
+    gpu::get_last_error();
+    throw BackendError("cuda: cannot query the SM count of device " +
+                       std::to_string(device));
+  }
+  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
+  return count;
+}
 
 /// An upper bound over every decode batch with at most params.num_requests requests and
 /// params.max_context_len keys (same heads and head dim), so an engine can reserve the workspace

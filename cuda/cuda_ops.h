@@ -14,6 +14,9 @@ using StreamHandle = void*;  // a cudaStream_t; nullptr is the legacy default st
 /// Number of CUDA devices visible; 0 when there is no driver or no device (never throws).
 int device_count();
 
+/// Multiprocessors of the current device, queried once per device (throws BackendError).
+int current_sm_count();
+
 /// "cuBLASLt <version>, CUDA runtime <version>", for build and log lines.
 std::string runtime_info();
 

@@ -39,7 +39,9 @@
 // passes run on one SM, so a small batch is latency-bound (a few microseconds per row).
 // A row whose logits hold a NaN, +inf or no finite value, or whose settings are out of range
 // (the CPU throws on both), gets sampled = -1 and NaN logprobs: a kernel cannot throw.
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -94,8 +96,9 @@ __device__ __forceinline__ float key_value(u64 key) { return from_ordered(uint32
 
 // Everything a pass computes per token, in one place so that every pass gets identical values.
 struct RowCtx {
-  const float* logits;  // this row
-  int32_t vocab;
+  const float* logits;  // this row (or, in a split pass, its slice)
+  int32_t vocab;        // tokens in logits
+  int32_t first_id;     // id of logits[0]: 0, or the slice's start
   float cap;            // final soft-cap, 0: none
   float temperature;    // 1 for greedy rows
   bool unit;            // temperature == 1: scaled == raw
@@ -125,14 +128,15 @@ __device__ __forceinline__ void for_each_logit(const RowCtx& c, F&& f) {
   const int tid = threadIdx.x;
   const int misalign = int((reinterpret_cast<uintptr_t>(row) >> 2) & 3);
   const int head = min((4 - misalign) & 3, c.vocab);
-  if (tid < head) f(tid, c.raw(row[tid]));
+  const int32_t id0 = c.first_id;
+  if (tid < head) f(id0 + tid, c.raw(row[tid]));
   const int num_vec = (c.vocab - head) >> 2;
   const float4* vec = reinterpret_cast<const float4*>(row + head);
   auto visit = [&](const float4& q, int base) {
-    f(base, c.raw(q.x));
-    f(base + 1, c.raw(q.y));
-    f(base + 2, c.raw(q.z));
-    f(base + 3, c.raw(q.w));
+    f(id0 + base, c.raw(q.x));
+    f(id0 + base + 1, c.raw(q.y));
+    f(id0 + base + 2, c.raw(q.z));
+    f(id0 + base + 3, c.raw(q.w));
   };
   int j = tid;
   for (; j + 3 * kThreads < num_vec; j += 4 * kThreads) {
@@ -143,7 +147,7 @@ __device__ __forceinline__ void for_each_logit(const RowCtx& c, F&& f) {
     for (int u = 0; u < 4; ++u) visit(q[u], head + 4 * (j + u * kThreads));
   }
   for (; j < num_vec; j += kThreads) visit(__ldg(vec + j), head + 4 * j);
-  for (int i = head + 4 * num_vec + tid; i < c.vocab; i += kThreads) f(i, c.raw(row[i]));
+  for (int i = head + 4 * num_vec + tid; i < c.vocab; i += kThreads) f(id0 + i, c.raw(row[i]));
 }
 
 // ---- shared memory ---------------------------------------------------------------------------
@@ -483,21 +487,17 @@ __device__ void write_bad_row(const SampleParams& p, int r) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams p) {
-  __shared__ Shared sh;
-  const int r = blockIdx.x;
-  const SamplingRow row = p.rows[r];
-  RowCtx c{p.logits + int64_t(r) * p.vocab_size, p.vocab_size, p.final_softcap, 1.0f, true, 0.0f};
+// ---- passes 1 and 2, shared by the one-block and the split paths ----------------------------
 
-  const bool valid_settings = row.temperature >= 0.0f && row.temperature < INFINITY &&
-                              row.top_p > 0.0f && row.top_p <= 1.0f && row.min_p >= 0.0f &&
-                              row.min_p <= 1.0f;
-  if (!valid_settings) {
-    write_bad_row(p, r);
-    return;
-  }
+// Pass 1 over c's tokens: the largest key, and sum exp(x - max) with its max, per block.
+struct Stats {
+  u64 best;       // largest key (0: none)
+  float max;      // the sum's reference (-inf: no finite token)
+  int32_t nan;    // a NaN was seen
+  double sum;     // sum of exp(x - max)
+};
 
-  // ---- pass 1: max, argmax and the raw normaliser ----
+__device__ Stats block_stats(const RowCtx& c, Shared& sh) {
   u64 best = 0;
   float m_local = -INFINITY;
   double sum_local = 0.0;
@@ -516,18 +516,160 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
       sum_local += double(expf(x - m_local));
     }
   });
-  best = block_max(best, sh.scratch);
-  const bool any_nan = block_max(u64(nan), sh.scratch) != 0;
-  const float m = key_value(best);
-  if (any_nan || !(fabsf(m) < INFINITY)) {
+  Stats s;
+  s.best = block_max(best, sh.scratch);
+  s.nan = block_max(u64(nan), sh.scratch) != 0;
+  s.max = s.best ? key_value(s.best) : -INFINITY;
+  const bool finite = fabsf(s.max) < INFINITY;
+  s.sum = block_sum(finite && m_local > -INFINITY
+                        ? sum_local * exp(double(m_local) - double(s.max)) : 0.0,
+                    sh.scratch);
+  return s;
+}
+
+// Pass 2 over c's tokens: adds their level-0 histogram into sh.count / sh.weight (zeroed and
+// synced by the caller); synced on return.
+__device__ void block_histogram(const RowCtx& c, bool greedy, Shared& sh) {
+  int pending_bin = -1;
+  uint32_t pending_count = 0, tail = 0;
+  u64 pending_weight = 0;
+  auto flush = [&] {
+    if (pending_bin < 0) return;
+    atomicAdd(&sh.count[pending_bin], pending_count);
+    if (pending_weight) atomicAdd(&sh.weight[pending_bin], pending_weight);
+  };
+  for_each_logit(c, [&](int, float x) {
+    const float s = c.scaled(x);
+    const int b = c.bin(s);
+    if (b == kTailBin) {
+      ++tail;
+      return;
+    }
+    if (b != pending_bin) {  // runs of one bin (flat rows) take one atomic
+      flush();
+      pending_bin = b;
+      pending_count = 0;
+      pending_weight = 0;
+    }
+    ++pending_count;
+    if (!greedy) pending_weight += c.weight(s);
+  });
+  flush();
+  tail = block_sum(tail, sh.scratch);  // syncs: the atomics above are done
+  if (threadIdx.x == 0) sh.count[kTailBin] += tail;
+  __syncthreads();
+}
+
+// ---- the split path: passes 1 and 2 over vocabulary slices, many blocks per row ---------------
+//
+// A small batch would leave most SMs idle with one block per row, so passes 1 and 2 (two of the
+// three reads of a row) run on `splits` blocks per row: stats_split_kernel writes each slice's
+// Stats, histogram_split_kernel adds each slice's histogram into the row's global one (integer
+// sums: exact in any order), and sample_kernel starts from both. Only the gather (and any
+// refinement) still reads the row on one block.
+
+struct SplitWorkspace {
+  Stats* stats;      // [num_rows][splits]
+  uint32_t* count;   // [num_rows][kBins + 1]
+  u64* weight;       // [num_rows][kBins + 1]
+  int32_t splits;    // 0: the one-block path
+  int32_t slice;     // tokens per slice, a multiple of 4 (keeps 16-byte alignment)
+};
+
+__device__ __forceinline__ RowCtx slice_ctx(const SampleParams& p, const SplitWorkspace& ws,
+                                            int r, int s) {
+  const int first = s * ws.slice;
+  const int n = max(0, min(ws.slice, p.vocab_size - first));
+  return RowCtx{p.logits + int64_t(r) * p.vocab_size + first, n, first, p.final_softcap, 1.0f,
+                true, 0.0f};
+}
+
+// The row's Stats from its slices' (every thread computes the same).
+__device__ Stats merge_stats(const SplitWorkspace& ws, int r) {
+  const Stats* parts = ws.stats + int64_t(r) * ws.splits;
+  Stats m{0ull, -INFINITY, 0, 0.0};
+  for (int s = 0; s < ws.splits; ++s) {
+    m.best = parts[s].best > m.best ? parts[s].best : m.best;
+    m.nan |= parts[s].nan;
+  }
+  m.max = m.best ? key_value(m.best) : -INFINITY;
+  if (fabsf(m.max) < INFINITY) {
+    for (int s = 0; s < ws.splits; ++s) {
+      if (parts[s].max > -INFINITY) m.sum += parts[s].sum * exp(double(parts[s].max) - double(m.max));
+    }
+  }
+  return m;
+}
+
+__global__ void __launch_bounds__(kThreads) stats_split_kernel(const SampleParams p,
+                                                               const SplitWorkspace ws) {
+  __shared__ Shared sh;
+  const int r = blockIdx.y, s = blockIdx.x;
+  const Stats stats = block_stats(slice_ctx(p, ws, r, s), sh);
+  if (threadIdx.x == 0) ws.stats[int64_t(r) * ws.splits + s] = stats;
+  // The row's global histogram starts at zero for histogram_split_kernel (launched after).
+  const int per = (kBins + 1 + ws.splits - 1) / ws.splits;
+  for (int i = s * per + threadIdx.x; i < min((s + 1) * per, kBins + 1); i += kThreads) {
+    ws.count[int64_t(r) * (kBins + 1) + i] = 0;
+    ws.weight[int64_t(r) * (kBins + 1) + i] = 0;
+  }
+}
+
+__device__ __forceinline__ bool valid_settings(const SamplingRow& row) {
+  return row.temperature >= 0.0f && row.temperature < INFINITY && row.top_p > 0.0f &&
+         row.top_p <= 1.0f && row.min_p >= 0.0f && row.min_p <= 1.0f;
+}
+
+__global__ void __launch_bounds__(kThreads) histogram_split_kernel(const SampleParams p,
+                                                                   const SplitWorkspace ws) {
+  __shared__ Shared sh;
+  const int r = blockIdx.y, s = blockIdx.x;
+  const SamplingRow row = p.rows[r];
+  const Stats stats = merge_stats(ws, r);
+  const bool greedy = row.temperature < kGreedyTemperature;
+  // sample_kernel needs no histogram for these rows (it writes a bad row or the argmax).
+  if (!valid_settings(row) || stats.nan || !(fabsf(stats.max) < INFINITY) ||
+      (greedy && p.num_top == 0)) {
+    return;
+  }
+  RowCtx c = slice_ctx(p, ws, r, s);
+  c.temperature = greedy ? 1.0f : row.temperature;
+  c.unit = c.temperature == 1.0f;
+  c.s_max = c.scaled(stats.max);
+  for (int i = threadIdx.x; i <= kBins; i += kThreads) {
+    sh.count[i] = 0;
+    sh.weight[i] = 0;
+  }
+  __syncthreads();
+  block_histogram(c, greedy, sh);
+  for (int i = threadIdx.x; i <= kBins; i += kThreads) {
+    if (sh.count[i]) atomicAdd(&ws.count[int64_t(r) * (kBins + 1) + i], sh.count[i]);
+    if (sh.weight[i]) atomicAdd(&ws.weight[int64_t(r) * (kBins + 1) + i], sh.weight[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams p,
+                                                             const SplitWorkspace ws) {
+  __shared__ Shared sh;
+  const int r = blockIdx.x;
+  const SamplingRow row = p.rows[r];
+  RowCtx c{p.logits + int64_t(r) * p.vocab_size, p.vocab_size, 0, p.final_softcap, 1.0f, true,
+           0.0f};
+
+  if (!valid_settings(row)) {
     write_bad_row(p, r);
     return;
   }
-  const double sum =
-      block_sum(m_local > -INFINITY ? sum_local * exp(double(m_local) - double(m)) : 0.0,
-                sh.scratch);
-  const double log_normaliser = double(m) + log(sum);
-  const int32_t argmax = key_id(best);
+
+  // ---- pass 1: max, argmax and the raw normaliser (or the split kernels' slices merged) ----
+  const Stats stats = ws.splits > 0 ? merge_stats(ws, r) : block_stats(c, sh);
+  const float m = stats.max;
+  if (stats.nan || !(fabsf(m) < INFINITY)) {
+    write_bad_row(p, r);
+    return;
+  }
+  const double log_normaliser = double(m) + log(stats.sum);
+  const int32_t argmax = key_id(stats.best);
 
   const bool greedy = row.temperature < kGreedyTemperature;
   const int num_top = p.num_top;
@@ -542,44 +684,23 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
   c.unit = c.temperature == 1.0f;
   c.s_max = c.scaled(m);  // division is monotone: the max of x / T is max(x) / T
 
-  // ---- pass 2: level-0 histogram ----
-  for (int i = threadIdx.x; i <= kBins; i += kThreads) {
-    sh.count[i] = 0;
-    sh.weight[i] = 0;
-  }
-  __syncthreads();
-  {
-    int pending_bin = -1;
-    uint32_t pending_count = 0, tail = 0;
-    u64 pending_weight = 0;
-    auto flush = [&] {
-      if (pending_bin < 0) return;
-      atomicAdd(&sh.count[pending_bin], pending_count);
-      if (pending_weight) atomicAdd(&sh.weight[pending_bin], pending_weight);
-    };
-    for_each_logit(c, [&](int, float x) {
-      const float s = c.scaled(x);
-      const int b = c.bin(s);
-      if (b == kTailBin) {
-        ++tail;
-        return;
-      }
-      if (b != pending_bin) {  // runs of one bin (flat rows) take one atomic
-        flush();
-        pending_bin = b;
-        pending_count = 0;
-        pending_weight = 0;
-      }
-      ++pending_count;
-      if (!greedy) pending_weight += c.weight(s);
-    });
-    flush();
-    tail = block_sum(tail, sh.scratch);  // syncs: the atomics above are done
-    if (threadIdx.x == 0) sh.count[kTailBin] = tail;
+  // ---- pass 2: level-0 histogram (or the split kernels' sum of the slices') ----
+  if (ws.splits > 0) {
+    for (int i = threadIdx.x; i <= kBins; i += kThreads) {
+      sh.count[i] = ws.count[int64_t(r) * (kBins + 1) + i];
+      sh.weight[i] = ws.weight[int64_t(r) * (kBins + 1) + i];
+    }
     __syncthreads();
-    scan_inclusive(sh.count, kBins + 1, sh.scratch);
-    scan_inclusive(sh.weight, kBins + 1, sh.scratch);
+  } else {
+    for (int i = threadIdx.x; i <= kBins; i += kThreads) {
+      sh.count[i] = 0;
+      sh.weight[i] = 0;
+    }
+    __syncthreads();
+    block_histogram(c, greedy, sh);
   }
+  scan_inclusive(sh.count, kBins + 1, sh.scratch);
+  scan_inclusive(sh.weight, kBins + 1, sh.scratch);
   const u64 total_weight = sh.weight[kBins];
 
   // ---- the plan: which bins hold every boundary ----
@@ -665,11 +786,33 @@ void check_launch(const char* op) {
   }
 }
 
+// The split path: rows of a batch this small get several blocks each for passes 1 and 2.
+constexpr int kMaxSplitRows = 32;
+constexpr int kMaxSplitsPerRow = 32;
+constexpr int kMinSliceTokens = 4096;  // a slice shorter than this costs more than it saves
+
+int splits_for(const SampleParams& p) {
+  if (p.num_rows > kMaxSplitRows) return 0;
+  const int wanted = (2 * current_sm_count() + p.num_rows - 1) / std::max(p.num_rows, 1);
+  const int most = (p.vocab_size + kMinSliceTokens - 1) / kMinSliceTokens;
+  const int splits = std::min({wanted, most, kMaxSplitsPerRow});
+  return splits >= 2 ? splits : 0;
+}
+
+size_t split_workspace_bytes(int rows) {
+  return size_t(rows) * (kMaxSplitsPerRow * sizeof(Stats) +
+                         (kBins + 1) * (sizeof(uint32_t) + sizeof(u64)));
+}
+
 }  // namespace
 
-size_t sample_workspace_bytes(const SampleParams&) { return 0; }  // all scratch is on chip
+// Enough for the split path at any row count up to params.num_rows (reserved once for the
+// largest batch).
+size_t sample_workspace_bytes(const SampleParams& params) {
+  return split_workspace_bytes(std::clamp(params.num_rows, 0, kMaxSplitRows));
+}
 
-void sample(const SampleParams& p, void* /*workspace*/, StreamHandle stream) {
+void sample(const SampleParams& p, void* workspace, StreamHandle stream) {
   if (p.num_rows < 0 || p.vocab_size <= 0 || p.vocab_size > kMaxVocab) {
     throw InvalidArgument("sample: num_rows (" + std::to_string(p.num_rows) +
                           ") must be >= 0 and vocab_size (" + std::to_string(p.vocab_size) +
@@ -690,7 +833,25 @@ void sample(const SampleParams& p, void* /*workspace*/, StreamHandle stream) {
       (p.num_top > 0 && (p.top_ids == nullptr || p.top_logprobs == nullptr))) {
     throw InvalidArgument("sample: a null pointer among logits, rows and the outputs");
   }
-  sample_kernel<<<p.num_rows, kThreads, 0, static_cast<gpu::Stream>(stream)>>>(p);
+  const gpu::Stream s = static_cast<gpu::Stream>(stream);
+  SplitWorkspace ws{};
+  ws.splits = workspace != nullptr ? splits_for(p) : 0;
+  if (ws.splits > 0) {
+    std::byte* cursor = static_cast<std::byte*>(workspace);
+    ws.weight = reinterpret_cast<u64*>(cursor);  // 8-byte members first: every part aligned
+    cursor += size_t(p.num_rows) * (kBins + 1) * sizeof(u64);
+    ws.stats = reinterpret_cast<Stats*>(cursor);
+    cursor += size_t(p.num_rows) * kMaxSplitsPerRow * sizeof(Stats);
+    ws.count = reinterpret_cast<uint32_t*>(cursor);
+    ws.slice = ((p.vocab_size + ws.splits - 1) / ws.splits + 3) / 4 * 4;
+    ws.splits = (p.vocab_size + ws.slice - 1) / ws.slice;
+    const dim3 grid(ws.splits, p.num_rows);
+    stats_split_kernel<<<grid, kThreads, 0, s>>>(p, ws);
+    check_launch("sample (stats)");
+    histogram_split_kernel<<<grid, kThreads, 0, s>>>(p, ws);
+    check_launch("sample (histogram)");
+  }
+  sample_kernel<<<p.num_rows, kThreads, 0, s>>>(p, ws);
   check_launch("sample");
 }
 

@@ -272,9 +272,11 @@ def test_draw_distribution(name):
     ],
     ids=lambda c: c["name"],
 )
-def test_draws_agree_with_cpu(case):
+# 64 rows take one block per row; 6 rows the split path (passes 1 and 2 over vocabulary slices).
+@pytest.mark.parametrize("num_rows", [64, 6])
+def test_draws_agree_with_cpu(case, num_rows):
     rng = np.random.default_rng(len(case["name"]))
-    num_rows, vocab = 64, 100003  # odd: rows start misaligned
+    vocab = 100003  # odd: rows start misaligned
     logits = _llm_like(rng, num_rows, vocab, spread=case["spread"],
                        favourites=case.get("favourites", False))
     cfg = {k: v for k, v in case.items() if k not in ("name", "spread", "favourites")}
@@ -361,18 +363,23 @@ def test_full_batch_runs_and_matches():
     _check_report(gpu, cpu, 20)
 
 
-def _time_us(logits, rows, num_top, repeats=20):
+def _time_us(logits, rows, num_top, repeats=20, split=True):
+    """split=False: no workspace, so every row takes one block (the path large batches take)."""
     n = logits.shape[0]
+    workspace = None
+    if split:
+        nbytes = _C.ops.sample_workspace_bytes(n, logits.shape[1], num_top)
+        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
     sampled = torch.empty(n, dtype=torch.int32, device="cuda")
     logprob = torch.empty(n, device="cuda")
     top_ids = torch.empty((n, num_top), dtype=torch.int32, device="cuda") if num_top else None
     top_lp = torch.empty((n, num_top), device="cuda") if num_top else None
     for _ in range(3):
-        _C.ops.sample(logits, rows, sampled, logprob, top_ids, top_lp)
+        _C.ops.sample(logits, rows, sampled, logprob, top_ids, top_lp, workspace=workspace)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        _C.ops.sample(logits, rows, sampled, logprob, top_ids, top_lp)
+        _C.ops.sample(logits, rows, sampled, logprob, top_ids, top_lp, workspace=workspace)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / repeats
@@ -392,8 +399,12 @@ def test_sampling_timing_report():
         ("top_p 0.95 only", dict(temperature=1.0, top_p=0.95), 0),
     ]
     for label, cfg, num_top in cases:
-        for num_rows in (256, 1):
+        for num_rows in (256, 8, 1):
             rows = torch.from_numpy(_pack(num_rows, **cfg)).cuda()
             us = _time_us(logits[:num_rows].contiguous(), rows, num_top)
-            print(f"sample {num_rows} x {vocab}, {label}: {us:.1f} us "
-                  f"({num_rows * vocab * 4 / (us * 1e-6) / 1e12:.2f} TB/s of logits)")
+            line = (f"sample {num_rows} x {vocab}, {label}: {us:.1f} us "
+                    f"({num_rows * vocab * 4 / (us * 1e-6) / 1e12:.2f} TB/s of logits)")
+            if num_rows <= 32:
+                one_block = _time_us(logits[:num_rows].contiguous(), rows, num_top, split=False)
+                line += f"; one block per row: {one_block:.1f} us"
+            print(line)

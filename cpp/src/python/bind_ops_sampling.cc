@@ -115,9 +115,11 @@ void sample(AnyArray logits, AnyArray rows, AnyArray sampled, AnyArray sampled_l
 
   if (cuda) {
 #ifdef OCTAVO_WITH_CUDA
+    // Without a workspace every row takes one block (small batches are slower, not wrong).
     const size_t needed = octavo::cuda::sample_workspace_bytes(params);
-    if (needed > 0 && (!workspace || workspace->nbytes() < needed)) {
-      throw InvalidArgument("sample: the workspace needs " + str(int64_t(needed)) + " bytes");
+    if (workspace && workspace->nbytes() < needed) {
+      throw InvalidArgument("sample: the workspace has " + str(int64_t(workspace->nbytes())) +
+                            " bytes; it needs " + str(int64_t(needed)));
     }
     octavo::cuda::sample(params, workspace && needed > 0 ? workspace->data() : nullptr,
                          reinterpret_cast<octavo::cuda::StreamHandle>(stream));
@@ -285,10 +287,12 @@ void bind_ops_sampling(nb::module_& ops) {
           "Samples one token per row of fp32 logits [num_rows, vocab] (soft-capped in place on\n"
           "the CPU; read-only on the GPU). rows: pack_sampling_rows(...). Writes sampled (int32\n"
           "[num_rows]), sampled_logprob (float32, raw log-softmax) and, when given, the\n"
-          "top_ids / top_logprobs [num_rows, num_top] report (num_top from their shape).");
+          "top_ids / top_logprobs [num_rows, num_top] report (num_top from their shape).\n"
+          "workspace (GPU, optional): sample_workspace_bytes() bytes; with it, a small batch\n"
+          "spreads each row over several blocks.");
   ops.def("sample_workspace_bytes", &sample_workspace_bytes, nb::arg("num_rows"),
           nb::arg("vocab_size"), nb::arg("num_top"),
-          "Bytes of device workspace sample() needs on the GPU (0 on CPU-only builds).");
+          "Bytes of device workspace sample() can use on the GPU (0 on CPU-only builds).");
   ops.def("pack_penalty_rows", &pack_penalty_rows, nb::arg("slot"), nb::arg("repetition"),
           nb::arg("frequency"), nb::arg("presence"),
           "Per-row penalties (1-D numpy arrays: int32, float32, float32, float32) packed as\n"
