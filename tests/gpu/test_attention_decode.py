@@ -208,14 +208,16 @@ def test_decode_workspace_bound_is_monotone():
 
 
 def _time_decode(batch, context, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
-                 dtype=torch.bfloat16, repeats=20):
+                 dtype=torch.bfloat16, repeats=20, contexts=None):
     """Mean seconds of one decode call over back-to-back calls (so that the host's launch time
     between calls hides behind the kernel rather than adding to it), and the K/V bytes it reads."""
     blocks_per_request = context // block_size
     num_blocks = batch * blocks_per_request
     cache = torch.randn((num_blocks, 2, num_kv_heads, block_size, head_dim), device="cuda", dtype=dtype)
     block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_request)
-    context_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    # contexts: per-request lengths (an uneven batch) within [1, context]; default all `context`.
+    lengths = [context] * batch if contexts is None else list(contexts)
+    context_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     q = torch.randn((batch, num_heads * head_dim), device="cuda", dtype=dtype)
     out = torch.empty_like(q)
@@ -241,7 +243,7 @@ def _time_decode(batch, context, num_heads=32, num_kv_heads=8, head_dim=128, blo
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / repeats)
     assert torch.isfinite(out).all()
-    kv_bytes = batch * context * num_kv_heads * head_dim * 2 * cache.element_size()
+    kv_bytes = sum(lengths) * num_kv_heads * head_dim * 2 * cache.element_size()
     del cache
     return float(np.median(times)), kv_bytes
 
@@ -265,14 +267,18 @@ def _copy_bandwidth(nbytes=1 << 30, repeats=20):
 
 
 def test_decode_bandwidth_report():
-    """Not a pass/fail figure: GB/s of K/V read (bf16, hd 128, 32/8 heads, block 16), median of 20,
+    """Not a pass/fail figure: GB/s of K/V read (bf16, hd 128, 32/8 heads, block 16), mean of 20,
     as a fraction of the copy bandwidth (read + write), the ceiling bench/ceilings.py records."""
     copy = _copy_bandwidth()
     torch.cuda.empty_cache()
     print(f"\ncopy: {copy / 1e9:.0f} GB/s read + write")
-    for batch, context in ((64, 4096), (256, 1024), (1, 32768)):
-        seconds, kv_bytes = _time_decode(batch, context)
+    uneven = np.random.default_rng(0).integers(100, 8192, size=64).tolist()
+    shapes = [(64, 4096, None), (256, 1024, None), (1, 32768, None), (1, 8192, None),
+              (1, 1024, None), (8, 8192, None), (8, 1024, None), (64, 8192, uneven)]
+    for batch, context, contexts in shapes:
+        seconds, kv_bytes = _time_decode(batch, context, contexts=contexts)
         torch.cuda.empty_cache()
         rate = kv_bytes / seconds
-        print(f"paged_attention decode {batch} x {context}: {seconds * 1e6:.1f} us, "
+        label = f"{batch} x {context}" if contexts is None else f"{batch} x U[100, 8192)"
+        print(f"paged_attention decode {label}: {seconds * 1e6:.1f} us, "
               f"{rate / 1e9:.0f} GB/s of K/V read, {rate / copy:.2f} of copy bandwidth")
