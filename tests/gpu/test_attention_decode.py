@@ -209,8 +209,9 @@ def test_decode_workspace_bound_is_monotone():
 
 def _time_decode(batch, context, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
                  dtype=torch.bfloat16, repeats=20, contexts=None):
-    """Mean seconds of one decode call over back-to-back calls (so that the host's launch time
-    between calls hides behind the kernel rather than adding to it), and the K/V bytes it reads."""
+    """Mean seconds of one decode call, and the K/V bytes it reads. The calls are replayed from
+    a captured CUDA graph, so that the host's time per call (binding, checks, launches) never
+    leaves the GPU idle between them: small shapes take less time than that host work."""
     blocks_per_request = context // block_size
     num_blocks = batch * blocks_per_request
     cache = torch.randn((num_blocks, 2, num_kv_heads, block_size, head_dim), device="cuda", dtype=dtype)
@@ -223,22 +224,26 @@ def _time_decode(batch, context, num_heads=32, num_kv_heads=8, head_dim=128, blo
     out = torch.empty_like(q)
     workspace = torch.empty((max(16, _C.ops.decode_workspace_bytes(
         batch, num_heads, num_kv_heads, head_dim, block_size, context)),), dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
 
     def call():
         _C.ops.paged_attention(q, cache, out, query_start, context_lens, block_tables, None, num_heads,
                                num_kv_heads, head_dim, block_size, 1.0 / math.sqrt(head_dim),
-                               stream=stream, max_query_len=1, max_context_len=context,
-                               workspace=workspace)
+                               stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
+                               max_context_len=context, workspace=workspace)
 
     for _ in range(5):
         call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    graph.replay()
     times = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(repeats):
-            call()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / repeats)
