@@ -35,6 +35,15 @@ def run(model_dir, enforce_eager, prompts, params):
     return outputs, beams, llm
 
 
+def assert_same_outputs(eager, graph):
+    """Same greedy tokens; logprobs within the noise of a different attention split."""
+    for e, g in zip(eager, graph):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        e_lp = [next(iter(d.values())).logprob for d in e.outputs[0].logprobs]
+        g_lp = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
+        np.testing.assert_allclose(g_lp, e_lp, atol=2e-2)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 17, 48])
 def test_graph_replay_matches_eager(model_dir, batch):
     rng = np.random.default_rng(batch)
@@ -46,11 +55,7 @@ def test_graph_replay_matches_eager(model_dir, batch):
                                repetition_penalty=1.3, prompt_logprobs=1)
     eager, eager_beams, _ = run(model_dir, True, prompts, params)
     graph, graph_beams, llm = run(model_dir, False, prompts, params)
-    for e, g in zip(eager, graph):
-        assert g.outputs[0].token_ids == e.outputs[0].token_ids
-        e_lp = [next(iter(d.values())).logprob for d in e.outputs[0].logprobs]
-        g_lp = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
-        np.testing.assert_allclose(g_lp, e_lp, atol=2e-2)
+    assert_same_outputs(eager, graph)
     assert [s.tokens for s in graph_beams[0].sequences] == [s.tokens for s in eager_beams[0].sequences]
     assert llm.engine.stats().num_free_kv_blocks == llm.engine.stats().num_kv_blocks
 
@@ -64,9 +69,5 @@ def test_graph_table_widths_match_eager(model_dir):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
     eager, _, _ = run(model_dir, True, prompts, params)
     graph, _, llm = run(model_dir, False, prompts, params)
-    for e, g in zip(eager, graph):
-        assert g.outputs[0].token_ids == e.outputs[0].token_ids
-        e_lp = [next(iter(d.values())).logprob for d in e.outputs[0].logprobs]
-        g_lp = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
-        np.testing.assert_allclose(g_lp, e_lp, atol=2e-2)
+    assert_same_outputs(eager, graph)
     assert llm.engine.stats().num_free_kv_blocks == llm.engine.stats().num_kv_blocks
