@@ -48,6 +48,33 @@ struct AsyncEngine::Impl {
   /// request itself when none of its sequences has been seen). Caller holds `mutex`.
   std::vector<RequestOutput> final_aborts(const std::vector<RequestId>& ids, const std::string& error);
 
+  /// A submitter's turn: checks that the engine takes requests (throws if not) and counts the
+  /// submitter among those the loop waits for; leaving, on every path, uncounts it and lets the
+  /// loop go on when it was the last.
+  class SubmitterTurn {
+   public:
+    explicit SubmitterTurn(Impl& m) : m_(m) {
+      std::lock_guard<std::mutex> lock(m.mutex);
+      if (!m.failure.empty()) throw Error(m.failure);
+      if (m.stop_mode != StopMode::kRunning) {
+        throw Error("the AsyncEngine is shut down and accepts no new requests");
+      }
+      ++m.num_waiting_submitters;
+    }
+    ~SubmitterTurn() {
+      {
+        std::lock_guard<std::mutex> lock(m_.mutex);
+        --m_.num_waiting_submitters;
+      }
+      m_.work_cv.notify_all();
+    }
+    SubmitterTurn(const SubmitterTurn&) = delete;
+    SubmitterTurn& operator=(const SubmitterTurn&) = delete;
+
+   private:
+    Impl& m_;
+  };
+
   // Only the loop thread and add_request() (under engine_mutex) touch the engine.
   Engine engine;
   const EngineConfig config;
@@ -293,25 +320,7 @@ AsyncEngine::~AsyncEngine() {
 RequestId AsyncEngine::add_request(std::vector<int32_t> prompt_token_ids,
                                    const SamplingParams& params, OutputCallback on_output) {
   Impl& m = *impl_;
-  {
-    std::lock_guard<std::mutex> lock(m.mutex);
-    if (!m.failure.empty()) throw Error(m.failure);
-    if (m.stop_mode != Impl::StopMode::kRunning) {
-      throw Error("the AsyncEngine is shut down and accepts no new requests");
-    }
-    ++m.num_waiting_submitters;
-  }
-  // Leaves the submitter count on every path, and lets the loop go on when it was the last.
-  struct Leave {
-    Impl& m;
-    ~Leave() {
-      {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        --m.num_waiting_submitters;
-      }
-      m.work_cv.notify_all();
-    }
-  } leave{m};
+  const Impl::SubmitterTurn turn(m);
 
   std::lock_guard<std::mutex> engine_lock(m.engine_mutex);
   const RequestId id = m.engine.add_request(std::move(prompt_token_ids), params);
@@ -333,24 +342,7 @@ std::vector<RequestId> AsyncEngine::add_requests(std::vector<std::vector<int32_t
     throw InvalidArgument("add_requests: " + std::to_string(prompts.size()) + " prompts and " +
                           std::to_string(params.size()) + " sampling params; give one each");
   }
-  {
-    std::lock_guard<std::mutex> lock(m.mutex);
-    if (!m.failure.empty()) throw Error(m.failure);
-    if (m.stop_mode != Impl::StopMode::kRunning) {
-      throw Error("the AsyncEngine is shut down and accepts no new requests");
-    }
-    ++m.num_waiting_submitters;
-  }
-  struct Leave {
-    Impl& m;
-    ~Leave() {
-      {
-        std::lock_guard<std::mutex> lock(m.mutex);
-        --m.num_waiting_submitters;
-      }
-      m.work_cv.notify_all();
-    }
-  } leave{m};
+  const Impl::SubmitterTurn turn(m);
 
   std::vector<RequestId> ids;
   std::lock_guard<std::mutex> engine_lock(m.engine_mutex);
