@@ -22,6 +22,35 @@ constexpr size_t kConvertChunkBytes = size_t{8} << 20;
 // The largest decode batch replayed from a graph (vLLM's largest capture size).
 constexpr int kMaxGraphBatch = 512;
 
+// Per-row results as the sampler and token_logprobs write them, in one device region downloaded
+// at once: [rows] 4-byte values (ids or logprobs), a second [rows] of 4-byte values, then
+// [rows, top] ids and [rows, top] logprobs.
+struct RowResults {
+  size_t rows, top;
+  size_t second() const { return rows * 4; }
+  size_t top_ids() const { return rows * 8; }
+  size_t top_logprobs() const { return rows * 8 + rows * top * 4; }
+  size_t bytes() const { return rows * 8 * (1 + top); }
+};
+
+template <typename T>
+void read_back(const std::vector<std::byte>& host, size_t offset, size_t count, std::vector<T>& out) {
+  out.resize(count);
+  if (count > 0) std::memcpy(out.data(), host.data() + offset, count * sizeof(T));
+}
+
+// Copies the four arrays of a downloaded RowResults region into the step's result vectors.
+template <typename First, typename Second>
+void unpack_row_results(const std::vector<std::byte>& host, const RowResults& l,
+                        std::vector<First>& first, std::vector<Second>& second,
+                        std::vector<int32_t>& top_ids, std::vector<float>& top_logprobs) {
+  static_assert(sizeof(First) == 4 && sizeof(Second) == 4);
+  read_back(host, 0, l.rows, first);
+  read_back(host, l.second(), l.rows, second);
+  read_back(host, l.top_ids(), l.rows * l.top, top_ids);
+  read_back(host, l.top_logprobs(), l.rows * l.top, top_logprobs);
+}
+
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -768,14 +797,15 @@ void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_re
   }
 
   const int top = std::min(batch.num_top_logprobs, kMaxTopLogprobs);
+  const RowResults layout{size_t(S), size_t(top)};
   auto* out = sampled_.as<std::byte>();
   SampleParams sp{};
   sp.logits = logits_.as<float>();
   sp.rows = d_sampling_;
   sp.sampled = reinterpret_cast<int32_t*>(out);
-  sp.sampled_logprob = reinterpret_cast<float*>(out + S * 4);
-  sp.top_ids = reinterpret_cast<int32_t*>(out + S * 8);
-  sp.top_logprobs = reinterpret_cast<float*>(out + S * 8 + size_t(S) * top * 4);
+  sp.sampled_logprob = reinterpret_cast<float*>(out + layout.second());
+  sp.top_ids = reinterpret_cast<int32_t*>(out + layout.top_ids());
+  sp.top_logprobs = reinterpret_cast<float*>(out + layout.top_logprobs());
   sp.num_rows = S;
   sp.vocab_size = spec_.vocab_size;
   sp.num_top = top;
@@ -783,28 +813,22 @@ void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_re
   backend_.sample(sp);
 
   // One download brings back every sampled id and logprob.
-  std::vector<std::byte>& host = sampled_host_;
-  host.resize(size_t(S) * 8 * (1 + top));
-  backend_.download(host.data(), out, host.size());
+  sampled_host_.resize(layout.bytes());
+  backend_.download(sampled_host_.data(), out, layout.bytes());
   backend_.synchronize();
-  auto read = [&](auto& vec, size_t offset, size_t count) {
-    vec.resize(count);
-    if (count > 0) std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
-  };
-  read(result.sampled, 0, S);
-  read(result.sampled_logprob, size_t(S) * 4, S);
-  read(result.top_ids, size_t(S) * 8, size_t(S) * top);
-  read(result.top_logprobs, size_t(S) * 8 + size_t(S) * top * 4, size_t(S) * top);
+  unpack_row_results(sampled_host_, layout, result.sampled, result.sampled_logprob,
+                     result.top_ids, result.top_logprobs);
 }
 
 void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
   const int P = batch.num_prompt_logprob_rows();
   const int top = std::clamp(batch.num_prompt_top_logprobs, 0, kMaxTopLogprobs);
+  const RowResults layout{size_t(P), size_t(top)};
   auto* out = prompt_logprobs_.as<std::byte>();
   auto* logprob = reinterpret_cast<float*>(out);
-  auto* rank = reinterpret_cast<int32_t*>(out + size_t(P) * 4);
-  auto* top_ids = reinterpret_cast<int32_t*>(out + size_t(P) * 8);
-  auto* top_logprobs = reinterpret_cast<float*>(out + size_t(P) * 8 + size_t(P) * top * 4);
+  auto* rank = reinterpret_cast<int32_t*>(out + layout.second());
+  auto* top_ids = reinterpret_cast<int32_t*>(out + layout.top_ids());
+  auto* top_logprobs = reinterpret_cast<float*>(out + layout.top_logprobs());
   // The logits buffer holds max_num_seqs rows: a long prompt chunk goes through in pieces.
   const int chunk = limits_.max_num_seqs;
   for (int first = 0; first < P; first += chunk) {
@@ -823,18 +847,11 @@ void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
     t.final_softcap = spec_.final_logit_softcap;
     backend_.token_logprobs(t);
   }
-  std::vector<std::byte>& host = prompt_logprobs_host_;
-  host.resize(size_t(P) * 8 * (1 + top));
-  backend_.download(host.data(), out, host.size());
+  prompt_logprobs_host_.resize(layout.bytes());
+  backend_.download(prompt_logprobs_host_.data(), out, layout.bytes());
   backend_.synchronize();
-  auto read = [&](auto& vec, size_t offset, size_t count) {
-    vec.resize(count);
-    if (count > 0) std::memcpy(vec.data(), host.data() + offset, count * sizeof(vec[0]));
-  };
-  read(result.prompt_logprob, 0, P);
-  read(result.prompt_rank, size_t(P) * 4, P);
-  read(result.prompt_top_ids, size_t(P) * 8, size_t(P) * top);
-  read(result.prompt_top_logprobs, size_t(P) * 8 + size_t(P) * top * 4, size_t(P) * top);
+  unpack_row_results(prompt_logprobs_host_, layout, result.prompt_logprob, result.prompt_rank,
+                     result.prompt_top_ids, result.prompt_top_logprobs);
 }
 
 }  // namespace octavo
