@@ -4,11 +4,15 @@
 
 #include <nanobind/ndarray.h>
 
+#include <cstdint>
 #include <string>
 
 #include <octavo/error.h>
 
 #include "backend/ops.h"
+#ifdef OCTAVO_WITH_CUDA
+#include "cuda/cuda_ops.h"
+#endif
 
 namespace octavo::python {
 
@@ -54,4 +58,21 @@ bool same_device_is_cuda(const char* op, const AnyArray& first, const Arrays&...
   return cuda;
 }
 
+#ifdef OCTAVO_WITH_CUDA
+/// The stream a Python caller passes (torch's `cuda_stream`, an integer) as the CUDA ops take it.
+inline cuda::StreamHandle as_stream(uintptr_t stream) {
+  return reinterpret_cast<cuda::StreamHandle>(stream);
+}
+#endif
+
+[[noreturn]] inline void no_cuda() { throw InvalidArgument("this build has no CUDA backend"); }
+
 }  // namespace octavo::python
+
+// The CUDA op, in builds that have it; same_device_is_cuda already threw for a CUDA array in
+// builds that do not, so the other branch is never taken.
+#ifdef OCTAVO_WITH_CUDA
+#define OCTAVO_ON_CUDA(call) ::octavo::cuda::call
+#else
+#define OCTAVO_ON_CUDA(call) ::octavo::python::no_cuda()
+#endif

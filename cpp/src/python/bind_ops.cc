@@ -7,6 +7,7 @@
 #include <octavo/error.h>
 
 #include "backend/ops.h"
+#include "python/array_util.h"
 #include "python/bindings.h"
 #ifdef OCTAVO_WITH_CUDA
 #include "cuda/cuda_ops.h"
@@ -41,7 +42,7 @@ void copy_blocks(nb::ndarray<nb::c_contig> cache, Copies copies, int num_layers,
   params.num_copies = int32_t(copies.shape(0));
   if (on_cuda(cache.device_type())) {
 #ifdef OCTAVO_WITH_CUDA
-    octavo::cuda::copy_blocks(params, reinterpret_cast<octavo::cuda::StreamHandle>(stream));
+    octavo::cuda::copy_blocks(params, octavo::python::as_stream(stream));
     return;
 #else
     throw octavo::InvalidArgument("copy_blocks: a CUDA array was passed but this build has no CUDA backend");

@@ -136,7 +136,7 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
   }
   p.max_query_len = max_query_len;
   p.max_context_len = max_context_len;
-  const auto cuda_stream = reinterpret_cast<octavo::cuda::StreamHandle>(stream);
+  const auto cuda_stream = octavo::python::as_stream(stream);
   if (max_query_len != 1) {
     octavo::cuda::paged_attention_prefill(p, cuda_stream);
     return;

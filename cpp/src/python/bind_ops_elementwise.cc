@@ -27,6 +27,9 @@ namespace {
 using octavo::DType;
 using octavo::InvalidArgument;
 using octavo::python::AnyArray;
+#ifdef OCTAVO_WITH_CUDA
+using octavo::python::as_stream;
+#endif
 using octavo::python::dtype_of;
 using octavo::python::on_cuda;
 using octavo::python::same_device_is_cuda;
@@ -64,21 +67,6 @@ void* at(const AnyArray& array, int64_t offset) {
 int64_t strided_extent(int64_t offset, int64_t num_tokens, int64_t stride, int64_t row) {
   return num_tokens == 0 ? 0 : offset + (num_tokens - 1) * stride + row;
 }
-
-#ifdef OCTAVO_WITH_CUDA
-octavo::cuda::StreamHandle as_stream(uintptr_t stream) {
-  return reinterpret_cast<octavo::cuda::StreamHandle>(stream);
-}
-#endif
-
-// The CUDA op, in builds that have it; same_device_is_cuda already threw for a CUDA array
-// in builds that do not, so the other branch is never taken.
-#ifdef OCTAVO_WITH_CUDA
-#define OCTAVO_ON_CUDA(call) octavo::cuda::call
-#else
-[[noreturn]] void no_cuda() { throw InvalidArgument("this build has no CUDA backend"); }
-#define OCTAVO_ON_CUDA(call) no_cuda()
-#endif
 
 void embedding(AnyArray token_ids, AnyArray table, AnyArray out, float scale, OptArray positions,
                OptArray position_ids, int position_offset, uintptr_t stream) {

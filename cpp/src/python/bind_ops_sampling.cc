@@ -16,12 +16,6 @@
 #include "backend/ops.h"
 #include "python/array_util.h"
 #include "python/bindings.h"
-#ifdef OCTAVO_WITH_CUDA
-#include "cuda/cuda_ops.h"
-#define OCTAVO_ON_CUDA(call) octavo::cuda::call
-#else
-#define OCTAVO_ON_CUDA(call) throw InvalidArgument("this build has no CUDA backend")
-#endif
 
 namespace nb = nanobind;
 
@@ -32,6 +26,9 @@ using octavo::PenaltyRow;
 using octavo::TokenCountEntry;
 using octavo::SamplingRow;
 using octavo::python::AnyArray;
+#ifdef OCTAVO_WITH_CUDA
+using octavo::python::as_stream;
+#endif
 using octavo::python::same_device_is_cuda;
 using OptArray = std::optional<AnyArray>;
 
@@ -122,7 +119,7 @@ void sample(AnyArray logits, AnyArray rows, AnyArray sampled, AnyArray sampled_l
                             " bytes; it needs " + str(int64_t(needed)));
     }
     octavo::cuda::sample(params, workspace && needed > 0 ? workspace->data() : nullptr,
-                         reinterpret_cast<octavo::cuda::StreamHandle>(stream));
+                         as_stream(stream));
 #endif
     return;
   }
@@ -147,12 +144,6 @@ using Code = nb::dlpack::dtype_code;
 void require_op(const AnyArray& array, Code code, int bits, const char* op, const char* what) {
   octavo::python::require_dtype(array, code, bits, op, what);
 }
-
-#ifdef OCTAVO_WITH_CUDA
-octavo::cuda::StreamHandle as_stream(uintptr_t stream) {
-  return reinterpret_cast<octavo::cuda::StreamHandle>(stream);
-}
-#endif
 
 PackedRows pack_penalty_rows(HostVector<int32_t> slot, HostVector<float> repetition,
                              HostVector<float> frequency, HostVector<float> presence) {
