@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 from checkpoints import build_checkpoint  # noqa: E402
+from spec_variants import (  # noqa: E402
+    with_embedding_norm, with_lm_head_bias, with_per_layer_kv_heads, with_sandwich_norms)
 
 from octavo import _C  # noqa: E402
 from octavo.engine_core import to_cpp_sampling_params, to_cpp_spec  # noqa: E402
@@ -23,12 +25,6 @@ from octavo.sampling_params import SamplingParams  # noqa: E402
 
 HALF_NOISE_FACTOR = 4.0
 PROMPT = list(range(3, 83))
-
-
-def rms_norm(x, weight, eps=1e-6):
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-            * weight.to(x.device).float()).to(x.dtype)
 
 
 def octavo_prompt_logprobs(spec, weights):
@@ -75,48 +71,20 @@ def llama(tmp_path):
 
 def test_embedding_norm(llama):
     model, spec, weights = llama
-    w = torch.rand(model.config.hidden_size) + 0.5
-    model.model.embed_tokens.register_forward_hook(lambda m, i, out: rms_norm(out, w))
-    check({**spec, "embedding_norm": True},
-          weights + [("embed_norm.weight", w.numpy(), "float32")], model)
+    check(*with_embedding_norm(model, spec, weights), model)
 
 
 def test_sandwich_norms(llama):
     model, spec, weights = llama
-    extra = []
-    for l, layer in enumerate(model.model.layers):
-        a, m = torch.rand(model.config.hidden_size) + 0.5, torch.rand(model.config.hidden_size) + 0.5
-        layer.self_attn.o_proj.register_forward_hook(lambda mod, i, out, w=a: rms_norm(out, w))
-        layer.mlp.down_proj.register_forward_hook(lambda mod, i, out, w=m: rms_norm(out, w))
-        extra += [(f"layers.{l}.attn_out_norm.weight", a.numpy(), "float32"),
-                  (f"layers.{l}.mlp_out_norm.weight", m.numpy(), "float32")]
-    check({**spec, "sandwich_norms": True}, weights + extra, model)
+    check(*with_sandwich_norms(model, spec, weights), model)
 
 
 def test_lm_head_bias(llama):
     model, spec, weights = llama
-    bias = np.random.default_rng(0).normal(0, 2.0, model.config.vocab_size).astype(np.float32)
-    check({**spec, "lm_head_bias": True}, weights + [("lm_head.bias", bias, "float32")], model,
-          lm_head_bias=bias)
+    spec, weights, bias = with_lm_head_bias(model, spec, weights)
+    check(spec, weights, model, lm_head_bias=bias)
 
 
 def test_per_layer_kv_heads(llama):
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
     model, spec, weights = llama
-    counts = [2, 6, 1]
-    torch.manual_seed(5)
-    by_name = {name: (array, dtype) for name, array, dtype in weights}
-    for l, heads in enumerate(counts):
-        config = type(model.config)(**{**model.config.to_dict(), "num_key_value_heads": heads})
-        config._attn_implementation = model.config._attn_implementation
-        attention = LlamaAttention(config, l)
-        for p in attention.parameters():
-            torch.nn.init.normal_(p, 0.0, 0.25)
-        model.model.layers[l].self_attn = attention.cuda().eval()
-        qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight,
-                         attention.v_proj.weight]).detach().cpu()
-        by_name[f"layers.{l}.qkv.weight"] = (qkv.numpy(), "float32")
-        by_name[f"layers.{l}.o.weight"] = (attention.o_proj.weight.detach().cpu().numpy(), "float32")
-    check({**spec, "num_kv_heads_per_layer": counts},
-          [(n, a, d) for n, (a, d) in by_name.items()], model)
+    check(*with_per_layer_kv_heads(model, spec, weights, init_std=0.25), model)

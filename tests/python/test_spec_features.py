@@ -15,14 +15,11 @@ from octavo.models import load_model  # noqa: E402
 from octavo.sampling_params import SamplingParams  # noqa: E402
 
 from checkpoints import build_checkpoint  # noqa: E402
+from spec_variants import (  # noqa: E402
+    with_embedding_norm, with_lm_head_bias, with_per_layer_kv_heads, with_sandwich_norms)
 
 NEW_TOKENS = 20
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(30, 70)), [3]]
-
-
-def rms_norm(x, weight, eps=1e-6):
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
 def hf_greedy(model, prompt, lm_head_bias=None):
@@ -72,54 +69,26 @@ def llama(tmp_path):
 
 def test_embedding_norm(llama):
     model, spec, weights = llama
-    w = torch.rand(model.config.hidden_size) + 0.5
-    model.model.embed_tokens.register_forward_hook(lambda m, i, out: rms_norm(out, w))
-    spec = {**spec, "embedding_norm": True}
-    check(spec, weights + [("embed_norm.weight", w.numpy(), "float32")], model)
+    check(*with_embedding_norm(model, spec, weights), model)
 
 
 def test_sandwich_norms(llama):
     model, spec, weights = llama
-    extra = []
-    for l, layer in enumerate(model.model.layers):
-        attn_w, mlp_w = torch.rand(model.config.hidden_size) + 0.5, torch.rand(model.config.hidden_size) + 0.5
-        layer.self_attn.o_proj.register_forward_hook(lambda m, i, out, w=attn_w: rms_norm(out, w))
-        layer.mlp.down_proj.register_forward_hook(lambda m, i, out, w=mlp_w: rms_norm(out, w))
-        extra += [(f"layers.{l}.attn_out_norm.weight", attn_w.numpy(), "float32"),
-                  (f"layers.{l}.mlp_out_norm.weight", mlp_w.numpy(), "float32")]
-    check({**spec, "sandwich_norms": True}, weights + extra, model)
+    check(*with_sandwich_norms(model, spec, weights), model)
 
 
 def test_lm_head_bias(llama):
     model, spec, weights = llama
-    bias = np.random.default_rng(0).normal(0, 2.0, model.config.vocab_size).astype(np.float32)
-    check({**spec, "lm_head_bias": True}, weights + [("lm_head.bias", bias, "float32")], model,
-          lm_head_bias=bias)
+    spec, weights, bias = with_lm_head_bias(model, spec, weights)
+    check(spec, weights, model, lm_head_bias=bias)
 
 
 def test_per_layer_kv_heads(llama):
     """Layer 1 becomes multi-head (6 KV heads) and layer 2 multi-query (1) while layer 0 keeps 2:
     the pool's layers differ in size, and copy-on-write and attention must find each one's part."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
     model, spec, weights = llama
-    counts = [2, 6, 1]
-    torch.manual_seed(5)
-    for l, heads in enumerate(counts):
-        config = type(model.config)(**{**model.config.to_dict(), "num_key_value_heads": heads})
-        config._attn_implementation = model.config._attn_implementation
-        attention = LlamaAttention(config, l)
-        for p in attention.parameters():
-            torch.nn.init.normal_(p, 0.0, 0.1)
-        model.model.layers[l].self_attn = attention.eval()
-    by_name = {name: (array, dtype) for name, array, dtype in weights}
-    for l, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-        by_name[f"layers.{l}.qkv.weight"] = (qkv.numpy(), "float32")
-        by_name[f"layers.{l}.o.weight"] = (attn.o_proj.weight.detach().numpy(), "float32")
-    spec = {**spec, "num_kv_heads_per_layer": counts}
-    check(spec, [(n, a, d) for n, (a, d) in by_name.items()], model)
+    spec, weights = with_per_layer_kv_heads(model, spec, weights)
+    check(spec, weights, model)
 
     bad = {**spec, "num_kv_heads_per_layer": [2, 4, 2]}
     with pytest.raises(ValueError, match="layer 1 has 4 kv heads; num_heads \\(6\\) must be a "
