@@ -266,6 +266,16 @@ class WeightPlan:
             WeightSource(canonical, tuple((n, tuple(s)) for n, s in parts), transform))
 
 
+def add_separate_qkv(plan: WeightPlan, ours: str, attn: str, q_rows: int, kv_rows: int,
+                     hidden: int, bias: bool) -> None:
+    """Separate q_proj, k_proj and v_proj under `attn` (and their biases when `bias`) as one
+    canonical `ours`qkv, rows q | k | v."""
+    plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
+             (attn + "k_proj.weight", (kv_rows, hidden)), (attn + "v_proj.weight", (kv_rows, hidden)))
+    if bias:
+        plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
+                 (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+
 def gather(source: WeightSource, get_tensor: Callable[[str], np.ndarray]) -> np.ndarray:
     """The canonical tensor of `source`: its parts checked, concatenated along rows and passed
     through its transform."""

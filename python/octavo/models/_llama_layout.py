@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, rope_from_config
+from octavo.models._common import WeightPlan, add_separate_qkv, rope_from_config
 
 
 def kv_heads_of(spec: dict, layer: int) -> int:
@@ -71,12 +71,7 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
             if spec["qkv_bias"]:
                 plan.add(ours + "qkv.bias", (attn + fused_qkv + ".bias", (qkv_rows,)))
         else:
-            plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                     (attn + "k_proj.weight", (kv_rows, hidden)),
-                     (attn + "v_proj.weight", (kv_rows, hidden)))
-            if spec["qkv_bias"]:
-                plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                         (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+            add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, spec["qkv_bias"])
         plan.add(ours + "o.weight", (attn + "o_proj.weight", (hidden, q_rows)))
         if spec["o_bias"]:
             plan.add(ours + "o.bias", (attn + "o_proj.bias", (hidden,)))

@@ -33,7 +33,7 @@ import numpy as np
 from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, grouped_qkv, head_dim,
-    make_spec, rope, unsupported)
+    make_spec, rope)
 
 ARCHITECTURES = ("FalconForCausalLM", "RWForCausalLM")
 # RefinedWeb is the 40B-style layout, RefinedWebModel the 7B-style one (as transformers converts

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture, run_plan)
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 MODEL_TYPES = ("llama",)
@@ -50,12 +51,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         hf, ours = f"model.layers.{layer}.", f"layers.{layer}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
         plan.add(ours + "input_norm.weight", (hf + "input_layernorm.weight", (hidden,)))
-        plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                 (attn + "k_proj.weight", (kv_rows, hidden)),
-                 (attn + "v_proj.weight", (kv_rows, hidden)))
-        if spec["qkv_bias"]:
-            plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                     (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, spec["qkv_bias"])
         if spec["qk_norm"]:
             plan.add(ours + "q_norm.weight", (attn + "q_norm.weight", (head_dim,)))
             plan.add(ours + "k_norm.weight", (attn + "k_norm.weight", (head_dim,)))

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture, run_plan)
 from octavo.models._gpt_common import add_head, add_linear, find_prefix, unsupported
 
 ARCHITECTURES = ("OlmoForCausalLM",)
@@ -45,12 +46,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     for layer in range(spec["num_layers"]):
         hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
-        plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                 (attn + "k_proj.weight", (kv_rows, hidden)),
-                 (attn + "v_proj.weight", (kv_rows, hidden)))
-        if bias:
-            plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                     (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, bias)
         add_linear(plan, ours + "o", attn + "o_proj", hidden, q_rows, bias)
         plan.add(ours + "gate_up.weight", (mlp + "gate_proj.weight", (inter, hidden)),
                  (mlp + "up_proj.weight", (inter, hidden)))

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, pick_architecture, require, run_plan)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, rope,
     unsupported)
@@ -75,11 +76,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
         attn = hf + "self_attn."
         add_norm(plan, spec, ours + "input_norm", hf + "input_layernorm")
-        plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                 (attn + "k_proj.weight", (kv_rows, hidden)),
-                 (attn + "v_proj.weight", (kv_rows, hidden)))
-        plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                 (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, True)
         add_linear(plan, ours + "o", attn + "dense", hidden, q_rows, True)
         add_linear(plan, ours + "up", hf + "mlp.fc1", inter, hidden, True)
         add_linear(plan, ours + "down", hf + "mlp.fc2", hidden, inter, True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from octavo.models._common import (
-    WeightPlan, glu_activation, pick_architecture, require, run_plan)
+    WeightPlan, add_separate_qkv, glu_activation, pick_architecture, require, run_plan)
 from octavo.models._gpt_common import (
     add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, rope, unsupported)
 
@@ -64,12 +64,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
         add_norm(plan, spec, ours + "input_norm", hf + "input_layernorm")
-        plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                 (attn + "k_proj.weight", (kv_rows, hidden)),
-                 (attn + "v_proj.weight", (kv_rows, hidden)))
-        if spec["qkv_bias"]:
-            plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                     (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, spec["qkv_bias"])
         add_linear(plan, ours + "o", attn + "o_proj", hidden, q_rows, False)
         if spec["residual"] == "sequential":
             add_norm(plan, spec, ours + "post_attn_norm", hf + "post_attention_layernorm")

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, head_dim_of, pick_architecture, require, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, head_dim_of, pick_architecture, require, run_plan)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, make_spec, rope)
 
@@ -64,12 +65,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
         attn = hf + "self_attn."
         add_norm(plan, spec, ours + "input_norm", hf + "input_layernorm")
-        plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-                 (attn + "k_proj.weight", (kv_rows, hidden)),
-                 (attn + "v_proj.weight", (kv_rows, hidden)))
-        if bias:
-            plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
-                     (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))
+        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, bias)
         add_linear(plan, ours + "o", attn + "o_proj", hidden, q_rows, bias)
         add_norm(plan, spec, ours + "post_attn_norm", hf + "post_attention_layernorm")
         add_linear(plan, ours + "up", hf + "mlp.c_fc", inter, hidden, bias)
