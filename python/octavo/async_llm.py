@@ -20,11 +20,12 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
+from octavo.inputs import PromptType, parse_prompt
 from octavo.output_processor import RequestState
 from octavo.outputs import CompletionOutput, RequestOutput
 from octavo.sampling_params import SamplingParams
@@ -32,7 +33,6 @@ from octavo.tokenizer import load_tokenizer
 
 logger = logging.getLogger("octavo")
 
-PromptType = Union[str, dict, Sequence[int]]
 
 # How long the output thread blocks in one get_outputs call: the longest a shutdown waits for it.
 _OUTPUT_POLL_SECONDS = 0.1
@@ -267,20 +267,6 @@ class AsyncLLM:
         for queue in self._queues.values():
             queue.put_nowait((None, time.monotonic()))
 
-    def _to_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, [int(t) for t in prompt]
-        raise TypeError(
-            f"a prompt is a str, a list of token ids or a dict; got {type(prompt).__name__}")
-
     async def generate(
         self,
         prompt: PromptType,
@@ -306,7 +292,7 @@ class AsyncLLM:
             raise ValueError("best_of > n ranks the sequences once they all finished; it cannot "
                              "stream deltas (use n, or do not stream)")
         arrival = time.monotonic()
-        text, token_ids = self._to_prompt(prompt)
+        text, token_ids = parse_prompt(prompt, self.tokenizer)
         cpp_params = to_cpp_sampling_params(sampling_params)
         try:
             engine_id, queue = await self._submit(token_ids, cpp_params)

@@ -18,13 +18,12 @@ from octavo.engine_core import (
     engine_args_from_kwargs,
     to_cpp_sampling_params,
 )
+from octavo.inputs import PromptType, parse_prompt
 from octavo import _C
 from octavo.output_processor import RequestState
 from octavo.outputs import BeamSearchOutput, BeamSearchSequence, Logprob, RequestOutput
 from octavo.sampling_params import BeamSearchParams, SamplingParams
 from octavo.tokenizer import load_tokenizer
-
-PromptType = Union[str, dict, Sequence[int]]
 
 # How long one wait for engine outputs lasts; the GIL is released meanwhile, so Ctrl-C is seen at
 # least this often.
@@ -75,19 +74,6 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
-
-    def _to_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, [int(t) for t in prompt]
-        raise TypeError(f"a prompt is a str, a list of token ids or a dict; got {type(prompt).__name__}")
 
     def generate(
         self,
@@ -169,7 +155,7 @@ class LLM:
         order: list[tuple[int, list[int]]] = []
         results: dict[int, list] = {}
         try:
-            prompt_ids = [self._to_prompt(prompt)[1] for prompt in prompts]
+            prompt_ids = [parse_prompt(prompt, self.tokenizer)[1] for prompt in prompts]
             engine_ids = self.engine.add_requests(prompt_ids, [cpp] * len(prompt_ids))
             order = list(zip(engine_ids, prompt_ids))
             results = {engine_id: [] for engine_id in engine_ids}
@@ -223,7 +209,7 @@ class LLM:
         running: dict[int, RequestState] = {}
         order: list[int] = []
         try:
-            converted = [self._to_prompt(prompt) for prompt in prompts]
+            converted = [parse_prompt(prompt, self.tokenizer) for prompt in prompts]
             # One submission: the whole batch is queued before the engine's next step.
             order = self.engine.add_requests([ids for _, ids in converted],
                                              [to_cpp_sampling_params(p) for p in params_list])

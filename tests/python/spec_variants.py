@@ -63,6 +63,7 @@ def with_per_layer_kv_heads(model, spec, weights, counts=(2, 6, 1), init_std=0.1
         qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight,
                          attention.v_proj.weight]).detach().cpu()
         by_name[f"layers.{l}.qkv.weight"] = (qkv.numpy(), "float32")
-        by_name[f"layers.{l}.o.weight"] = (attention.o_proj.weight.detach().cpu().numpy(), "float32")
+        o_weight = attention.o_proj.weight.detach().cpu().numpy()
+        by_name[f"layers.{l}.o.weight"] = (o_weight, "float32")
     return ({**spec, "num_kv_heads_per_layer": list(counts)},
             [(n, a, d) for n, (a, d) in by_name.items()])

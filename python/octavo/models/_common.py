@@ -271,7 +271,8 @@ def add_separate_qkv(plan: WeightPlan, ours: str, attn: str, q_rows: int, kv_row
     """Separate q_proj, k_proj and v_proj under `attn` (and their biases when `bias`) as one
     canonical `ours`qkv, rows q | k | v."""
     plan.add(ours + "qkv.weight", (attn + "q_proj.weight", (q_rows, hidden)),
-             (attn + "k_proj.weight", (kv_rows, hidden)), (attn + "v_proj.weight", (kv_rows, hidden)))
+             (attn + "k_proj.weight", (kv_rows, hidden)),
+             (attn + "v_proj.weight", (kv_rows, hidden)))
     if bias:
         plan.add(ours + "qkv.bias", (attn + "q_proj.bias", (q_rows,)),
                  (attn + "k_proj.bias", (kv_rows,)), (attn + "v_proj.bias", (kv_rows,)))

@@ -52,12 +52,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_length(prompt, max_tokens, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
-        self.max_num_seqs_check(params)
-        if request.stream and params.best_of is not None and params.best_of > params.n:
-            raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
-                              "once all finished", param="best_of")
-        if request.logit_bias:
-            self.check_tokens([int(t) for t in params.logit_bias], "logit_bias")
+        self.check_params(params, request.stream)
         request_id = random_id("chatcmpl")
         created = int(time.time())
 

@@ -65,12 +65,7 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
         params = self.sampling_params(request, request.max_tokens, request.logprobs,
                                       prompt_logprobs)
-        self.max_num_seqs_check(params)
-        if request.stream and params.best_of is not None and params.best_of > params.n:
-            raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
-                              "once all finished", param="best_of")
-        if request.logit_bias:
-            self.check_tokens([int(t) for t in params.logit_bias], "logit_bias")
+        self.check_params(params, request.stream)
         request_id = random_id("cmpl")
         created = int(time.time())
 

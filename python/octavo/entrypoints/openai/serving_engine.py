@@ -217,13 +217,21 @@ class OpenAIServing:
                 self.metrics.observe_finished(metrics, reason, time.monotonic(),
                                               max(lengths.values(), default=0))
 
-    def max_num_seqs_check(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams, stream: bool) -> None:
+        """What a completion or chat request's sampling parameters must satisfy beyond their
+        own validation: the sequence cap, best_of with streaming, logit_bias ids in the
+        vocabulary."""
         sequences = params.best_of or params.n
         max_num_seqs = int(self.llm.engine.config.max_num_seqs)
         if sequences > max_num_seqs:
             field = "best_of" if params.best_of else "n"
             raise OpenAIError(f"{field} is {sequences}; this server runs at most {max_num_seqs} "
                               f"sequences at once (--max-num-seqs)", param=field)
+        if stream and params.best_of is not None and params.best_of > params.n:
+            raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
+                              "once all finished", param="best_of")
+        if params.logit_bias:
+            self.check_tokens([int(t) for t in params.logit_bias], "logit_bias")
 
     def render_chat(self, messages, request) -> Prompt:
         """Chat messages through the chat template (the request's, the server's --chat-template,
