@@ -178,3 +178,20 @@ def test_bench_serving_smoke(server, tmp_path):
         stats = result[name]
         assert 0 < stats["p50"] <= stats["p99"], name
     assert "Output token throughput" in run.stdout
+
+
+def test_bench_serving_sweep_smoke(llama_dir, tmp_path):
+    """bench/serving_sweep.py starts its own server, runs every rate and stops it."""
+    result_path = tmp_path / "sweep.json"
+    command = [sys.executable, os.path.join(REPO, "bench", "serving_sweep.py"),
+               "--model", llama_dir, "--device", "cpu", "--rates", "inf,100",
+               "--num-prompts", "6", "--input-len", "16", "--output-len", "4",
+               "--result-json", str(result_path), "--", "--max-model-len", "256"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(result_path.read_text())
+    assert result["server_startup_seconds"] > 0
+    assert [r["request_rate"] for r in result["runs"]] == [float("inf"), 100.0]
+    for r in result["runs"]:
+        assert r["completed"] == 6 and r["failed"] == 0
+        assert r["total_output_tokens"] == 6 * 4

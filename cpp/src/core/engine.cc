@@ -16,10 +16,23 @@
 #include "core/log.h"
 #include "core/request_state.h"
 #include "core/scheduler.h"
+#include "core/step_limits.h"
 #include "model/dtype_convert.h"
 #include "model/executor.h"
 
 namespace octavo {
+
+// vLLM's throughput defaults: a large card runs many more requests and longer prefill chunks per
+// step (Llama-3.1-8B's workload on an H100: +36% output tokens/s over 256 and 1945).
+void resolve_step_limits(EngineConfig& c, std::optional<size_t> device_total_bytes) {
+  const bool large_device = device_total_bytes && *device_total_bytes >= kLargeDeviceBytes;
+  if (c.max_num_seqs == 0) c.max_num_seqs = large_device ? 1024 : 256;
+  if (c.max_num_batched_tokens <= 0) {
+    c.max_num_batched_tokens =
+        std::max(large_device ? 16384 : std::min(8192, c.max_model_len), c.max_num_seqs);
+  }
+}
+
 namespace {
 
 std::string num(long long v) { return std::to_string(v); }
@@ -136,15 +149,9 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   }
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
-  // vLLM's throughput defaults: a large card runs many more requests and longer prefill chunks
-  // per step (Llama-3.1-8B's workload on an H100: +36% output tokens/s over 256 and 1945).
   const std::optional<MemoryInfo> device_memory = m.backend->memory_info();
-  const bool large_device = device_memory && device_memory->total_bytes >= (size_t{70} << 30);
-  if (c.max_num_seqs == 0) c.max_num_seqs = large_device ? 1024 : 256;
-  if (c.max_num_batched_tokens <= 0) {
-    c.max_num_batched_tokens =
-        std::max(large_device ? 16384 : std::min(8192, c.max_model_len), c.max_num_seqs);
-  }
+  resolve_step_limits(c, device_memory ? std::optional<size_t>(device_memory->total_bytes)
+                                       : std::nullopt);
   ExecutorLimits limits{c.max_num_batched_tokens, c.max_num_seqs, c.max_model_len,
                         kMaxLogitBias + kMaxStopTokenIds + int(c.eos_token_ids.size()),
                         !c.enforce_eager};
