@@ -24,21 +24,27 @@ def median_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def measure() -> dict:
+    """{"card", "copy_bandwidth_TBps", "bf16_matmul_TFLOPs"} of the current CUDA device."""
+    def copy_bandwidth() -> float:
+        src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * 2 / (median_ms(lambda: dst.copy_(src)) / 1e3)
+
+    def matmul_rate(n: int = 8192) -> float:
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        return 2 * n**3 / (median_ms(lambda: a @ b) / 1e3)
+
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    torch.cuda.empty_cache()
+    return {"card": torch.cuda.get_device_name(),
+            "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+            "bf16_matmul_TFLOPs": round(rate / 1e12, 1)}
+
+
 def main() -> None:
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
-    dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    bandwidth = 2 * src.numel() * 2 / (copy_ms / 1e3)
-    del src, dst
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = median_ms(lambda: a @ b)
-    print(json.dumps({
-        "bench": "ceilings", "card": torch.cuda.get_device_name(),
-        "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
-        "bf16_matmul_TFLOPs": round(2 * n**3 / (matmul_ms / 1e3) / 1e12, 1),
-    }))
+    print(json.dumps({"bench": "ceilings", **measure()}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""bench/kernels.py's smoke run on the GPU: every shape of --quick reports against the ceilings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_kernels_bench_quick(tmp_path):
+    result_path = tmp_path / "kernels.jsonl"
+    command = [sys.executable, os.path.join(REPO, "bench", "kernels.py"), "--quick",
+               "--result-json", str(result_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [json.loads(line) for line in result_path.read_text().splitlines()]
+    decode = [line for line in lines if line["kernel"] == "paged_decode"]
+    prefill = [line for line in lines if line["kernel"] == "paged_prefill"]
+    assert len(decode) == 2 and len(prefill) == 1
+    assert any(line["uneven"] for line in decode)
+    for line in decode:
+        assert line["us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
+    for line in prefill:
+        assert line["ms"] > 0 and line["sdpa_ms"] > 0 and 0 < line["fraction_of_matmul"] < 1.5
+    assert all(line["copy_bandwidth_TBps"] > 0 for line in lines)
