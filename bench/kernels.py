@@ -59,10 +59,10 @@ def graph_seconds(fn, repeats: int = 20) -> float:
     return float(np.median(times))
 
 
-def event_seconds(fn, repeats: int = 10) -> float:
+def event_seconds(fn, repeats: int = 20, warmup: int = 3) -> float:
     """Mean seconds of one call of fn over back-to-back calls (for millisecond kernels, whose
     launches hide behind the previous call)."""
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -145,7 +145,7 @@ def prefill(batch: int, seq: int, matmul_rate: float) -> dict:
                                                          enable_gqa=True)
 
     flops = 4 * batch * (seq * (seq + 1) // 2) * HEAD_DIM * HEADS
-    ours_s, sdpa_s = event_seconds(ours), event_seconds(sdpa)
+    ours_s, sdpa_s = event_seconds(ours, repeats=10), event_seconds(sdpa, repeats=10)
     return {"kernel": "paged_prefill", "batch": batch, "seq": seq,
             "ms": round(ours_s * 1e3, 3), "TFLOPs": round(flops / ours_s / 1e12, 1),
             "fraction_of_matmul": round(flops / ours_s / matmul_rate, 3),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
-import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+from kernels import event_seconds as cuda_seconds  # noqa: E402,F401  (one timer, bench's)
 
 
 def assert_close_to_reference(got, expected, tolerance: dict, what: str, row_name: str = "row"):
@@ -22,17 +27,3 @@ def assert_close_to_reference(got, expected, tolerance: dict, what: str, row_nam
                     f"{int((diff > limit).sum())} elements over the tolerance")
     frobenius = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
     assert frobenius < tolerance["frobenius"], f"{what}: relative error {frobenius:.3g}"
-
-
-def cuda_seconds(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Mean seconds of one call of `fn` over `repeats` back-to-back calls, timed with CUDA events
-    after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
