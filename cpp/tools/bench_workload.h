@@ -46,8 +46,9 @@ struct BenchRequest {
 ///   lengths = [(rng.randint(*input), rng.randint(*output)) for _ in range(n)], rng = Random(seed)
 ///   prompts = [[token_rng.randrange(vocab) for _ in range(i)] for i, _ in lengths],
 ///   token_rng = Random(seed + 1)
-inline std::vector<BenchRequest> make_requests(uint64_t seed, int num_prompts, LengthRange input,
-                                               LengthRange output, int vocab_size) {
+/// The (prompt, output) lengths of make_requests, alone (they do not depend on the model).
+inline std::vector<std::pair<int64_t, int64_t>> make_lengths(uint64_t seed, int num_prompts,
+                                                             LengthRange input, LengthRange output) {
   PythonRandom rng(seed);
   std::vector<std::pair<int64_t, int64_t>> lengths;
   for (int k = 0; k < num_prompts; ++k) {
@@ -55,6 +56,13 @@ inline std::vector<BenchRequest> make_requests(uint64_t seed, int num_prompts, L
     const int64_t out = rng.randint(output.low, output.high);  // a tuple left to right
     lengths.emplace_back(in, out);
   }
+  return lengths;
+}
+
+inline std::vector<BenchRequest> make_requests(uint64_t seed, int num_prompts, LengthRange input,
+                                               LengthRange output, int vocab_size) {
+  const std::vector<std::pair<int64_t, int64_t>> lengths =
+      make_lengths(seed, num_prompts, input, output);
   PythonRandom token_rng(seed + 1);
   std::vector<BenchRequest> requests;
   for (int k = 0; k < num_prompts; ++k) {

@@ -33,6 +33,7 @@
 
 #include "backend/backend.h"
 #include "bench_workload.h"
+#include "model/dtype_convert.h"
 #include "model/executor.h"
 #include "model/json.h"
 #include "model/random_weights.h"
@@ -277,12 +278,8 @@ int run(const Options& options) {
   // Lengths do not depend on the model; the longest request sets max_model_len as in
   // throughput.py.
   int64_t longest = 0;
-  {
-    PythonRandom rng(options.seed);
-    for (int k = 0; k < num_prompts; ++k) {
-      const int64_t in = rng.randint(input.low, input.high);
-      longest = std::max(longest, in + rng.randint(output.low, output.high));
-    }
+  for (const auto& [in, out] : make_lengths(options.seed, num_prompts, input, output)) {
+    longest = std::max(longest, in + out);
   }
   config.max_model_len = options.max_model_len > 0 ? options.max_model_len : int(longest + 1);
 
@@ -298,12 +295,7 @@ int run(const Options& options) {
   } else {
     const ModelSpec spec = random_model_spec(random_model);
     if (config.dtype == "auto") config.dtype = "bfloat16";  // BENCH.md: random bf16 weights
-    if (config.dtype != "float32" && config.dtype != "float16" && config.dtype != "bfloat16") {
-      throw InvalidArgument("--dtype is '" + config.dtype + "'; use auto, float32, float16 or bfloat16");
-    }
-    const DType dtype = config.dtype == "float32"   ? DType::kFloat32
-                        : config.dtype == "float16" ? DType::kFloat16
-                                                    : DType::kBFloat16;
+    const DType dtype = parse_dtype(config.dtype, "--dtype");
     RandomWeights weights = make_random_weights(spec, dtype, /*seed=*/0);
     weights_seconds = std::chrono::duration<double>(Clock::now() - load_start).count();
     engine = std::make_unique<Engine>(spec, config, weights.tensors);
@@ -350,11 +342,13 @@ int run(const Options& options) {
     }
     const EngineStats stats = engine->stats();
     peak_used_blocks = std::max(peak_used_blocks, size_t(stats.num_kv_blocks - stats.num_free_kv_blocks));
-    if (std::optional<MemoryInfo> memory = probe->memory_info()) {
-      peak_device_used = std::max(peak_device_used, memory->total_bytes - memory->free_bytes);
-    }
   }
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  // The engine allocates its pool and buffers up front and keeps every graph it captured, so its
+  // device use at the end is its peak (read once: cudaMemGetInfo has no place in the timed loop).
+  if (std::optional<MemoryInfo> memory = probe->memory_info()) {
+    peak_device_used = std::max(peak_device_used, memory->total_bytes - memory->free_bytes);
+  }
   const EngineStats stats = engine->stats();
 
   uint64_t prompt_tokens = 0, output_tokens = 0;
@@ -370,13 +364,11 @@ int run(const Options& options) {
     }
   }
   const Stats ttft = summarize(ttft_ms), tpot = summarize(tpot_ms);
-  const DType kv_dtype = resolved.dtype == "float32"   ? DType::kFloat32
-                         : resolved.dtype == "float16" ? DType::kFloat16
-                                                       : DType::kBFloat16;
+  const DType kv_dtype = parse_dtype(resolved.dtype, "the engine's dtype");
   const double block_bytes = double(Executor::kv_block_bytes(spec, resolved.block_size, kv_dtype));
   const double kv_pool_bytes = block_bytes * resolved.num_kv_blocks;
   const double peak_kv_usage = double(peak_used_blocks) / double(std::max(1, resolved.num_kv_blocks));
-  // GPU: the device's peak use (cudaMemGetInfo through the backend, sampled after every step);
+  // GPU: the device's use after the run (cudaMemGetInfo through the backend);
   // CPU: the process's peak resident set.
   double peak_memory = 0, engine_memory = 0;
   std::string memory_source;

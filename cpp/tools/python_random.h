@@ -5,6 +5,7 @@
 // bench/throughput.py, so the two run the same workload.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <stdexcept>

@@ -8,6 +8,7 @@
 // EXPECTED_FILE holds one request per line, "prompt ids ; expected output ids", '#' comments.
 // Every request runs greedily with ignore_eos for as many tokens as it expects. Exit status: 0
 // when every request streamed exactly its expected tokens, 1 when any differs, 2 on an error.
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>

@@ -16,6 +16,8 @@
 
 namespace octavo {
 
+class MappedModelDir;
+
 /// A weight in host memory, in canonical naming (model_spec.h). The engine copies it during
 /// construction; the caller keeps `data` alive until the constructor returns.
 struct HostTensor {
@@ -78,6 +80,8 @@ class Engine {
   const ModelSpec& spec() const;
 
  private:
+  explicit Engine(const MappedModelDir& model);  // Engine(EngineConfig) delegates here
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -11,20 +11,12 @@
 #include <octavo/error.h>
 #include <octavo/model_dir.h>
 
+#include "backend/cpu/dtype.h"
 #include "core/log.h"
 #include "model/safetensors.h"
 
 namespace octavo {
 namespace {
-
-const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-  }
-  return "?";
-}
 
 ModelDirConfig read_model(const EngineConfig& config) {
   if (config.model.empty()) {
@@ -63,13 +55,12 @@ class MappedWeights {
                             " and " + path);
         }
         const TensorView view = files_.back().tensor(entry.name);  // F32/F16/BF16 only
-        tensors_.push_back(HostTensor{view.name, dtype_name(view.dtype), view.shape, view.data});
+        tensors_.push_back(HostTensor{view.name, cpu::dtype_name(view.dtype), view.shape, view.data});
       }
     }
   }
 
   const std::vector<HostTensor>& tensors() const { return tensors_; }
-  operator const std::vector<HostTensor>&() const { return tensors_; }
 
  private:
   std::vector<SafetensorsFile> files_;  // the mappings the tensors point into
@@ -97,12 +88,11 @@ const ModelSpec& MappedModelDir::spec() const { return impl_->model.spec; }
 const EngineConfig& MappedModelDir::config() const { return impl_->config; }
 const std::vector<HostTensor>& MappedModelDir::weights() const { return impl_->weights.tensors(); }
 
-// The delegated constructor needs the spec, the config and the weights as three arguments, and
-// only a temporary of the delegating call lives long enough to hold the mapping: octavo.json is
-// therefore read twice (a few KB). Braces evaluate the arguments in order, so a bad directory is
-// reported by the first read.
-Engine::Engine(const EngineConfig& config)
-    : Engine{read_model(config).spec, resolve_config(config, read_model(config)),
-             MappedWeights(config.model)} {}
+// The mapped directory is a temporary of the delegating call: it lives until the engine has
+// uploaded the weights.
+Engine::Engine(const EngineConfig& config) : Engine(MappedModelDir(config)) {}
+
+Engine::Engine(const MappedModelDir& model)
+    : Engine(model.spec(), model.config(), model.weights()) {}
 
 }  // namespace octavo

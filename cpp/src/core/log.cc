@@ -6,6 +6,8 @@
 #include <string>
 #include <utility>
 
+#include "backend/cpu/dtype.h"
+
 namespace octavo {
 namespace {
 
@@ -67,11 +69,8 @@ void log_engine_ready(const ModelSpec& spec, const EngineConfig& resolved, std::
                       DType dtype) noexcept {
   if (!log_enabled(LogLevel::kInfo)) return;
   try {
-    const char* dtype_name = dtype == DType::kFloat32   ? "float32"
-                             : dtype == DType::kFloat16 ? "float16"
-                                                        : "bfloat16";
     const long long blocks = resolved.num_kv_blocks, block_size = resolved.block_size;
-    log(LogLevel::kInfo, spec.architecture + " on " + std::string(device) + ", " + dtype_name +
+    log(LogLevel::kInfo, spec.architecture + " on " + std::string(device) + ", " + cpu::dtype_name(dtype) +
                              "; KV pool " + grouped(blocks) + " blocks x " + grouped(block_size) +
                              " tokens = " + grouped(blocks * block_size) + " tokens; max_model_len " +
                              grouped(resolved.max_model_len));

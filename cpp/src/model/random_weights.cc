@@ -22,9 +22,7 @@ RandomWeights make_random_weights(const ModelSpec& spec, DType dtype, uint64_t s
   out.tensors.reserve(expected.size());
   // Uniform on [-a, a] has standard deviation a / sqrt(3).
   const float half_width = stddev * std::sqrt(3.0f);
-  const char* dtype_name = dtype == DType::kFloat32   ? "float32"
-                           : dtype == DType::kFloat16 ? "float16"
-                                                      : "bfloat16";
+  const char* dtype_name = cpu::dtype_name(dtype);
   for (size_t t = 0; t < expected.size(); ++t) {
     const ExpectedWeight& e = expected[t];
     int64_t count = 1;

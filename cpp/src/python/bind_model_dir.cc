@@ -21,13 +21,12 @@
 #include "model/dtype_convert.h"
 #include "model/expected_weights.h"
 #include "python/bindings.h"
+#include "python/weights.h"
 
 namespace nb = nanobind;
 using namespace octavo;
 
 namespace {
-
-using HostArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
 
 // The numpy dtype that holds an octavo dtype's bits: numpy has no bfloat16, so it travels as uint16.
 nb::dlpack::dtype numpy_dtype(DType dtype) {

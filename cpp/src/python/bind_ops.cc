@@ -9,9 +9,6 @@
 #include "backend/ops.h"
 #include "python/array_util.h"
 #include "python/bindings.h"
-#ifdef OCTAVO_WITH_CUDA
-#include "cuda/cuda_ops.h"
-#endif
 
 namespace nb = nanobind;
 
@@ -41,12 +38,7 @@ void copy_blocks(nb::ndarray<nb::c_contig> cache, Copies copies, int num_layers,
   params.copies = reinterpret_cast<const octavo::BlockCopy*>(copies.data());
   params.num_copies = int32_t(copies.shape(0));
   if (on_cuda(cache.device_type())) {
-#ifdef OCTAVO_WITH_CUDA
-    octavo::cuda::copy_blocks(params, octavo::python::as_stream(stream));
-    return;
-#else
-    throw octavo::InvalidArgument("copy_blocks: a CUDA array was passed but this build has no CUDA backend");
-#endif
+    return OCTAVO_ON_CUDA(copy_blocks(params, octavo::python::as_stream(stream)));
   }
   octavo::cpu::copy_blocks(params);
 }
