@@ -18,24 +18,18 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import percentiles  # noqa: E402
 from throughput import build_random_model, commit  # noqa: E402
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summary_ms(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values) * 1e3, 3),
-            "p50": round(percentile(values, 0.5) * 1e3, 3),
-            "p99": round(percentile(values, 0.99) * 1e3, 3)}
+    """Mean and percentiles in ms, as bench/serving.py computes them."""
+    return {name: round(value, 3) for name, value in percentiles(values).items()}
 
 
 def run_batch(engine, params, prompts: list[list[int]]) -> tuple[list[float], list[float], int]:

@@ -23,21 +23,18 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import commit, parse_range  # noqa: E402  (standard library only at import)
+
 # Token ids for prompts when --vocab-size is not given: the server's own tokenization of this.
 _TEXT_POOL = ("Paris is a city in France. It is known for the Eiffel Tower and its museums. "
               "The quick brown fox jumps over the lazy dog while the cat sleeps. Continuous "
               "batching admits new requests at every step of the engine.")
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition(":")
-    return int(low), int(high or low)
 
 
 @dataclass
@@ -170,17 +167,6 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict:
             "p99": at(0.99)}
 
 
-def commit() -> str:
-    if os.environ.get("OCTAVO_COMMIT"):
-        return os.environ["OCTAVO_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))
-                              ).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 async def run(args: argparse.Namespace) -> dict:
     url = args.base_url.rstrip("/")
     model = args.model or (await http_json(url, "GET", "/v1/models",
@@ -198,7 +184,7 @@ async def run(args: argparse.Namespace) -> dict:
     payloads = [{
         "model": model, "prompt": [ids_rng.choice(pool) for _ in range(prompt_len)],
         "max_tokens": output_len, "ignore_eos": args.ignore_eos, "temperature": 0.0,
-        "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "stream": True, "stream_options": {"include_usage": True},
     } for prompt_len, output_len in lengths]
 
     if args.warmup:

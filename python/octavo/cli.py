@@ -66,29 +66,6 @@ def _make_llm(args):
     return LLM(args.model, device=args.device or _default_device())
 
 
-# How long one wait for outputs of an engine that steps on its own thread lasts (Ctrl-C is seen at
-# least this often).
-_POLL_SECONDS = 0.1
-
-
-def _next_outputs(engine) -> list:
-    """The engine's next outputs: a synchronous engine (_C.Engine) runs one step; an engine that
-    steps on its own thread (_C.AsyncEngine) is waited on."""
-    if hasattr(engine, "get_outputs"):
-        return engine.get_outputs(_POLL_SECONDS)
-    return engine.step()
-
-
-def _drain(engine) -> None:
-    """Waits until the engine holds no request, so the next one starts on an idle engine."""
-    if hasattr(engine, "get_outputs"):
-        while engine.num_unfinished():
-            engine.get_outputs(_POLL_SECONDS)
-    else:
-        while engine.has_unfinished():
-            engine.step()
-
-
 def stream_completion(llm, prompt_token_ids: list[int], params, prompt: Optional[str],
                       write) -> str:
     """Runs one request (n=1) through llm's engine, calling write(delta) with each piece of new
@@ -96,6 +73,7 @@ def stream_completion(llm, prompt_token_ids: list[int], params, prompt: Optional
     every request has finished, so this drives llm.engine itself, with the per-request output
     tracking (RequestState) that LLM uses."""
     from octavo.engine_core import to_cpp_sampling_params
+    from octavo.llm import _POLL_SECONDS
     from octavo.output_processor import RequestState
 
     engine = llm.engine
@@ -105,7 +83,7 @@ def stream_completion(llm, prompt_token_ids: list[int], params, prompt: Optional
     written = 0
     try:
         while not state.done:
-            for out in _next_outputs(engine):
+            for out in engine.get_outputs(_POLL_SECONDS):
                 if out.group_id != engine_id or state.done:
                     continue
                 if state.absorb(out):
@@ -116,10 +94,9 @@ def stream_completion(llm, prompt_token_ids: list[int], params, prompt: Optional
                     write(sequence.text[written:])
                     written = len(sequence.text)
     except BaseException:  # Ctrl-C or an error: the engine must not keep the request
-        engine.abort(engine_id)
-        _drain(engine)
+        llm._abort_and_drain([engine_id])
         raise
-    _drain(engine)
+    llm._drain()  # the next request starts on an idle engine
     return sequence.text
 
 

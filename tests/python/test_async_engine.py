@@ -17,17 +17,15 @@ pytest.importorskip("torch")
 
 from octavo import LLM, SamplingParams, _C  # noqa: E402
 from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params  # noqa: E402
-from octavo.models import load_model  # noqa: E402
 
 PATIENCE = 30.0  # seconds; a deadline instead of a hang
 
 
 def make_async_engine(model_dir: str, **engine_kwargs) -> "_C.AsyncEngine":
-    """An AsyncEngine with the spec and resolved config that LLM's engine gets."""
-    engine, _, _ = create_engine(EngineArgs(model=model_dir, dtype="float32", **engine_kwargs))
-    _, weights, _, _ = load_model(model_dir)
-    tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]
-    return _C.AsyncEngine(engine.spec, engine.config, tuples)
+    """An AsyncEngine as LLM's engine gets it."""
+    engine, _, _ = create_engine(EngineArgs(model=model_dir, dtype="float32", **engine_kwargs),
+                                 asynchronous=True)
+    return engine
 
 
 def greedy(max_tokens: int) -> "_C.SamplingParams":

@@ -135,10 +135,10 @@ def test_concurrent_streams_with_clients_hanging_up(server, llama_dir):
     aborted = (metric(after, "octavo:request_success_total", finished_reason="abort")
                - metric(before, "octavo:request_success_total", finished_reason="abort"))
     assert aborted == len(cut)
-    # The cut streams stopped generating: far fewer tokens than their 200 each.
+    # The cut streams stopped generating: at most half of their CUT_MAX_TOKENS each.
     generated = (metric(after, "octavo:generation_tokens_total")
                  - metric(before, "octavo:generation_tokens_total"))
-    assert generated < (NUM_STREAMS - len(cut)) * MAX_TOKENS + len(cut) * CUT_MAX_TOKENS
+    assert generated <= (NUM_STREAMS - len(cut)) * MAX_TOKENS + len(cut) * CUT_MAX_TOKENS // 2
     print(f"{NUM_STREAMS} streams in {elapsed:.1f} s")
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -158,7 +158,7 @@ def test_a_client_that_gives_up_on_a_whole_response_aborts_it(server):
         before, "octavo:request_success_total", finished_reason="abort") + 1
     generated = (metric(after, "octavo:generation_tokens_total")
                  - metric(before, "octavo:generation_tokens_total"))
-    assert generated < 4 * CUT_MAX_TOKENS
+    assert generated <= 4 * CUT_MAX_TOKENS // 2  # without the abort: 4 x CUT_MAX_TOKENS
 
 
 def test_bench_serving_smoke(server, tmp_path):

@@ -99,6 +99,7 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.max_model_len = llm.max_model_len
         self.vocab_size = int(llm.engine.spec.vocab_size)
+        self.max_num_seqs = int(llm.engine.config.max_num_seqs)
 
     def model_name(self, requested: Optional[str]) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -222,11 +223,11 @@ class OpenAIServing:
         own validation: the sequence cap, best_of with streaming, logit_bias ids in the
         vocabulary."""
         sequences = params.best_of or params.n
-        max_num_seqs = int(self.llm.engine.config.max_num_seqs)
-        if sequences > max_num_seqs:
+        if sequences > self.max_num_seqs:
             field = "best_of" if params.best_of else "n"
-            raise OpenAIError(f"{field} is {sequences}; this server runs at most {max_num_seqs} "
-                              f"sequences at once (--max-num-seqs)", param=field)
+            raise OpenAIError(f"{field} is {sequences}; this server runs at most "
+                              f"{self.max_num_seqs} sequences at once (--max-num-seqs)",
+                              param=field)
         if stream and params.best_of is not None and params.best_of > params.n:
             raise OpenAIError("best_of > n cannot stream: the best sequences are known only "
                               "once all finished", param="best_of")
