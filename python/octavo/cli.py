@@ -26,12 +26,6 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 
 
-def _default_device() -> str:
-    from octavo import _C
-
-    return "cuda" if _C.cuda_device_count() > 0 else "cpu"
-
-
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="Hugging Face checkpoint directory (default: the embedded default "
@@ -60,10 +54,11 @@ def _sampling_params(args, n: int = 1):
 
 
 def _make_llm(args):
+    from octavo.engine_core import default_device
     from octavo.llm import LLM
 
     # model=None: LLM loads the embedded default model and logs that it does.
-    return LLM(args.model, device=args.device or _default_device())
+    return LLM(args.model, device=args.device or default_device())
 
 
 def stream_completion(llm, prompt_token_ids: list[int], params, prompt: Optional[str],

@@ -115,6 +115,13 @@ def read_eos_token_ids(model_dir: str, config: dict, tokenizer=None) -> list:
     return []
 
 
+def default_device() -> str:
+    """"cuda" when a GPU is visible to this build, else "cpu" (the device of device="auto")."""
+    from octavo import _C
+
+    return "cuda" if _C.cuda_device_count() > 0 else "cpu"
+
+
 def create_engine(args: EngineArgs, tokenizer=None, asynchronous: bool = False):
     """Returns (engine, spec dict, config dict): a `_C.Engine` (driven by step()), or with
     `asynchronous` a `_C.AsyncEngine` (its own loop thread). Raises ValueError for a bad

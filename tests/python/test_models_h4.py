@@ -62,7 +62,9 @@ CASES = {
         initializer_range=0.2),
     "gpt_neox_sequential": lambda: T.GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=MAX_POSITIONS, rotary_pct=0.5,
+        intermediate_size=96, max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0,
+                         "partial_rotary_factor": 0.5},
         use_parallel_residual=False, hidden_act="gelu_new", initializer_range=0.2),
     "falcon_7b_style": lambda: T.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -106,7 +108,8 @@ CASES = {
     "stablelm_parallel": lambda: T.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, intermediate_size=96, max_position_embeddings=MAX_POSITIONS,
-        use_parallel_residual=True, partial_rotary_factor=0.5, initializer_range=0.2),
+        use_parallel_residual=True, partial_rotary_factor=0.5, rope_theta=20000.0,
+        layer_norm_eps=1e-6, initializer_range=0.2),
     "starcoder2": lambda: T.Starcoder2Config(
         vocab_size=VOCAB, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=MAX_POSITIONS,
@@ -171,7 +174,7 @@ def check_matches(directory: str, reference: list[tuple[list[int], list[int], li
               max_model_len=MAX_POSITIONS)
 
     def check(outputs, expected):
-        for out, (prompt, tokens, logprobs) in zip(outputs, expected):
+        for out, (prompt, tokens, logprobs) in zip(outputs, expected, strict=True):
             got = out.outputs[0].token_ids
             assert got == tokens, f"prompt of {len(prompt)} tokens: {got} != {tokens}"
             ours = [entry[t].logprob for entry, t in zip(out.outputs[0].logprobs, got)]
@@ -397,10 +400,12 @@ HUB_LAYOUTS = {
     # bigscience/bloom-560m: saved from BloomModel; n_embed and num_attention_heads.
     "bloom": (dict(n_embed=96, hidden_size=None, num_attention_heads=6, n_head=None),
               strip("transformer."), None),
-    # EleutherAI/pythia-*: rotary_pct / rotary_emb_base, the LM head named embed_out.
-    "gpt_neox": (dict(rope_parameters=None, rope_scaling=None, rotary_pct=0.25,
-                      rotary_emb_base=10000),
-                 lambda name: "embed_out.weight" if name == "lm_head.weight" else name, None),
+    # EleutherAI/pythia-*: rotary_pct / rotary_emb_base, the LM head named embed_out (values
+    # other than the loader's defaults, 0.25 and 10000, so that ignoring a key fails).
+    "gpt_neox_sequential": (dict(rope_parameters=None, rope_scaling=None, rotary_pct=0.5,
+                                 rotary_emb_base=20000),
+                            lambda name: "embed_out.weight" if name == "lm_head.weight" else name,
+                            None),
     # facebook/opt-*: saved from OPTModel ("decoder." prefix).
     "opt": ({}, strip("model."), None),
     # tiiuae/falcon-40b's first upload: RWForCausalLM, model_type RefinedWeb, n_* keys.
@@ -412,7 +417,7 @@ HUB_LAYOUTS = {
     # stabilityai/stablelm-3b-4e1t's first upload: StableLMEpochForCausalLM, rope_pct, norm_eps.
     "stablelm_parallel": (dict(architectures=["StableLMEpochForCausalLM"],
                                model_type="stablelm_epoch", rope_parameters=None, rope_pct=0.5,
-                               rope_theta=10000, norm_eps=1e-5, layer_norm_eps=None),
+                               rope_theta=20000, norm_eps=1e-6, layer_norm_eps=None),
                           None, None),
     # mosaicml/mpt-7b: MosaicML's own architecture name.
     "mpt": (dict(architectures=["MPTForCausalLM"]), None, None),

@@ -96,7 +96,7 @@ def check_generation(directory: str, next_logits, vocab: int = VOCAB, **llm_kwar
     llm = LLM(model=directory, dtype="float32", kv_cache_memory_bytes=32 << 20, **llm_kwargs)
 
     def compare(outputs, cases):
-        for out, (tokens, logprobs) in zip(outputs, cases):
+        for out, (tokens, logprobs) in zip(outputs, cases, strict=True):
             got = out.outputs[0].token_ids
             assert got == tokens, f"prompt of {len(out.prompt_token_ids)} tokens"
             ours = [entry[t].logprob for entry, t in zip(out.outputs[0].logprobs, got)]
@@ -165,7 +165,8 @@ def llama_keys(config, **keys) -> dict:
 def as_internlm(model):
     """InternLM: Llama's tensors (attention_bias=True), "bias" and "rotary" config keys."""
     config = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "bias": True,
-              "rotary": {"base": 10000, "type": "dynamic"}, **llama_keys(model.config)}
+              "rotary": {"base": model.config.rope_parameters["rope_theta"], "type": "dynamic"},
+              **llama_keys(model.config)}
     config.pop("num_key_value_heads")  # InternLM is multi-head
     return config, dict(model.state_dict())
 
@@ -406,7 +407,7 @@ def test_internlm(tmp_path, tokenizer_dir):
     """InternLM is Llama with biases on q, k, v and o; its rotary is {"type": "dynamic"}.
     Written as a single pytorch_model.bin."""
     model = native_model(transformers.LlamaConfig, seed=4, num_key_value_heads=4,
-                         attention_bias=True)
+                         attention_bias=True, rope_theta=20000.0)  # not the loader's default
     directory = save_checkpoint(str(tmp_path / "internlm"), *as_internlm(model), tokenizer_dir,
                                 fmt="bin")
     check_generation(directory, hf_logits(model))

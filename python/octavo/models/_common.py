@@ -27,7 +27,7 @@ GLU_ACTIVATIONS = {
 }
 
 # The ModelSpec defaults (model_spec.h RopeConfig) for fields a scaling type does not use.
-_ROPE_DEFAULTS = {
+ROPE_DEFAULTS = {
     "pairing": "neox",
     "theta": 10000.0,
     "rotary_dim": 0,
@@ -106,9 +106,9 @@ def rope_from_config(config: dict, head_dim: int) -> dict:
             f"per-layer-type rope parameters ({', '.join(params)}) are not supported for "
             f"{architecture_of(config)}")
 
-    rope = dict(_ROPE_DEFAULTS)
+    rope = dict(ROPE_DEFAULTS)
     theta = params.get("rope_theta", config.get("rope_theta"))
-    rope["theta"] = float(theta if theta is not None else _ROPE_DEFAULTS["theta"])
+    rope["theta"] = float(theta if theta is not None else ROPE_DEFAULTS["theta"])
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
         rope["rotary_dim"] = int(head_dim * float(partial))

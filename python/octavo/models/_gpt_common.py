@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, architecture_of, rope_from_config
+from octavo.models._common import ROPE_DEFAULTS, WeightPlan, architecture_of, rope_from_config
 
 # HF activation names of non-gated MLPs -> ModelSpec activation. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are the same tanh approximation written three ways.
@@ -55,11 +55,6 @@ _DEFAULTS = {
     "sliding_window": None,
 }
 
-_NO_ROPE = {
-    "pairing": "neox", "theta": 10000.0, "rotary_dim": 0, "scaling": "none", "factor": 1.0,
-    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 0,
-    "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.0,
-}
 
 
 def unsupported(config: dict, what: str) -> ValueError:
@@ -86,7 +81,7 @@ def make_spec(**fields) -> dict:
     assert not unknown, f"not ModelSpec fields: {unknown}"
     spec = {**_DEFAULTS, **fields}
     if spec["rope"] is None:
-        spec["rope"] = dict(_NO_ROPE)
+        spec["rope"] = dict(ROPE_DEFAULTS)
     if spec["sliding_window"] is None:
         spec["sliding_window"] = [0] * spec["num_layers"]
     spec["num_kv_heads_per_layer"] = list(spec["num_kv_heads_per_layer"])
@@ -144,7 +139,7 @@ def plain_rope(head_size: int, rotary_dim: int, *, theta: float = 10000.0,
         raise ValueError(
             f"{rotary_dim} rotary dimensions of a {head_size}-wide head (the count must be "
             f"even, positive and at most the head size)")
-    return {**_NO_ROPE, "theta": float(theta), "rotary_dim": int(rotary_dim),
+    return {**ROPE_DEFAULTS, "theta": float(theta), "rotary_dim": int(rotary_dim),
             "pairing": pairing}
 
 
@@ -172,13 +167,9 @@ def conv1d(array: np.ndarray) -> np.ndarray:
 
 
 def per_head_qkv(num_heads: int, head_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Rows grouped per head as [head][q, k, v][head_size] (GPT-NeoX, BLOOM, MHA BigCode and
-    Falcon) -> all q rows, then k, then v. Serves weights [rows, in] and biases [rows]."""
-    def transform(array: np.ndarray) -> np.ndarray:
-        grouped = array.reshape(num_heads, 3, head_size, -1)
-        return grouped.transpose(1, 0, 2, 3).reshape(array.shape)
-
-    return transform
+    """Rows grouped per head as [head][q, k, v][head_size] (GPT-NeoX, BLOOM, MHA BigCode) -> all
+    q rows, then k, then v: grouped_qkv with one query head per KV head."""
+    return grouped_qkv(num_heads, 1, head_size)
 
 
 def grouped_qkv(num_kv_heads: int, group: int, head_size: int

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, pick_architecture, require, run_plan)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
     plain_rope)
@@ -64,8 +65,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     for layer in range(spec["num_layers"]):
         hf, ours = f"{prefix}h.{layer}.", f"layers.{layer}."
         add_norm(plan, spec, ours + "input_norm", hf + "ln_1")
-        plan.add(ours + "qkv.weight", *((hf + f"attn.{p}_proj.weight", (hidden, hidden))
-                                        for p in "qkv"))
+        add_separate_qkv(plan, ours, hf + "attn.", hidden, hidden, hidden, False)
         add_linear(plan, ours + "o", hf + "attn.out_proj", hidden, hidden, False)
         add_linear(plan, ours + "up", hf + "mlp.fc_in", inter, hidden, True)
         add_linear(plan, ours + "down", hf + "mlp.fc_out", hidden, inter, True)

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import (
+    WeightPlan, add_separate_qkv, pick_architecture, require, run_plan)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, unsupported)
 
@@ -81,10 +82,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
         attn = hf + "self_attn."
         add_norm(plan, spec, ours + "input_norm", hf + "self_attn_layer_norm")
-        plan.add(ours + "qkv.weight", *((attn + f"{p}_proj.weight", (hidden, hidden))
-                                        for p in "qkv"))
-        if bias:
-            plan.add(ours + "qkv.bias", *((attn + f"{p}_proj.bias", (hidden,)) for p in "qkv"))
+        add_separate_qkv(plan, ours, attn, hidden, hidden, hidden, bias)
         add_linear(plan, ours + "o", attn + "out_proj", hidden, hidden, bias)
         add_norm(plan, spec, ours + "post_attn_norm", hf + "final_layer_norm")
         add_linear(plan, ours + "up", hf + "fc1", inter, hidden, bias)

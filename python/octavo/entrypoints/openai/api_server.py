@@ -38,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 import octavo
 from octavo.async_llm import AsyncLLM
-from octavo.engine_core import EngineArgs
+from octavo.engine_core import EngineArgs, default_device
 from octavo.entrypoints.openai.metrics import ServerMetrics
 from octavo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -120,14 +120,6 @@ def make_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    from octavo import _C
-
-    return "cuda" if _C.cuda_device_count() > 0 else "cpu"
-
-
 def _resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model is not None:
         return
@@ -148,7 +140,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-        device=_resolve_device(args.device), enforce_eager=args.enforce_eager,
+        device=default_device() if args.device == "auto" else args.device, enforce_eager=args.enforce_eager,
         trust_remote_code=args.trust_remote_code)
 
 
