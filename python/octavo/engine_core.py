@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from octavo import _C
-from octavo.models import load_model
+from octavo.models import load_model, normalize_dtype
 
 logger = logging.getLogger("octavo")
 
@@ -131,13 +131,17 @@ def create_engine(args: EngineArgs, tokenizer=None, asynchronous: bool = False):
         raise ValueError(
             f"model {model_dir!r} is not a directory; give a local Hugging Face checkpoint "
             "directory (config.json, *.safetensors)")
+    dtype = "auto" if args.dtype == "auto" else normalize_dtype(args.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype {args.dtype!r} is not one of auto, float32, float16, bfloat16 "
+                         f"(or float, half, bf16)")
     spec, weights, checkpoint_dtype, config = load_model(model_dir)
     cpp_spec = to_cpp_spec(spec)
 
     engine_config = _C.EngineConfig()
     engine_config.device = args.device
-    engine_config.dtype = checkpoint_dtype if args.dtype == "auto" else args.dtype
-    if args.dtype == "auto" and args.device.startswith("cuda") and checkpoint_dtype == "float32":
+    engine_config.dtype = checkpoint_dtype if dtype == "auto" else dtype
+    if dtype == "auto" and args.device.startswith("cuda") and checkpoint_dtype == "float32":
         # GPUs compute in 16 bits: like vLLM, an fp32 checkpoint runs in bf16 unless told otherwise.
         logger.info("octavo: float32 checkpoint on %s: running in bfloat16", args.device)
         engine_config.dtype = "bfloat16"

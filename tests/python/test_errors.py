@@ -133,3 +133,11 @@ def test_bad_requests_fail_alone(good_dir):
     (long,) = llm.generate([[5] * 60], SamplingParams(temperature=0, max_tokens=100,
                                                        ignore_eos=True), use_tqdm=False)
     assert len(long.outputs[0].token_ids) == 4 and long.outputs[0].finish_reason == "length"
+
+
+def test_dtype_spellings(good_dir):
+    """vLLM's spellings (half, float, bf16) work in LLM as in the server; others are refused."""
+    llm = LLM(model=good_dir, device="cpu", dtype="half", num_gpu_blocks_override=16)
+    assert llm.engine.config.dtype == "float16"
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of auto, float32"):
+        LLM(model=good_dir, device="cpu", dtype="int8")

@@ -57,8 +57,8 @@ logger = logging.getLogger("octavo")
 # Routes that need the API key when one is set (vLLM guards /v1; tokenization costs work too).
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
-_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16",
-           "float": "float32", "float32": "float32"}
+# vLLM's --dtype spellings (the engine normalises them with octavo.models.normalize_dtype).
+_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--trust-remote-code", action="store_true")
     engine.add_argument("--device", default="auto",
                         help="auto (cuda when a GPU is usable, else cpu), cpu, cuda or cuda:N")
-    engine.add_argument("--dtype", default="auto", choices=sorted(_DTYPES),
+    engine.add_argument("--dtype", default="auto", choices=_DTYPES,
                         help="weights and KV-cache dtype (auto: the checkpoint's; bfloat16 for "
                              "a float32 checkpoint on a GPU)")
     engine.add_argument("--max-model-len", type=int, default=None,
@@ -133,7 +133,7 @@ def _resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
-        model=args.model, tokenizer=args.tokenizer, dtype=_DTYPES[args.dtype],
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
