@@ -1,42 +1,47 @@
 // Sampling on the GPU (SampleParams in backend/ops.h; the oracle is cpu/sample.cc).
 //
 // Work decomposition: one thread block of kThreads threads per row; the row's fp32 logits stay in
-// global memory (a 152k vocabulary is 600 KB) and the block streams over them a few times with
-// 16-byte loads. The final soft-cap is applied on the fly in every pass (the logits are never
-// written), and the temperature-scaled value s = x / T is recomputed the same way each pass, so
-// every pass sees bit-identical values.
+// global memory (a 152k vocabulary is 600 KB) and the block streams over them with 16-byte loads.
+// The final soft-cap is applied on the fly in every pass (the logits are never written), and the
+// temperature-scaled value s = x / T is recomputed the same way each pass, so every pass sees
+// bit-identical values.
 //
-// The one order everything uses is the CPU's: scaled value descending, ties to the lower id. A
-// token's 64-bit key (ordered float bits of s, then the inverted id) sorts exactly that way, and
-// every filter keeps a prefix of it. Probabilities are fixed-point integers, weight(s) =
-// floor(exp(s - s_max) * 2^40) (the top token weighs 2^40; tokens below 2^-40 of the top weigh 0
-// and are never drawn), so sums are exact and order-independent: a draw is a pure function of the
-// row, the settings and sampling_uniform(seed, draw), whatever the batch or the thread timing.
+// A draw is the kept token with the largest s + gumbel_noise(draw_key(seed, draw), id)
+// (backend/sampling_rng.h), ties to the lower id, exactly as cpu/sample.cc draws: the Gumbel-max
+// trick needs no order over the kept tokens, only the set. The filters (top-k, top-p, min-p) keep
+// a prefix of one order, scaled value descending, ties to the lower id; a token's 64-bit key
+// (ordered float bits of s, then the inverted id) sorts exactly that way. Probabilities are
+// fixed-point integers, weight(s) = floor(exp(s - s_max) * 2^40) (the top token weighs 2^40;
+// tokens below 2^-40 of the top weigh 0), so the sums top-p needs are exact and order-independent.
 //
 // Passes per row:
 //   1. stats: max, argmax (ties to the lower id) and sum exp(x - max) -> the raw log-softmax
-//      normaliser (reported logprobs are raw: after soft-capping, before temperature/filters).
+//      normaliser (reported logprobs are raw: after soft-capping, before temperature/filters);
+//      for a row without filters, the draw too. A greedy or unfiltered row without a top-N report
+//      is done after this one read.
 //   2. level-0 histogram of d = s_max - s in kBins bins of 1/16 nat (the last bin holds d >= 64
 //      nats and -inf): per bin a token count and the summed weights, then prefix sums.
 //   3. gather: from the histogram the plan knows which bins hold every boundary it needs (the
-//      num_top-th token, the top-k boundary, the top-p boundary, the min-p threshold, the draw);
-//      if bins [0, B] hold at most kCapacity tokens, they are gathered into shared memory, sorted
-//      by key (bitonic) and prefix-summed, and every query below is answered there. That is the
-//      usual case (peaked LLM logits, top-k of a few hundred at most): 3 passes per row.
+//      num_top-th token, the top-k boundary, the top-p boundary, the min-p threshold); if bins
+//      [0, B] hold at most kCapacity tokens, they are gathered into shared memory, sorted by key
+//      (bitonic) and prefix-summed, and every query below is answered there, the draw among them.
+//      That is the usual case (peaked LLM logits, top-k of a few hundred at most).
 //   Otherwise (flat rows, huge top-k, very high temperatures) each query that the window does not
 //   cover descends on its own: the boundary's level-0 bin, then (if that bin is still too big)
 //   a min/max pass and radix passes of kSubBins sub-ranges over the 64-bit keys (unique, so this
-//   ends), then a gather of the small range. Slow (a few more passes per query) but exact.
+//   ends), then a gather of the small range; the draw then reads the row once more. Slow (a few
+//   more passes per query) but exact.
 // Queries, in the CPU's order: top-k = the first k; top-p = the first position whose cumulative
 // weight reaches ceil(top_p * W_k); min-p = the tokens with s >= the smallest float s whose
-// exp(s - s_max) in double reaches min_p; the draw = the first kept position whose cumulative
-// weight exceeds floor(u * W_kept). The draw therefore walks the kept tokens in descending
-// probability like the CPU, and usually picks the same token; only the weight rounding (fp32 exp,
-// 2^-40 fixed point against the CPU's double) can move a draw that lands within ~1e-7 of a
-// boundary. Greedy (temperature < 1e-5) and top_k = 1 pick exactly the CPU's token.
+// exp(s - s_max) in double reaches min_p. The kept set is the order's prefix through the last
+// query's boundary. Only the weight rounding (fp32 exp, 2^-40 fixed point against the CPU's
+// double) can move a top-p boundary that lands within ~1e-7 of a token, and logf's last bit a
+// draw whose two best noisy values tie to an ulp. Greedy (temperature < 1e-5) and top_k = 1 pick
+// exactly the CPU's token.
 //
-// Speed: memory-bound, 3 reads of the row in the usual case (1 would be the floor); a row's
-// passes run on one SM, so a small batch is latency-bound (a few microseconds per row).
+// Speed: memory-bound; one read of the row for greedy and unfiltered draws, three for filtered
+// ones in the usual case. A row's passes run on one SM, so a small batch would be latency-bound:
+// batches of up to kMaxSplitRows rows run passes 1 and 2 over vocabulary slices on many blocks.
 // A row whose logits hold a NaN, +inf or no finite value, or whose settings are out of range
 // (the CPU throws on both), gets sampled = -1 and NaN logprobs: a kernel cannot throw.
 #include <algorithm>
@@ -476,6 +481,29 @@ __device__ float min_p_threshold(float s_max, float min_p) {
   return s;
 }
 
+// The draw among the kept tokens (keys >= kept.key): from the window when it holds the whole
+// kept prefix, else from one more read of the row.
+__device__ __noinline__ int32_t race_over_kept(Shared& sh, const RowCtx& c, const Window& w,
+                                               const Boundary& kept, uint64_t draw) {
+  u64 best = 0;
+  if (w.valid && !(w.raw && !c.unit) && w.above_count == 0 && kept.length <= uint32_t(w.n)) {
+    for (int i = threadIdx.x; i < int(kept.length); i += kThreads) {
+      const u64 key = sh.win.keys[i];
+      const int32_t id = key_id(key);
+      const u64 noisy = make_key(key_value(key) + gumbel_noise(draw, id), id);
+      best = noisy > best ? noisy : best;
+    }
+  } else {
+    for_each_logit(c, [&](int i, float x) {
+      const float s = c.scaled(x);
+      if (make_key(s, i) < kept.key) return;
+      const u64 noisy = make_key(s + gumbel_noise(draw, i), i);
+      best = noisy > best ? noisy : best;
+    });
+  }
+  return key_id(block_max(best, sh.scratch));
+}
+
 __device__ void write_bad_row(const SampleParams& p, int r) {
   for (int i = threadIdx.x; i < p.num_top; i += kThreads) {
     p.top_ids[int64_t(r) * p.num_top + i] = -1;
@@ -492,13 +520,37 @@ __device__ void write_bad_row(const SampleParams& p, int r) {
 // Pass 1 over c's tokens: the largest key, and sum exp(x - max) with its max, per block.
 struct Stats {
   u64 best;       // largest key (0: none)
+  u64 race;       // largest key of (s + noise, id): the draw of a row without filters (0: none)
   float max;      // the sum's reference (-inf: no finite token)
   int32_t nan;    // a NaN was seen
   double sum;     // sum of exp(x - max)
 };
 
-__device__ Stats block_stats(const RowCtx& c, Shared& sh) {
-  u64 best = 0;
+__device__ __forceinline__ bool valid_settings(const SamplingRow& row) {
+  return row.temperature >= 0.0f && row.temperature < INFINITY && row.top_p > 0.0f &&
+         row.top_p <= 1.0f && row.min_p >= 0.0f && row.min_p <= 1.0f;
+}
+
+// A row drawn in pass 1: no filter, not greedy. `on` is uniform across the block.
+struct Race {
+  bool on;
+  float temperature;
+  uint64_t key;  // draw_key(seed, draw)
+};
+
+__device__ __forceinline__ bool greedy_row(const SamplingRow& row) {
+  return row.temperature < kGreedyTemperature;
+}
+__device__ __forceinline__ bool filtered_row(const SamplingRow& row, int vocab) {
+  return (row.top_k > 0 && row.top_k < vocab) || row.top_p < 1.0f || row.min_p > 0.0f;
+}
+__device__ __forceinline__ Race race_of(const SamplingRow& row, int vocab) {
+  return Race{!greedy_row(row) && !filtered_row(row, vocab), row.temperature,
+              draw_key(row.seed, row.draw)};
+}
+
+__device__ Stats block_stats(const RowCtx& c, const Race& race, Shared& sh) {
+  u64 best = 0, race_best = 0;
   float m_local = -INFINITY;
   double sum_local = 0.0;
   bool nan = false;
@@ -509,6 +561,10 @@ __device__ Stats block_stats(const RowCtx& c, Shared& sh) {
     }
     const u64 key = make_key(x, i);
     best = key > best ? key : best;
+    if (race.on) {  // x / T as the CPU divides (x / 1 == x)
+      const u64 noisy = make_key(x / race.temperature + gumbel_noise(race.key, i), i);
+      race_best = noisy > race_best ? noisy : race_best;
+    }
     if (x > m_local) {
       sum_local = sum_local * double(expf(m_local - x)) + 1.0;
       m_local = x;
@@ -518,6 +574,7 @@ __device__ Stats block_stats(const RowCtx& c, Shared& sh) {
   });
   Stats s;
   s.best = block_max(best, sh.scratch);
+  s.race = race.on ? block_max(race_best, sh.scratch) : 0ull;
   s.nan = block_max(u64(nan), sh.scratch) != 0;
   s.max = s.best ? key_value(s.best) : -INFINITY;
   const bool finite = fabsf(s.max) < INFINITY;
@@ -587,9 +644,10 @@ __device__ __forceinline__ RowCtx slice_ctx(const SampleParams& p, const SplitWo
 // The row's Stats from its slices' (every thread computes the same).
 __device__ Stats merge_stats(const SplitWorkspace& ws, int r) {
   const Stats* parts = ws.stats + int64_t(r) * ws.splits;
-  Stats m{0ull, -INFINITY, 0, 0.0};
+  Stats m{0ull, 0ull, -INFINITY, 0, 0.0};
   for (int s = 0; s < ws.splits; ++s) {
     m.best = parts[s].best > m.best ? parts[s].best : m.best;
+    m.race = parts[s].race > m.race ? parts[s].race : m.race;
     m.nan |= parts[s].nan;
   }
   m.max = m.best ? key_value(m.best) : -INFINITY;
@@ -605,7 +663,9 @@ __global__ void __launch_bounds__(kThreads) stats_split_kernel(const SampleParam
                                                                const SplitWorkspace ws) {
   __shared__ Shared sh;
   const int r = blockIdx.y, s = blockIdx.x;
-  const Stats stats = block_stats(slice_ctx(p, ws, r, s), sh);
+  const SamplingRow row = p.rows[r];
+  const Race race = valid_settings(row) ? race_of(row, p.vocab_size) : Race{};
+  const Stats stats = block_stats(slice_ctx(p, ws, r, s), race, sh);
   if (threadIdx.x == 0) ws.stats[int64_t(r) * ws.splits + s] = stats;
   // The row's global histogram starts at zero for histogram_split_kernel (launched after).
   const int per = (kBins + 1 + ws.splits - 1) / ws.splits;
@@ -615,21 +675,17 @@ __global__ void __launch_bounds__(kThreads) stats_split_kernel(const SampleParam
   }
 }
 
-__device__ __forceinline__ bool valid_settings(const SamplingRow& row) {
-  return row.temperature >= 0.0f && row.temperature < INFINITY && row.top_p > 0.0f &&
-         row.top_p <= 1.0f && row.min_p >= 0.0f && row.min_p <= 1.0f;
-}
-
 __global__ void __launch_bounds__(kThreads) histogram_split_kernel(const SampleParams p,
                                                                    const SplitWorkspace ws) {
   __shared__ Shared sh;
   const int r = blockIdx.y, s = blockIdx.x;
   const SamplingRow row = p.rows[r];
   const Stats stats = merge_stats(ws, r);
-  const bool greedy = row.temperature < kGreedyTemperature;
-  // sample_kernel needs no histogram for these rows (it writes a bad row or the argmax).
+  const bool greedy = greedy_row(row);
+  // sample_kernel needs no histogram for these rows (it writes a bad row, the argmax or the
+  // draw of pass 1).
   if (!valid_settings(row) || stats.nan || !(fabsf(stats.max) < INFINITY) ||
-      (greedy && p.num_top == 0)) {
+      ((greedy || race_of(row, p.vocab_size).on) && p.num_top == 0)) {
     return;
   }
   RowCtx c = slice_ctx(p, ws, r, s);
@@ -661,8 +717,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
     return;
   }
 
-  // ---- pass 1: max, argmax and the raw normaliser (or the split kernels' slices merged) ----
-  const Stats stats = ws.splits > 0 ? merge_stats(ws, r) : block_stats(c, sh);
+  // ---- pass 1: max, argmax, the raw normaliser and an unfiltered row's draw (or the split
+  // kernels' slices merged) ----
+  const Race race = race_of(row, p.vocab_size);
+  const Stats stats = ws.splits > 0 ? merge_stats(ws, r) : block_stats(c, race, sh);
   const float m = stats.max;
   if (stats.nan || !(fabsf(m) < INFINITY)) {
     write_bad_row(p, r);
@@ -671,12 +729,13 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
   const double log_normaliser = double(m) + log(stats.sum);
   const int32_t argmax = key_id(stats.best);
 
-  const bool greedy = row.temperature < kGreedyTemperature;
+  const bool greedy = greedy_row(row);
   const int num_top = p.num_top;
-  if (greedy && num_top == 0) {
+  if ((greedy || race.on) && num_top == 0) {
     if (threadIdx.x == 0) {
-      p.sampled[r] = argmax;
-      p.sampled_logprob[r] = float(double(m) - log_normaliser);
+      const int32_t token = greedy ? argmax : key_id(stats.race);
+      p.sampled[r] = token;
+      p.sampled_logprob[r] = float(double(c.raw(c.logits[token])) - log_normaliser);
     }
     return;
   }
@@ -711,36 +770,28 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
     u64 t = u64(ceil(double(row.top_p) * double(w)));
     return t < 1 ? 1ull : (t > w ? w : t);
   };
-  const double uniform = sampling_uniform(row.seed, row.draw);
-  auto draw_target = [&](u64 w) {
-    u64 t = u64(uniform * double(w));
-    return (t >= w ? w - 1 : t) + 1;
-  };
   const float s_min_p = min_p_on ? min_p_threshold(c.s_max, row.min_p) : 0.0f;
 
   int b_top = num_top > 0 ? first_at_least(sh.count, kBins + 1, uint32_t(num_top)) : -1;
-  int b_draw = -1;
-  if (!greedy) {
-    if (top_k_on) {
-      b_draw = first_at_least(sh.count, kBins + 1, uint32_t(row.top_k));
-    } else if (top_p_on) {
-      b_draw = first_at_least(sh.weight, kBins + 1, top_p_target(total_weight));
-    } else if (min_p_on) {
-      b_draw = c.bin(s_min_p);
-    } else {
-      b_draw = first_at_least(sh.weight, kBins + 1, draw_target(total_weight));
-    }
+  int b_draw = -1;  // the first filter's boundary (an unfiltered row drew in pass 1)
+  if (top_k_on) {
+    b_draw = first_at_least(sh.count, kBins + 1, uint32_t(row.top_k));
+  } else if (top_p_on) {
+    b_draw = first_at_least(sh.weight, kBins + 1, top_p_target(total_weight));
+  } else if (min_p_on) {
+    b_draw = c.bin(s_min_p);
   }
   const int b_window = max(b_top, b_draw);
   Window win;
   if (sh.count[b_window] <= uint32_t(kCapacity)) {
-    win = build_window(sh, c, WindowSpec{0, b_window, 0ull, ~0ull}, false, !greedy, 0u, 0ull);
+    win = build_window(sh, c, WindowSpec{0, b_window, 0ull, ~0ull}, false, !greedy && !race.on,
+                       0u, 0ull);
     win.prefix_bins = b_window;
   }
 
-  // ---- the draw: top-k, top-p, min-p, then the inverse CDF over the kept prefix ----
-  int32_t token = argmax;
-  if (!greedy) {
+  // ---- the draw: top-k, top-p, min-p, then the race over the kept prefix ----
+  int32_t token = greedy ? argmax : key_id(stats.race);
+  if (!greedy && !race.on) {  // filtered
     Boundary kept{0ull, uint32_t(p.vocab_size), total_weight};
     if (top_k_on) kept = query(sh, c, win, Target{false, u64(row.top_k)});
     if (top_p_on) kept = query(sh, c, win, Target{true, top_p_target(kept.weight)});
@@ -749,7 +800,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleParams 
         kept = prefix_at_value(sh, c, win, s_min_p);
       }
     }
-    token = key_id(query(sh, c, win, Target{true, draw_target(kept.weight)}).key);
+    token = race_over_kept(sh, c, win, kept, race.key);
   }
   if (threadIdx.x == 0) {
     p.sampled[r] = token;

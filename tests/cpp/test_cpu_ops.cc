@@ -933,6 +933,35 @@ TEST(Sample, SplitMix64IsTheStandardOne) {
   EXPECT_EQ(sampling_uniform(~0ull, 0), double(splitmix64(~0ull ^ splitmix64(0)) >> 11) * 0x1p-53);
 }
 
+TEST(Sample, GumbelNoiseIsFiniteAtTheExtremesAndStandard) {
+  // The ids whose hash is the smallest and the largest 23-bit value still give finite noise.
+  const uint64_t key = draw_key(5, 6);
+  int found_low = 0, found_high = 0;
+  for (uint64_t id = 0; id < (1ull << 31) && (found_low == 0 || found_high == 0); ++id) {
+    const float u = token_uniform(key, int32_t(id));
+    if (u < 0x1p-23f) found_low += 1;
+    if (u > 1.0f - 0x1p-23f) found_high += 1;
+    if (u < 0x1p-23f || u > 1.0f - 0x1p-23f) {
+      ASSERT_GT(u, 0.0f);
+      ASSERT_LT(u, 1.0f);
+      ASSERT_TRUE(std::isfinite(gumbel_noise(key, int32_t(id)))) << id;
+    }
+  }
+  EXPECT_GT(found_low, 0);
+  EXPECT_GT(found_high, 0);
+  // Mean and variance of a standard Gumbel: Euler's gamma and pi^2 / 6.
+  double sum = 0, sum_sq = 0;
+  const int n = 1 << 20;
+  for (int id = 0; id < n; ++id) {
+    const double g = gumbel_noise(draw_key(7, 0), id);
+    sum += g;
+    sum_sq += g * g;
+  }
+  const double mean = sum / n, variance = sum_sq / n - mean * mean;
+  EXPECT_NEAR(mean, 0.5772, 0.01);
+  EXPECT_NEAR(variance, 1.6449, 0.02);
+}
+
 TEST(Sample, GreedyTakesArgmaxWithLowestIdOnTies) {
   std::vector<float> logits = {0.5f, 2.0f, -1.0f, 3.0f, 1.0f, 0.0f, 2.5f, 3.0f};
   for (float temperature : {0.0f, 5e-6f}) {
@@ -1071,12 +1100,15 @@ int reference_draw(const std::vector<float>& logits, const SamplingRow& row) {
     while (n < kept && w[n] >= row.min_p * w[0]) ++n;
     kept = n;
   }
-  const double target = sampling_uniform(row.seed, row.draw) * prefix_sum(kept);
-  double cumulative = 0;
-  for (int i = 0; i < kept; ++i) {
-    if (target < (cumulative += w[i])) return order[i];
+  // The Gumbel-max draw over the kept prefix, ties to the lower id.
+  const uint64_t key = draw_key(row.seed, row.draw);
+  int best = order[0];
+  for (int i = 1; i < kept; ++i) {
+    const float value = scaled[order[i]] + gumbel_noise(key, order[i]);
+    const float best_value = scaled[best] + gumbel_noise(key, best);
+    if (value > best_value || (value == best_value && order[i] < best)) best = order[i];
   }
-  return order[kept - 1];
+  return best;
 }
 
 TEST(Sample, LazilySortedDrawsMatchAFullSortReference) {

@@ -289,15 +289,14 @@ struct SamplingRow {
   uint64_t draw;      // index of this draw in the request's stream (its output position)
 };
 
-/// Samples one token per row of fp32 logits. The random uniform of a draw is
-/// sampling_uniform(seed, draw) (backend/sampling_rng.h) on every backend. Temperatures below 1e-5
-/// are greedy. The CPU backend maps the uniform through the kept tokens in descending probability
-/// (ties: lower id first); a GPU backend may walk them in another order (the same distribution,
-/// not the same draws). and reports log-probabilities of the raw
-/// distribution (log_softmax of the logits after final soft-capping, before temperature and
-/// filtering, as vLLM reports them). Random draws are a pure function of (seed, draw), so the
-/// same request gives the same tokens whatever else is in the batch.
-/// Filters apply in the order: temperature, top-k, top-p, min-p.
+/// Samples one token per row of fp32 logits. Temperatures below 1e-5 are greedy (argmax, ties to
+/// the lowest id). Otherwise the filters keep a prefix of the order (scaled logit descending, ties
+/// to the lower id), in the order temperature, top-k, top-p, min-p, and the token is the kept one
+/// with the largest logit / temperature + gumbel_noise(draw_key(seed, draw), id)
+/// (backend/sampling_rng.h; the Gumbel-max trick), the same on every backend. A draw is a pure
+/// function of (seed, draw) and the row, so a request gets the same tokens whatever else is in
+/// the batch. Reported log-probabilities are those of the raw distribution (log_softmax of the
+/// logits after final soft-capping, before temperature and filtering), as vLLM reports them.
 struct SampleParams {
   float* logits;              // [num_rows, vocab], fp32; may be modified (scratch)
   const SamplingRow* rows;    // [num_rows]

@@ -1,10 +1,18 @@
-// The counter-based uniform generator every backend's sampler uses: a draw is a pure function of
-// (seed, draw index), so a request's tokens do not depend on the rest of the batch, on thread
-// scheduling or on the backend. constexpr so device code can call it (the CUDA build passes
-// --expt-relaxed-constexpr); a GPU sampler must use exactly this function to match the CPU one.
+// The counter-based generators every backend's sampler uses: a draw is a pure function of
+// (seed, draw index, token id), so a request's tokens do not depend on the rest of the batch, on
+// thread scheduling or on the backend. constexpr or host-device so that device code can call them
+// (the CUDA build passes --expt-relaxed-constexpr); a GPU sampler must use exactly these functions
+// to match the CPU one.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define OCTAVO_HOST_DEVICE __host__ __device__
+#else
+#define OCTAVO_HOST_DEVICE
+#endif
 
 namespace octavo {
 
@@ -19,6 +27,35 @@ constexpr uint64_t splitmix64(uint64_t x) {
 /// Uniform double in [0, 1) with 53 random bits for draw `draw` of the stream `seed`.
 constexpr double sampling_uniform(uint64_t seed, uint64_t draw) {
   return double(splitmix64(seed ^ splitmix64(draw)) >> 11) * 0x1p-53;
+}
+
+/// MurmurHash3's 32-bit finaliser: a bijective mix, cheap on a GPU (32-bit multiplies only).
+constexpr uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  return h ^ (h >> 16);
+}
+
+/// The 64-bit key of draw `draw` of the stream `seed`; token_uniform derives every token's
+/// uniform from it.
+constexpr uint64_t draw_key(uint64_t seed, uint64_t draw) { return splitmix64(seed ^ splitmix64(draw)); }
+
+/// Uniform float in (0, 1), 23 random bits, for token `id` of the draw with key `key`. Strictly
+/// inside the interval, so that both logarithms of gumbel_noise stay finite.
+constexpr float token_uniform(uint64_t key, int32_t id) {
+  const uint32_t h = fmix32(fmix32(uint32_t(id) ^ uint32_t(key)) + uint32_t(key >> 32));
+  return (float(h >> 9) + 0.5f) * 0x1p-23f;
+}
+
+/// A standard Gumbel variate for token `id` of the draw with key `key`. The draw is the kept token
+/// with the largest scaled logit + noise (the Gumbel-max trick: exactly the softmax of the scaled
+/// logits over the kept tokens), so a draw reads each logit once and needs no sorted order. fp32
+/// logf on both sides: the CPU's and the GPU's logf may differ in the last bit, which moves a draw
+/// only when the two best noisy values are within an ulp of each other.
+OCTAVO_HOST_DEVICE inline float gumbel_noise(uint64_t key, int32_t id) {
+  return -logf(-logf(token_uniform(key, id)));
 }
 
 }  // namespace octavo

@@ -3,15 +3,15 @@
 // Per row: optional final soft-cap (in place); log-softmax of the raw logits (vLLM reports these);
 // the top-N report; then either greedy argmax (temperature < kGreedyTemperature) or a draw:
 //   1. scaled = logit / temperature (fp32, as a GPU would divide),
-//   2. order tokens by scaled logit, descending, ties to the lower id: the one order every
-//      filter and the draw use, which makes the result deterministic,
-//   3. top-k keeps the first k; top-p keeps the shortest prefix whose probability (renormalised
-//      over what top-k kept) reaches top_p; min-p keeps tokens with prob >= min_p * max prob,
-//   4. u = sampling_uniform(seed, draw); the token is the first in the order whose cumulative
-//      kept probability exceeds u * (total kept probability).
-// Probabilities are exp(scaled - max) in double; each filter keeps a prefix of the order, so
-// "renormalise" is just summing a shorter prefix. Only the head of the order that the filters and
-// the draw walk gets sorted, which bounds the cost for large vocabularies.
+//   2. the filters, each keeping a prefix of one order (scaled logit descending, ties to the
+//      lower id): top-k keeps the first k; top-p keeps the shortest prefix whose probability
+//      (renormalised over what top-k kept) reaches top_p; min-p keeps tokens with
+//      prob >= min_p * max prob,
+//   3. the token is the kept one with the largest scaled + gumbel_noise(draw_key(seed, draw), id)
+//      (ties to the lower id): the Gumbel-max trick, an exact draw from the kept distribution.
+// Probabilities are exp(scaled - max) in double; "renormalise" is just summing a shorter prefix.
+// Only the head of the order that the filters walk gets sorted, which bounds the cost for large
+// vocabularies; a row without filters sorts nothing.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -62,26 +62,47 @@ struct DrawScratch {
   std::vector<int32_t> order;
 };
 
-// Samples one row and returns the token id. Only as much of the order as the filters and the draw
-// walk is ever sorted: a prefix sorted lazily, doubling, from 256 tokens (sampling from a 150k
-// vocabulary usually walks a few hundred), with the same result as sorting everything.
+// The kept token with the largest scaled value + noise; ties to the lower id.
+int32_t race(const float* scaled, const int32_t* candidates, int32_t count, uint64_t key) {
+  int32_t best = -1;
+  float best_value = -INFINITY;
+  for (int32_t c = 0; c < count; ++c) {
+    const int32_t id = candidates != nullptr ? candidates[c] : c;
+    const float value = scaled[id] + gumbel_noise(key, id);
+    if (best < 0 || value > best_value || (value == best_value && id < best)) {
+      best = id;
+      best_value = value;
+    }
+  }
+  return best;
+}
+
+// Samples one row and returns the token id. Only as much of the order as the filters walk is ever
+// sorted: a prefix sorted lazily, doubling, from 256 tokens (top-p on a 150k vocabulary usually
+// walks a few hundred), with the same result as sorting everything.
 int32_t draw_token(const float* logits, int32_t vocab, const SamplingRow& row, DrawScratch& s) {
   s.scaled.resize(vocab);
-  s.weights.resize(vocab);
-  s.order.resize(vocab);
   float max_scaled = -INFINITY;
   for (int32_t i = 0; i < vocab; ++i) {
     s.scaled[i] = logits[i] / row.temperature;
     max_scaled = std::max(max_scaled, s.scaled[i]);
   }
+  const uint64_t key = draw_key(row.seed, row.draw);
+  const bool top_k_on = row.top_k > 0 && row.top_k < vocab;
+  if (!top_k_on && row.top_p >= 1.0f && row.min_p <= 0.0f) {
+    return race(s.scaled.data(), nullptr, vocab, key);
+  }
+
   // Unnormalised probabilities: the top token weighs exp(0) = 1.
+  s.weights.resize(vocab);
+  s.order.resize(vocab);
   for (int32_t i = 0; i < vocab; ++i) s.weights[i] = std::exp(double(s.scaled[i]) - max_scaled);
   for (int32_t i = 0; i < vocab; ++i) s.order[i] = i;
   const Descending descending{s.scaled.data()};
 
   // order[0, kept) holds the candidates; order[0, sorted) is their sorted head.
   int32_t kept = vocab;
-  if (row.top_k > 0 && row.top_k < vocab) {
+  if (top_k_on) {
     kept = row.top_k;
     std::nth_element(s.order.begin(), s.order.begin() + kept, s.order.end(), descending);
   }
@@ -97,15 +118,12 @@ int32_t draw_token(const float* logits, int32_t vocab, const SamplingRow& row, D
     sort_head(rank + 1);
     return s.weights[s.order[rank]];
   };
-  // Sums over the candidates in array order: the set, not its order, defines the total.
-  auto total_weight = [&] {
-    double total = 0.0;
-    for (int32_t i = 0; i < kept; ++i) total += s.weights[s.order[i]];
-    return total;
-  };
 
   if (row.top_p < 1.0f) {
-    const double target = double(row.top_p) * total_weight();
+    // Sums over the candidates in array order: the set, not its order, defines the total.
+    double total = 0.0;
+    for (int32_t i = 0; i < kept; ++i) total += s.weights[s.order[i]];
+    const double target = double(row.top_p) * total;
     double cumulative = 0.0;
     int32_t prefix = 0;
     while (prefix < kept) {
@@ -120,14 +138,7 @@ int32_t draw_token(const float* logits, int32_t vocab, const SamplingRow& row, D
     while (prefix < kept && weight(prefix) >= double(row.min_p)) ++prefix;
     kept = prefix;
   }
-
-  const double target = sampling_uniform(row.seed, row.draw) * total_weight();
-  double cumulative = 0.0;
-  for (int32_t i = 0; i < kept; ++i) {
-    cumulative += weight(i);
-    if (target < cumulative) return s.order[i];
-  }
-  return s.order[kept - 1];  // u * total rounded up to the full sum; the loop sorted it
+  return race(s.scaled.data(), s.order.data(), kept, key);
 }
 
 }  // namespace
