@@ -5,7 +5,9 @@
 Decode (one query token per request): time, GB/s of K/V read and the fraction of the copy
 bandwidth, for full batches, small batches with long contexts and a batch of uneven lengths.
 Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate, beside torch's
-scaled_dot_product_attention on contiguous tensors of the same shapes. bf16, head dim 128,
+scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
+times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
+read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes. bf16, head dim 128,
 32 query / 8 KV heads, block 16 (BENCH.md's shapes). Calls are replayed from a CUDA graph, so the
 host's per-call work never shows in the time (decode; prefill kernels take milliseconds and
 are timed back to back). One JSON line per shape; --result-json appends.
@@ -34,6 +36,10 @@ DECODE_SHAPES = [(64, 4096, None), (256, 1024, None), (1, 32768, None), (1, 8192
                  (1, 1024, None), (8, 8192, None), (8, 1024, None),
                  (64, 8192, np.random.default_rng(0).integers(100, 8192, size=64).tolist())]
 PREFILL_SHAPES = [(4, 4096), (16, 1024), (1, 8192)]
+# (rows, n, k): Llama-3.1-8B's qkv, o, gate_up, down and LM head at decode batches 1 and 4.
+GEMV_SHAPES = [(m, n, k) for m in (1, 4) for n, k in
+               [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]]
+QUICK_GEMV = [(1, 1024, 1024)]
 QUICK_DECODE = [(4, 1024, None), (6, 512, [100, 512, 37, 300, 512, 1])]
 QUICK_PREFILL = [(2, 512)]
 
@@ -153,6 +159,23 @@ def prefill(batch: int, seq: int, matmul_rate: float) -> dict:
             "vs_sdpa": round(sdpa_s / ours_s, 3)}
 
 
+def gemv(m: int, n: int, k: int, copy_bandwidth: float) -> dict:
+    from octavo import _C
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((m, k), device="cuda", generator=gen).to(DTYPE)
+    weight = (torch.randn((n, k), device="cuda", generator=gen) * 0.02).to(DTYPE)
+    out = torch.empty((m, n), device="cuda", dtype=DTYPE)
+    stream = torch.cuda.current_stream().cuda_stream
+    ours = graph_seconds(lambda: _C.ops.gemv(x, weight, out, stream=stream))
+    cublas = graph_seconds(lambda: torch.matmul(x, weight.t(), out=out))
+    weight_bytes = n * k * weight.element_size()
+    return {"kernel": "gemv", "m": m, "n": n, "k": k, "us": round(ours * 1e6, 2),
+            "weight_GBps": round(weight_bytes / ours / 1e9, 1),
+            "fraction_of_copy": round(weight_bytes / ours / copy_bandwidth, 3),
+            "cublas_us": round(cublas * 1e6, 2), "vs_cublas": round(cublas / ours, 3)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
@@ -174,6 +197,10 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
     for batch, seq in (QUICK_PREFILL if args.quick else PREFILL_SHAPES):
         lines.append(json.dumps({**common, **prefill(batch, seq, matmul)}))
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+    for m, n, k in (QUICK_GEMV if args.quick else GEMV_SHAPES):
+        lines.append(json.dumps({**common, **gemv(m, n, k, copy)}))
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     if args.result_json:

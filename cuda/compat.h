@@ -40,4 +40,18 @@ namespace octavo::gpu {
 struct alignas(16) Vec16 {
   uint32_t words[4];
 };
+
+/// A 16-byte load of data read once (weights streamed by a GEMV): cached so as not to evict
+/// what is reused.
+__device__ __forceinline__ Vec16 load_streaming(const Vec16* p) {
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+  Vec16 v;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v.words[j] = __builtin_nontemporal_load(&p->words[j]);
+  return v;
+#else
+  const int4 v = __ldcs(reinterpret_cast<const int4*>(p));
+  return Vec16{{uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)}};
+#endif
+}
 }  // namespace octavo::gpu

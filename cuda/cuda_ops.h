@@ -42,6 +42,13 @@ void update_token_counts(const TokenCountParams& params, StreamHandle stream);
 void apply_penalties(const PenaltyParams& params, StreamHandle stream);
 void token_logprobs(const TokenLogprobsParams& params, StreamHandle stream);
 
+// cuda/gemv.cu: GemmParams (ops.h) for a few rows, a streaming read of the weight; faster than
+// cuBLASLt's kernels at decode batches this small. gemv_supports says whether it takes a call
+// (rows, alignment, dtypes); gemv throws InvalidArgument for one it does not.
+inline constexpr int kMaxGemvRows = 4;
+bool gemv_supports(const GemmParams& params);
+void gemv(const GemmParams& params, StreamHandle stream);
+
 // cuda/attention_decode.cu: every request has exactly one query token (max_query_len == 1).
 // `workspace` holds the split-K partial results; decode_workspace_bytes() says how much.
 size_t decode_workspace_bytes(const AttentionParams& params);

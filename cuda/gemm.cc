@@ -1,6 +1,7 @@
 // GEMM through cuBLASLt: out[m, n] = in[m, k] . weight[n, k]^T (+ bias) (+ out), bf16/fp16 in,
 // fp32 accumulation, out in the act dtype or fp32 (logits). The algorithm is chosen once per
-// shape by cuBLASLt's heuristic and cached; the bias rides in the epilogue.
+// shape by cuBLASLt's heuristic and cached; the bias rides in the epilogue. Calls of a few rows
+// (decode at small batches) go to cuda/gemv.cu instead.
 //
 // cuBLASLt is column-major: a row-major [m, n] output is a column-major [n, m] matrix, so the
 // call computes out^T = weight . in^T with weight as A (transposed) and in as B.
@@ -12,6 +13,8 @@
 #include <string>
 
 #include <octavo/error.h>
+
+#include "cuda/cuda_ops.h"
 
 namespace octavo::cuda {
 namespace {
@@ -125,6 +128,7 @@ void GemmRunner::run(const GemmParams& p, void* stream) {
   if (p.out_dtype != p.act_dtype && p.out_dtype != DType::kFloat32) {
     throw InvalidArgument("gemm: the output must be in the activation dtype or float32");
   }
+  if (gemv_supports(p)) return gemv(p, stream);
   const Plan& plan = this->plan(p);
   const float alpha = 1.0f, beta = p.accumulate ? 1.0f : 0.0f;
   if (p.bias_f32 || p.bias) {

@@ -19,10 +19,13 @@ def test_kernels_bench_quick(tmp_path):
     lines = [json.loads(line) for line in result_path.read_text().splitlines()]
     decode = [line for line in lines if line["kernel"] == "paged_decode"]
     prefill = [line for line in lines if line["kernel"] == "paged_prefill"]
-    assert len(decode) == 2 and len(prefill) == 1
+    gemv = [line for line in lines if line["kernel"] == "gemv"]
+    assert len(decode) == 2 and len(prefill) == 1 and len(gemv) == 1
     assert any(line["uneven"] for line in decode)
     for line in decode:
         assert line["us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
     for line in prefill:
         assert line["ms"] > 0 and line["sdpa_ms"] > 0 and 0 < line["fraction_of_matmul"] < 1.5
+    for line in gemv:
+        assert line["us"] > 0 and line["cublas_us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
     assert all(line["copy_bandwidth_TBps"] > 0 for line in lines)

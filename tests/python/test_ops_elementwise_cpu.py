@@ -150,3 +150,20 @@ def test_gather_rows_and_logit_bias():
     _C.ops.add_logit_bias(logits, np.array([0, 1, 3], np.int32), np.array([4, 0, 0], np.int32),
                           np.array([-np.inf, 1.5, 2.0], np.float32))
     np.testing.assert_array_equal(logits, [[0, 0, 0, 0, -np.inf], [3.5, 0, 0, 0, 0]])
+
+
+def test_gemv_binding_runs_the_reference_gemm():
+    """ops.gemv on numpy arrays is the CPU gemm: x . weight^T (+ bias) (+ out)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    weight = rng.standard_normal((5, 16)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    out = np.zeros((3, 5), np.float32)
+    _C.ops.gemv(x, weight, out)
+    np.testing.assert_allclose(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+    start = rng.standard_normal((3, 5)).astype(np.float32)
+    out = start.copy()
+    _C.ops.gemv(x, weight, out, bias, True)
+    np.testing.assert_allclose(out, start + x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"x \[m, k\], weight \[n, k\] and out \[m, n\]"):
+        _C.ops.gemv(x, weight[:, :8], np.zeros((3, 5), np.float32))

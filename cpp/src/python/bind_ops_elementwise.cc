@@ -1,5 +1,5 @@
 // octavo._C.ops: the row-wise model ops (embedding, norm, rotary, write_kv, rotary_write_kv,
-// activation, gather_rows, add_logit_bias) over arrays, dispatched by device: numpy on the CPU
+// activation, gather_rows, add_logit_bias) and the few-row GEMM (gemv) over arrays, dispatched by device: numpy on the CPU
 // (fp32 activations, the reference backend), torch CUDA tensors on the GPU (bf16/fp16). Sizes come
 // from the arrays' shapes; strides and offsets (in elements) let q, k and v be views into one
 // fused qkv buffer. The checks here only keep a call inside its arrays; the ops check the rest.
@@ -341,6 +341,41 @@ void add_logit_bias(AnyArray logits, AnyArray row_offsets, AnyArray token_ids, A
   octavo::cpu::add_logit_bias(p);
 }
 
+void gemv(AnyArray x, AnyArray weight, AnyArray out, OptArray bias, bool accumulate,
+          uintptr_t stream) {
+  const char* op = "gemv";
+  const bool cuda = same_device_is_cuda(op, x, weight, out);
+  if (bias && on_cuda(*bias) != cuda) throw InvalidArgument("gemv: arrays on different devices");
+  if (x.ndim() != 2 || weight.ndim() != 2 || out.ndim() != 2 ||
+      x.shape(1) != weight.shape(1) || out.shape(0) != x.shape(0) ||
+      out.shape(1) != weight.shape(0)) {
+    throw InvalidArgument("gemv: needs x [m, k], weight [n, k] and out [m, n]");
+  }
+  octavo::GemmParams p{};
+  p.in = x.data();
+  p.weight = weight.data();
+  p.out = out.data();
+  p.m = int32_t(x.shape(0));
+  p.n = int32_t(weight.shape(0));
+  p.k = int32_t(x.shape(1));
+  p.in_stride = p.k;
+  p.out_stride = p.n;
+  p.accumulate = accumulate;
+  p.act_dtype = dtype_of(x, "gemv x");
+  p.weight_dtype = dtype_of(weight, "gemv weight");
+  p.out_dtype = dtype_of(out, "gemv out");
+  if (bias) {
+    require_size(*bias, p.n, op, "bias");
+    if (dtype_of(*bias, "gemv bias") == DType::kFloat32 && p.out_dtype == DType::kFloat32) {
+      p.bias_f32 = static_cast<const float*>(bias->data());
+    } else {
+      p.bias = bias->data();
+    }
+  }
+  if (cuda) return OCTAVO_ON_CUDA(gemv(p, as_stream(stream)));
+  octavo::cpu::gemm(p);
+}
+
 }  // namespace
 
 void bind_ops_elementwise(nb::module_& ops) {
@@ -384,4 +419,9 @@ void bind_ops_elementwise(nb::module_& ops) {
           arg("bias"), arg("stream") = 0,
           "logits[r, token_ids[i]] += bias[i] for i in [row_offsets[r], row_offsets[r + 1]).\n"
           "logits, bias: float32; row_offsets, token_ids: int32.");
+  ops.def("gemv", &gemv, arg("x"), arg("weight"), arg("out"), arg("bias").none() = nb::none(),
+          arg("accumulate") = false, arg("stream") = 0,
+          "out = x . weight^T (+ bias) (+ out when accumulate) for x [m, k], weight [n, k]: on\n"
+          "the GPU the kernel decode steps of at most 4 rows use (bf16/fp16; out in that dtype\n"
+          "or float32, whose bias may be float32); on the CPU the reference gemm.");
 }

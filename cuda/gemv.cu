@@ -1,0 +1,161 @@
+// GEMM for a few rows (decode at small batches): out[m, n] = in[m, k] . weight[n, k]^T (+ bias)
+// (+ out), the contract of GemmParams (backend/ops.h), for m <= kMaxGemvRows.
+//
+// At these sizes the weight read is the whole cost (a Llama-3.1-8B decode step at batch 1 reads
+// 15 GB of weights and does 30 GFLOP), so the kernel is a streaming read of the weight: each block
+// takes kRowsPerBlock weight rows, its threads split k in 16-byte chunks with several loads in
+// flight per thread, and every thread keeps fp32 sums for all m x kRowsPerBlock outputs; a
+// warp-shuffle and shared-memory reduction ends the block. The input rows (m x k, a few KB) are
+// read by every block and stay in L1/L2; the weight is read once, with a streaming cache hint so
+// it does not evict them. cuBLASLt's split-K kernels for these shapes read the weight at ~0.94 of
+// the device's copy bandwidth plus a reduction kernel; a pure read can go faster than a copy.
+#include <string>
+
+#include <octavo/error.h>
+
+#include "compat.h"
+#include "cuda_ops.h"
+
+namespace octavo::cuda {
+namespace {
+
+constexpr int kGemvThreads = 128;
+constexpr int kRowsPerBlock = 4;
+constexpr int kChunkElems = 8;  // 16 bytes of bf16 / fp16
+
+// Two packed 16-bit values as floats: bf16 is the top half of an fp32, so a shift converts it.
+__device__ __forceinline__ float2 to_float2(uint32_t packed, gpu::bf16) {
+  return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+}
+__device__ __forceinline__ float2 to_float2(uint32_t packed, gpu::fp16) {
+  return make_float2(__half2float(__ushort_as_half(uint16_t(packed))),
+                     __half2float(__ushort_as_half(uint16_t(packed >> 16))));
+}
+__device__ __forceinline__ float to_float(gpu::bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(gpu::fp16 x) { return __half2float(x); }
+
+// The dot product of one 16-byte chunk of a weight row and one of an input row, in fp32.
+template <typename T>
+__device__ __forceinline__ float dot_chunk(const gpu::Vec16& w, const gpu::Vec16& x) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 a = to_float2(w.words[j], T{});
+    const float2 b = to_float2(x.words[j], T{});
+    sum = fmaf(a.x, b.x, sum);
+    sum = fmaf(a.y, b.y, sum);
+  }
+  return sum;
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) {
+  const int64_t n0 = int64_t{blockIdx.x} * kRowsPerBlock;
+  const int chunks = p.k / kChunkElems;
+  const auto* weight = static_cast<const gpu::Vec16*>(p.weight);
+  const auto* in = static_cast<const gpu::Vec16*>(p.in);
+  const int64_t in_stride = p.in_stride / kChunkElems;
+
+  float acc[M][kRowsPerBlock] = {};
+#pragma unroll 2
+  for (int c = threadIdx.x; c < chunks; c += kGemvThreads) {
+    gpu::Vec16 w[kRowsPerBlock];
+#pragma unroll
+    for (int r = 0; r < kRowsPerBlock; ++r) {
+      // Rows past n repeat the last one: a valid address, never stored.
+      const int64_t n = min(n0 + r, int64_t{p.n} - 1);
+      w[r] = gpu::load_streaming(weight + n * chunks + c);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (m < p.m) {
+        const gpu::Vec16 x = in[m * in_stride + c];
+#pragma unroll
+        for (int r = 0; r < kRowsPerBlock; ++r) acc[m][r] += dot_chunk<T>(w[r], x);
+      }
+    }
+  }
+
+  constexpr int kWarps = kGemvThreads / gpu::kWarpSize;
+  __shared__ float partial[kWarps][M * kRowsPerBlock];
+  const int lane = threadIdx.x % gpu::kWarpSize, warp = threadIdx.x / gpu::kWarpSize;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerBlock; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int offset = gpu::kWarpSize / 2; offset > 0; offset >>= 1) v += gpu::shfl_xor(v, offset);
+      if (lane == 0) partial[warp][m * kRowsPerBlock + r] = v;
+    }
+  }
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i >= M * kRowsPerBlock) return;
+  const int m = i / kRowsPerBlock, r = i % kRowsPerBlock;
+  const int64_t n = n0 + r;
+  if (m >= p.m || n >= p.n) return;
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += partial[w][i];
+  if (p.bias_f32 != nullptr) sum += p.bias_f32[n];
+  if (p.bias != nullptr) sum += to_float(static_cast<const T*>(p.bias)[n]);
+  const int64_t at = m * p.out_stride + n;
+  if (p.out_dtype == DType::kFloat32) {
+    float* out = static_cast<float*>(p.out);
+    out[at] = p.accumulate ? out[at] + sum : sum;
+  } else {
+    T* out = static_cast<T*>(p.out);
+    if (p.accumulate) sum += to_float(out[at]);
+    out[at] = T(sum);
+  }
+}
+
+bool aligned16(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % sizeof(gpu::Vec16) == 0;
+}
+
+}  // namespace
+
+bool gemv_supports(const GemmParams& p) {
+  return p.m >= 1 && p.m <= kMaxGemvRows && p.n >= 1 && p.k >= kChunkElems &&
+         p.k % kChunkElems == 0 && p.in_stride % kChunkElems == 0 &&
+         (p.act_dtype == DType::kBFloat16 || p.act_dtype == DType::kFloat16) &&
+         p.weight_dtype == p.act_dtype &&
+         (p.out_dtype == p.act_dtype || p.out_dtype == DType::kFloat32) &&
+         (p.bias_f32 == nullptr || p.out_dtype == DType::kFloat32) && aligned16(p.in) &&
+         aligned16(p.weight);
+}
+
+void gemv(const GemmParams& p, StreamHandle stream) {
+  if (!gemv_supports(p)) {
+    throw InvalidArgument(
+        "gemv: needs 1 <= m <= " + std::to_string(kMaxGemvRows) +
+        ", k and in_stride multiples of 8, 16-byte aligned in and weight, bf16 or fp16 "
+        "activations and weights of one dtype, out in that dtype or float32 (m=" +
+        std::to_string(p.m) + " n=" + std::to_string(p.n) + " k=" + std::to_string(p.k) + ")");
+  }
+  const dim3 grid((p.n + kRowsPerBlock - 1) / kRowsPerBlock);
+  const auto s = static_cast<gpu::Stream>(stream);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.m == 1) {
+      gemv_kernel<T, 1><<<grid, kGemvThreads, 0, s>>>(p);
+    } else if (p.m == 2) {
+      gemv_kernel<T, 2><<<grid, kGemvThreads, 0, s>>>(p);
+    } else {
+      gemv_kernel<T, kMaxGemvRows><<<grid, kGemvThreads, 0, s>>>(p);
+    }
+  };
+  if (p.act_dtype == DType::kBFloat16) {
+    launch(gpu::bf16{});
+  } else {
+    launch(gpu::fp16{});
+  }
+  const gpu::Error error = gpu::get_last_error();
+  if (error != gpu::kSuccess) {
+    throw BackendError(std::string("gemv launch failed: ") + gpu::error_string(error));
+  }
+}
+
+}  // namespace octavo::cuda
