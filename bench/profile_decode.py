@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from throughput import build_random_model, commit  # noqa: E402
+from throughput import build_random_model, commit, kernel_summary  # noqa: E402
 
 
 def main() -> None:
@@ -62,19 +62,16 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    busy_us = sum(e.device_time_total for e in kernels)
-    top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+    per_step = kernel_summary(prof, args.steps)
     line = json.dumps({
         "bench": "profile_decode", "model": args.model or args.random_model, "batch": args.batch,
         "context": args.context, "steps": args.steps, "device": torch.cuda.get_device_name(),
         "graphs": not args.enforce_eager,
         "wall_ms_per_step": round(wall / args.steps * 1e3, 3),
-        "gpu_busy_ms_per_step": round(busy_us / args.steps / 1e3, 3),
-        "idle_share": round(1 - busy_us / 1e6 / wall, 3),
-        "launches_per_step": round(sum(e.count for e in kernels) / args.steps, 1),
-        "top_kernels": [{"name": e.key[:80], "ms_per_step": round(e.device_time_total / args.steps / 1e3, 3),
-                         "calls_per_step": round(e.count / args.steps, 1)} for e in top],
+        "gpu_busy_ms_per_step": per_step["gpu_busy_ms"],
+        "idle_share": round(1 - per_step["gpu_busy_ms"] / 1e3 / (wall / args.steps), 3),
+        "launches_per_step": per_step["launches"],
+        "top_kernels": per_step["top_kernels"],  # ms and calls per step
         "commit": commit(),
     })
     print(line)

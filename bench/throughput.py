@@ -6,12 +6,15 @@
 
 Lengths are drawn as BENCH.md prescribes: random.Random(seed), (randint(in), randint(out)) per
 request. Prints one JSON line: requests, prompt and output tokens, wall seconds, output and total
-tokens per second, the device and the commit.
+tokens per second, the device and the commit. With --profile (CUDA), also the GPU's kernel time
+over the whole run and the kernels that took most of it (CUPTI through torch.profiler; the
+profiler adds a little host time per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -24,6 +27,20 @@ import time
 def parse_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(":")
     return int(low), int(high or low)
+
+
+def kernel_summary(prof, divisor: float, top: int = 12) -> dict:
+    """GPU kernel time from a torch.profiler run: busy milliseconds and the `top` kernels, each
+    divided by `divisor` (1 for totals, the step count for per-step figures)."""
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    busy_us = sum(e.device_time_total for e in kernels)
+    ranked = sorted(kernels, key=lambda e: -e.device_time_total)[:top]
+    return {
+        "gpu_busy_ms": round(busy_us / divisor / 1e3, 3),
+        "launches": round(sum(e.count for e in kernels) / divisor, 1),
+        "top_kernels": [{"name": e.key[:80], "ms": round(e.device_time_total / divisor / 1e3, 3),
+                         "calls": round(e.count / divisor, 1)} for e in ranked],
+    }
 
 
 def save_random_untied_llama(config, directory: str) -> None:
@@ -108,6 +125,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--no-detokenize", action="store_true",
                         help="token ids only (SamplingParams(detokenize=False))")
+    parser.add_argument("--profile", action="store_true",
+                        help="also report GPU kernel time over the run (CUDA only)")
     args = parser.parse_args()
 
     from octavo import LLM, SamplingParams
@@ -129,13 +148,22 @@ def main() -> None:
         params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k,
                                  detokenize=not args.no_detokenize)
                   for k, (_, o) in enumerate(lengths)]
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - start
+        profiler = contextlib.nullcontext()
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            profiler = profile(activities=[ProfilerActivity.CUDA])
+        with profiler as prof:
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - start
         stats = llm.engine.stats()
 
     prompt_tokens = sum(i for i, _ in lengths)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    profile_report = {}
+    if args.profile:
+        profile_report = kernel_summary(prof, 1.0)
+        profile_report["gpu_idle_share"] = round(1 - profile_report["gpu_busy_ms"] / 1e3 / wall, 3)
     print(json.dumps({
         "bench": "throughput", "model": args.random_model or args.model, "device": args.device,
         "requests": args.num_prompts, "prompt_tokens": prompt_tokens,
@@ -151,6 +179,7 @@ def main() -> None:
         "step_output_s": round(stats.output_seconds, 3),
         "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
                           - stats.output_seconds, 3),
+        **profile_report,
         "commit": commit(),
     }))
 
