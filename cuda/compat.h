@@ -3,6 +3,8 @@
 // directly, so the same .cu sources compile as HIP (hip/hip_compat.h maps the names on AMD).
 #pragma once
 
+#include <cstdint>
+
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
 #include "../hip/hip_compat.h"
 #else
