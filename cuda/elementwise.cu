@@ -275,6 +275,15 @@ constexpr int kNormRegFloats = 32;
 constexpr int kNormWarpPathThreads = 128;
 constexpr int kNormMaxThreads = 512;  // 16,384 elements per row; 128 registers a thread
 
+// Row `row`'s first element in `in` and `out`: the layout NormParams documents.
+__device__ __forceinline__ int64_t norm_row_start(const NormParams& p, int64_t row) {
+  if (p.rows_per_group == 0) return row * p.row_stride;
+  const int32_t r = int32_t(row);  // row < rows, an int32: 32-bit division is the cheap one
+  const int32_t group_index = r / p.rows_per_group;
+  return int64_t{group_index} * p.group_stride +
+         int64_t{r - group_index * p.rows_per_group} * p.row_stride;
+}
+
 template <typename T, int C, bool kBlock>
 __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool active, int lane,
                                          int group, float* scratch) {
@@ -282,7 +291,8 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
   const int chunks = p.hidden / C;
   const auto kind = NormKind(p.kind);
   const bool rms = kind == NormKind::kRMSNorm || kind == NormKind::kRMSNormPlusOne;
-  const T* in = static_cast<const T*>(p.in) + row * p.row_stride;
+  const int64_t start = norm_row_start(p, row);
+  const T* in = static_cast<const T*>(p.in) + start;
   T* residual = p.residual != nullptr ? static_cast<T*>(p.residual) + row * p.hidden : nullptr;
   auto reduce = [&](float v) { return kBlock ? block_sum(v, scratch) : group_sum(v, group); };
 
@@ -331,7 +341,7 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
   const T* weight = kind == NormKind::kLayerNormNoWeight ? nullptr : static_cast<const T*>(p.weight);
   const T* bias = kind == NormKind::kLayerNorm ? static_cast<const T*>(p.bias) : nullptr;
   const float weight_offset = kind == NormKind::kRMSNormPlusOne ? 1.0f : 0.0f;
-  T* out = static_cast<T*>(p.out) + row * p.row_stride;
+  T* out = static_cast<T*>(p.out) + start;
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int u = lane + i * group;
@@ -751,6 +761,23 @@ void norm(const NormParams& p, StreamHandle stream) {
     throw InvalidArgument("norm: row_stride " + str(p.row_stride) + " is below hidden " +
                           str(p.hidden) + " (rows would overlap)");
   }
+  if (p.rows_per_group < 0) {
+    throw InvalidArgument("norm: rows_per_group is " + str(p.rows_per_group) +
+                          "; it must be >= 0 (0: no grouping)");
+  }
+  if (p.rows_per_group == 0 && p.group_stride != 0) {
+    throw InvalidArgument("norm: group_stride is " + str(p.group_stride) +
+                          " but rows_per_group is 0 (no grouping); set rows_per_group or leave "
+                          "group_stride 0");
+  }
+  if (p.rows_per_group > 0) {
+    const int64_t group_extent = (p.rows_per_group - 1) * p.row_stride + p.hidden;
+    if (p.group_stride < group_extent) {
+      throw InvalidArgument("norm: group_stride " + str(p.group_stride) + " is below the " +
+                            str(group_extent) + " elements a group of " + str(p.rows_per_group) +
+                            " rows spans (groups would overlap)");
+    }
+  }
   const bool uses_weight = kind != NormKind::kLayerNormNoWeight;
   const bool has_bias = kind == NormKind::kLayerNorm && p.bias != nullptr;
   if (uses_weight && p.weight == nullptr) {
@@ -759,7 +786,8 @@ void norm(const NormParams& p, StreamHandle stream) {
   if (uses_weight || has_bias) require_same(p.weight_dtype, p.act_dtype, "norm", "weight");
   if (p.rows == 0) return;
 
-  const bool vec = p.hidden % kVecElems == 0 && p.row_stride % kVecElems == 0 && aligned16(p.in) &&
+  const bool vec = p.hidden % kVecElems == 0 && p.row_stride % kVecElems == 0 &&
+                   p.group_stride % kVecElems == 0 && aligned16(p.in) &&
                    aligned16(p.out) && aligned16(p.residual) &&
                    (!uses_weight || aligned16(p.weight)) && (!has_bias || aligned16(p.bias));
   const auto s = static_cast<gpu::Stream>(stream);

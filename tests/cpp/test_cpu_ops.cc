@@ -329,6 +329,94 @@ TEST(Norm, EveryKindWithAndWithoutResidualStridedAndInPlace) {
   }
 }
 
+TEST(Norm, GroupedRowsInsideWiderRowsLeaveEverythingElseUntouched) {
+  // The QK norm layout: q's heads, then k's, of a fused [tokens, q | k | v] matrix, normalised in
+  // place per head. row_stride > hidden puts gaps inside a group too; `width` ends with a gap.
+  std::mt19937 rng(12);
+  const int tokens = 4, head_dim = 6, row_stride = 7, heads = 3, kv_heads = 2;
+  const int q_size = heads * row_stride, kv_size = kv_heads * row_stride;
+  const int64_t width = q_size + 2 * kv_size + 3;
+  for (NormKind kind : {NormKind::kRMSNorm, NormKind::kLayerNorm}) {
+    for (bool with_residual : {false, true}) {
+      for (int group : {heads, kv_heads}) {
+        const int64_t offset = group == heads ? 0 : q_size;
+        const int rows = tokens * group;
+        std::vector<float> qkv = random_floats(tokens * width, rng, -3.0f, 3.0f);
+        std::vector<float> residual = random_floats(size_t(rows) * head_dim, rng);
+        const std::vector<float> weight = random_floats(head_dim, rng, 0.5f, 1.5f);
+        const std::vector<float> bias = random_floats(head_dim, rng);
+        const std::vector<float> before = qkv, residual_before = residual;
+        NormParams p{};
+        p.in = p.out = qkv.data() + offset;
+        p.residual = with_residual ? residual.data() : nullptr;
+        p.weight = weight.data();
+        p.bias = kind == NormKind::kLayerNorm ? bias.data() : nullptr;
+        p.rows = rows;
+        p.hidden = head_dim;
+        p.row_stride = row_stride;
+        p.rows_per_group = group;
+        p.group_stride = width;
+        p.eps = 1e-5f;
+        p.kind = uint8_t(kind);
+        p.weight_dtype = DType::kFloat32;
+        p.act_dtype = DType::kFloat32;
+        cpu::norm(p);
+        std::vector<bool> normalised(qkv.size(), false);
+        for (int t = 0; t < tokens; ++t) {
+          for (int h = 0; h < group; ++h) {
+            const int r = t * group + h;
+            const int64_t start = offset + t * width + h * row_stride;
+            std::vector<double> x(head_dim);
+            for (int i = 0; i < head_dim; ++i) {
+              x[i] = before[start + i];
+              if (with_residual) {
+                x[i] = float(residual_before[r * head_dim + i] + before[start + i]);
+                ASSERT_EQ(residual[r * head_dim + i], float(x[i]));
+              }
+            }
+            const std::vector<double> y = reference_norm(
+                x, kind, weight, kind == NormKind::kLayerNorm ? &bias : nullptr, 1e-5);
+            for (int i = 0; i < head_dim; ++i) {
+              ASSERT_NEAR(qkv[start + i], y[i], 2e-6 * (1 + std::abs(y[i])))
+                  << "kind " << int(kind) << " group " << group << " token " << t << " head " << h;
+              normalised[start + i] = true;
+            }
+          }
+        }
+        for (size_t i = 0; i < qkv.size(); ++i) {
+          if (!normalised[i]) ASSERT_EQ(qkv[i], before[i]) << "element " << i << " group " << group;
+        }
+      }
+    }
+  }
+}
+
+TEST(Norm, RejectsGroupingThatOverlapsOrIsHalfSet) {
+  std::vector<float> x(64), w(4, 1.0f);
+  NormParams p{};
+  p.in = x.data();
+  p.out = x.data();
+  p.weight = w.data();
+  p.rows = 4;
+  p.hidden = 4;
+  p.row_stride = 5;
+  p.eps = 1e-6f;
+  p.kind = uint8_t(NormKind::kRMSNorm);
+  p.weight_dtype = DType::kFloat32;
+  p.act_dtype = DType::kFloat32;
+  p.rows_per_group = -1;
+  p.group_stride = 16;
+  expect_invalid([&] { cpu::norm(p); }, {"rows_per_group is -1", ">= 0"});
+  p.rows_per_group = 0;
+  expect_invalid([&] { cpu::norm(p); }, {"group_stride is 16", "rows_per_group is 0"});
+  // Two rows of 4 at stride 5 span 9 elements: a group_stride of 8 would overlap the next group.
+  p.rows_per_group = 2;
+  p.group_stride = 8;
+  expect_invalid([&] { cpu::norm(p); }, {"group_stride 8", "9 elements", "overlap"});
+  p.group_stride = 9;
+  cpu::norm(p);  // the tightest layout that fits
+}
+
 TEST(Norm, RejectsUnknownKindMissingWeightAndHalfActivations) {
   std::vector<float> x(8), w(8, 1.0f);
   NormParams p{};

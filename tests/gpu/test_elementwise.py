@@ -243,6 +243,70 @@ def test_norm_in_place_and_strided(dtype, with_residual, hidden, row_stride):
     run_norm(LAYER_NORM, 13, hidden, dtype, with_residual, row_stride=row_stride, in_place=True)
 
 
+def run_grouped_norm(tokens, heads, kv_heads, head_dim, hidden, dtype, in_place, with_residual):
+    """The executor's QK norm: q's heads, then k's, of a fused [tokens, q | k | v] matrix, each a
+    group of rows head_dim apart inside a qkv row; the first `hidden` of each head are normalised."""
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    width = q_size + 2 * kv_size
+    qkv, qkv_np = rand((tokens, width), dtype)
+    ref = qkv_np.copy()  # the CPU reference runs in place
+    x_gpu = qkv.cuda()
+    out = x_gpu if in_place else poisoned((tokens, width), dtype)
+    normalised = np.zeros((tokens, width), bool)
+    for offset, group in ((0, heads), (q_size, kv_heads)):
+        weight, weight_np = rand((head_dim,), dtype, 0.2, 1.0)
+        residual = rand((tokens * group, hidden), dtype) if with_residual else None
+        layout = dict(kind=RMS, eps=1e-6, hidden=hidden, row_stride=head_dim, rows_per_group=group,
+                      group_stride=width)
+        ref_res = residual[1].copy() if with_residual else None
+        ref_view = ref.reshape(-1)[offset:]
+        _C.ops.norm(ref_view, ref_view, weight_np, None, ref_res, **layout)
+        res_gpu = residual[0].cuda() if with_residual else None
+        _C.ops.norm(x_gpu.view(-1)[offset:], out.view(-1)[offset:], weight.cuda(), None, res_gpu, **layout)
+        torch.cuda.synchronize()
+        if with_residual:
+            assert_close(to_np(res_gpu), ref_res, dtype, "grouped norm residual")
+        for h in range(group):
+            normalised[:, offset + h * head_dim:offset + h * head_dim + hidden] = True
+    got = to_np(out)
+    assert_close(got[normalised], ref[normalised], dtype, "grouped norm heads")
+    # v, and the tail of each head past `hidden`: untouched (in place) or never written (poison).
+    untouched = qkv_np if in_place else np.full_like(qkv_np, np.nan)
+    assert_same_bits(got[~normalised], untouched[~normalised], "grouped norm outside the heads")
+
+
+GROUPED_NORM_CASES = [
+    # tokens, heads, kv_heads, head_dim, hidden
+    (37, 16, 8, 128, 128),  # Qwen3-0.6B's heads, a prefill
+    (1, 32, 8, 128, 128),   # one decode token of a GQA model
+    (5, 6, 2, 64, 64),
+    (7, 4, 1, 33, 33),      # odd head_dim: the scalar (one element per chunk) path
+    (3, 4, 2, 128, 96),     # rows narrower than their stride: gaps inside a group too
+    (2, 2, 1, 2048, 2048),  # rows long enough for one thread block each
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,hidden", GROUPED_NORM_CASES)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "out_of_place"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_norm_grouped_rows_of_a_fused_qkv(dtype, tokens, heads, kv_heads, head_dim, hidden, in_place,
+                                          with_residual):
+    seed_of("norm_grouped", dtype, tokens, heads, kv_heads, head_dim, hidden, in_place, with_residual)
+    run_grouped_norm(tokens, heads, kv_heads, head_dim, hidden, dtype, in_place, with_residual)
+
+
+def test_norm_rejects_bad_grouping():
+    x = torch.zeros((2, 64), dtype=torch.bfloat16, device="cuda")
+    w = torch.ones(16, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="rows_per_group is -1"):
+        _C.ops.norm(x, x, w, row_stride=16, rows_per_group=-1)
+    with pytest.raises(ValueError, match="group_stride is 64 but rows_per_group is 0"):
+        _C.ops.norm(x, x, w, row_stride=16, group_stride=64)
+    with pytest.raises(ValueError, match="group_stride 40 is below the 64 elements"):
+        _C.ops.norm(x, x, w, row_stride=16, rows_per_group=4, group_stride=40)
+
+
 def test_norm_rejects_mixed_dtypes_and_huge_rows():
     x = torch.zeros((2, 64), dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="weight dtype float16 differs"):

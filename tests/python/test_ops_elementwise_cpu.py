@@ -65,6 +65,37 @@ def test_norm_residual_and_stride():
         _C.ops.norm(np.ones(7, np.float32), np.ones(7, np.float32), np.ones(2, np.float32), row_stride=2)
 
 
+def rms_norm_heads(heads, weight, eps):
+    """numpy RMSNorm of each head (last axis), in float64."""
+    heads = heads.astype(np.float64)
+    return heads / np.sqrt((heads**2).mean(-1, keepdims=True) + eps) * weight
+
+
+def test_norm_grouped_rows_are_the_heads_of_a_fused_qkv_row():
+    # QK norm in place inside [tokens, q | k | v]: q is x itself (group_stride defaults to its last
+    # dim); k is a flat view starting at k, whose last group ends with one token's v.
+    rng = np.random.default_rng(0)
+    tokens, h, kv, d, eps = 3, 2, 1, 4, 1e-6
+    width = (h + 2 * kv) * d
+    qkv = rng.standard_normal((tokens, width)).astype(np.float32)
+    q_weight, k_weight = (rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2))
+    before = qkv.copy()
+    _C.ops.norm(qkv, qkv, q_weight, kind=RMS, eps=eps, row_stride=d, rows_per_group=h)
+    _C.ops.norm(qkv.reshape(-1)[h * d:], qkv.reshape(-1)[h * d:], k_weight, kind=RMS, eps=eps,
+                row_stride=d, rows_per_group=kv, group_stride=width)
+    q = before[:, :h * d].reshape(tokens, h, d)
+    k = before[:, h * d:(h + kv) * d].reshape(tokens, kv, d)
+    np.testing.assert_allclose(qkv[:, :h * d].reshape(tokens, h, d), rms_norm_heads(q, q_weight, eps),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(qkv[:, h * d:(h + kv) * d].reshape(tokens, kv, d),
+                               rms_norm_heads(k, k_weight, eps), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(qkv[:, (h + kv) * d:], before[:, (h + kv) * d:])  # v untouched
+    with pytest.raises(ValueError, match="holds no group of 5 rows"):
+        _C.ops.norm(qkv[0], qkv[0], q_weight, row_stride=d, rows_per_group=5, group_stride=width)
+    with pytest.raises(ValueError, match="groups would overlap"):
+        _C.ops.norm(qkv, qkv, q_weight, row_stride=d, rows_per_group=h, group_stride=h * d - 1)
+
+
 def test_rotary_quarter_turn_neox_and_gptj():
     # cos_sin row p: [cos..., sin...]; position 1 is a quarter turn for every pair.
     cos_sin = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], np.float32)

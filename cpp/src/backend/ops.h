@@ -79,16 +79,24 @@ struct EmbeddingParams {
 /// the fused "residual add + norm". `in` and `out` may alias; `residual` aliases neither.
 /// kind: NormKind (model_spec.h); weight and bias are [hidden] in weight_dtype (bias optional).
 /// A per-head norm (QK norm) is the same op with rows = tokens * heads, hidden = head_dim,
-/// and row_stride = the distance between heads.
+/// row_stride = the distance between heads and, when a token's heads sit inside a wider row
+/// (q or k of a fused [T, q | k | v] matrix), rows_per_group = heads and group_stride = that row.
+///
+/// Row r of in and out starts at element
+///   rows_per_group == 0: r * row_stride
+///   rows_per_group  > 0: (r / rows_per_group) * group_stride + (r % rows_per_group) * row_stride
+/// Elements outside the rows (the gaps between rows and groups) are neither read nor written.
 struct NormParams {
-  const void* in;       // rows x [hidden] at row_stride elements apart
-  void* residual;       // [rows, hidden] contiguous, or nullptr
-  void* out;            // rows x [hidden] at row_stride elements apart
+  const void* in;       // rows x [hidden] at the row starts above
+  void* residual;       // [rows, hidden] contiguous, or nullptr; never grouped
+  void* out;            // rows x [hidden] at the row starts above
   const void* weight;   // [hidden] or nullptr (kLayerNormNoWeight)
   const void* bias;     // [hidden] or nullptr
   int32_t rows;
   int32_t hidden;
-  int64_t row_stride;   // elements between consecutive rows of in and out
+  int64_t row_stride;   // elements between consecutive rows (of one group) of in and out
+  int32_t rows_per_group;  // 0: no grouping; else rows in each group of in and out
+  int64_t group_stride;    // elements between consecutive groups; 0 when rows_per_group is 0
   float eps;
   uint8_t kind;         // NormKind
   DType weight_dtype;

@@ -525,27 +525,20 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
     norm(residual_.data(), nullptr, hidden2_.data(), T, w.post_norm_w, w.post_norm_b);
   }
 
-  // QKV. With QK norm, q, k and v are computed as three contiguous matrices so that each head is
-  // one row for the per-head norm; otherwise one fused GEMM writes [T, q | k | v].
+  // QKV: one fused GEMM writes [T, q | k | v]; q, k and v are strided views into it.
+  const int width = q_size + 2 * kv_size;
   auto* qkv = qkv_.as<std::byte>();
-  void *q, *k, *v;
-  int64_t q_stride, kv_stride;
+  gemm(hidden_.data(), w.qkv_w, w.qkv_b, qkv, T, width, hidden);
+  void* q = qkv;
+  void* k = qkv + size_t(q_size) * act;
+  void* v = qkv + size_t(q_size + kv_size) * act;
+  const int64_t q_stride = width, kv_stride = width;
   if (spec_.qk_norm) {
-    q = qkv;
-    k = qkv + size_t(T) * q_size * act;
-    v = qkv + size_t(T) * (q_size + kv_size) * act;
-    q_stride = q_size;
-    kv_stride = kv_size;
-    const auto* wb = static_cast<const std::byte*>(w.qkv_w);
-    const auto* bb = static_cast<const std::byte*>(w.qkv_b);
-    const size_t wrow = size_t(hidden) * dtype_size(weight_dtype_), brow = dtype_size(weight_dtype_);
-    gemm(hidden_.data(), wb, bb, q, T, q_size, hidden);
-    gemm(hidden_.data(), wb + q_size * wrow, bb ? bb + q_size * brow : nullptr, k, T, kv_size, hidden);
-    gemm(hidden_.data(), wb + (q_size + kv_size) * wrow, bb ? bb + (q_size + kv_size) * brow : nullptr,
-         v, T, kv_size, hidden);
+    // Per-head norm in place: each token's heads are a group of rows inside its qkv row.
     NormParams p{};
     p.hidden = spec_.head_dim;
     p.row_stride = spec_.head_dim;
+    p.group_stride = width;
     p.eps = spec_.norm_eps;
     p.kind = uint8_t(spec_.norm == NormKind::kRMSNormPlusOne ? NormKind::kRMSNormPlusOne
                                                               : NormKind::kRMSNorm);
@@ -553,19 +546,14 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
     p.act_dtype = act_dtype_;
     p.in = p.out = q;
     p.rows = T * spec_.num_heads;
+    p.rows_per_group = spec_.num_heads;
     p.weight = w.q_norm_w;
     backend_.norm(p);
     p.in = p.out = k;
     p.rows = T * num_kv_heads;
+    p.rows_per_group = num_kv_heads;
     p.weight = w.k_norm_w;
     backend_.norm(p);
-  } else {
-    const int width = q_size + 2 * kv_size;
-    gemm(hidden_.data(), w.qkv_w, w.qkv_b, qkv, T, width, hidden);
-    q = qkv;
-    k = qkv + size_t(q_size) * act;
-    v = qkv + size_t(q_size + kv_size) * act;
-    q_stride = kv_stride = width;
   }
 
   void* layer_cache = kv_cache_.as<std::byte>() + kv_layer_offsets_[l];

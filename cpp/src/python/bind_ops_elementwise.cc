@@ -108,7 +108,8 @@ void embedding(AnyArray token_ids, AnyArray table, AnyArray out, float scale, Op
 }
 
 void norm(AnyArray x, AnyArray out, OptArray weight, OptArray bias, OptArray residual, int kind,
-          float eps, int64_t hidden, int64_t row_stride, uintptr_t stream) {
+          float eps, int64_t hidden, int64_t row_stride, int rows_per_group, int64_t group_stride,
+          uintptr_t stream) {
   const char* op = "norm";
   const bool cuda = same_device_is_cuda(op, x, out);
   for (const OptArray* a : {&weight, &bias, &residual}) {
@@ -116,16 +117,32 @@ void norm(AnyArray x, AnyArray out, OptArray weight, OptArray bias, OptArray res
   }
   if (row_stride <= 0) row_stride = last_dim(x);
   if (hidden <= 0) hidden = row_stride;
-  if (row_stride <= 0 || x.size() % row_stride != 0) {
-    throw InvalidArgument("norm: x of " + str(int64_t(x.size())) +
-                          " elements is not a whole number of rows of row_stride " + str(row_stride));
+  int64_t rows;
+  if (rows_per_group > 0) {
+    // As many groups as x holds; the last may end after its last row (x a flat view starting at
+    // k inside a fused qkv matrix ends with one token's v). The op checks that groups don't overlap.
+    if (group_stride <= 0) group_stride = last_dim(x);
+    const int64_t group_extent = (rows_per_group - 1) * row_stride + hidden;
+    if (group_stride <= 0 || int64_t(x.size()) < group_extent) {
+      throw InvalidArgument("norm: x of " + str(int64_t(x.size())) + " elements holds no group of " +
+                            str(rows_per_group) + " rows (" + str(group_extent) + " elements)");
+    }
+    rows = ((int64_t(x.size()) - group_extent) / group_stride + 1) * rows_per_group;
+  } else {
+    if (row_stride <= 0 || x.size() % row_stride != 0) {
+      throw InvalidArgument("norm: x of " + str(int64_t(x.size())) +
+                            " elements is not a whole number of rows of row_stride " + str(row_stride));
+    }
+    rows = int64_t(x.size()) / row_stride;
   }
   octavo::NormParams p{};
   p.in = x.data();
   p.out = out.data();
-  p.rows = int32_t(x.size() / row_stride);
+  p.rows = int32_t(rows);
   p.hidden = int32_t(hidden);
   p.row_stride = row_stride;
+  p.rows_per_group = rows_per_group;
+  p.group_stride = group_stride;
   p.eps = eps;
   p.kind = uint8_t(kind);
   p.act_dtype = dtype_of(x, "norm x");
@@ -387,11 +404,14 @@ void bind_ops_elementwise(nb::module_& ops) {
           "token_ids, position_ids: int32. On the GPU an out-of-range index gives a zero row.");
   ops.def("norm", &norm, arg("x"), arg("out"), arg("weight").none() = nb::none(),
           arg("bias").none() = nb::none(), arg("residual").none() = nb::none(), arg("kind") = 0,
-          arg("eps") = 1e-6f, arg("hidden") = 0, arg("row_stride") = 0, arg("stream") = 0,
+          arg("eps") = 1e-6f, arg("hidden") = 0, arg("row_stride") = 0, arg("rows_per_group") = 0,
+          arg("group_stride") = 0, arg("stream") = 0,
           "Normalise each row of x into out (may be x). kind: a NormKind value. Rows are\n"
           "row_stride elements apart (default: x's last dim); the first `hidden` (default:\n"
-          "row_stride) of each are normalised. With residual ([rows, hidden]): residual += x first\n"
-          "and the sum is normalised.");
+          "row_stride) of each are normalised. With rows_per_group > 0, x is as many groups as\n"
+          "it holds, group_stride elements apart (default: x's last dim), each rows_per_group rows\n"
+          "from its start (per-head norm of q or k inside a fused qkv row). With residual\n"
+          "([rows, hidden] contiguous): residual += x first and the sum is normalised.");
   ops.def("rotary", &rotary, arg("q").none(), arg("k").none(), arg("positions"), arg("cos_sin"),
           arg("num_heads"), arg("num_kv_heads"), arg("head_dim"), arg("rotary_dim") = 0,
           arg("pairing") = 0, arg("q_stride") = 0, arg("k_stride") = 0, arg("q_offset") = 0,

@@ -28,6 +28,33 @@ void require_non_negative(long long value, const char* op, const char* what) {
   }
 }
 
+// NormParams' grouping: off (group_stride 0 too), or groups whose rows fit within group_stride.
+void check_norm_grouping(const NormParams& p) {
+  if (p.rows_per_group < 0) {
+    throw InvalidArgument("norm: rows_per_group is " + str(p.rows_per_group) +
+                          "; it must be >= 0 (0: no grouping)");
+  }
+  if (p.rows_per_group == 0) {
+    if (p.group_stride != 0) {
+      throw InvalidArgument("norm: group_stride is " + str(p.group_stride) +
+                            " but rows_per_group is 0 (no grouping); set rows_per_group or leave "
+                            "group_stride 0");
+    }
+    return;
+  }
+  const int64_t group_extent = (p.rows_per_group - 1) * p.row_stride + p.hidden;
+  if (p.group_stride < group_extent) {
+    throw InvalidArgument("norm: group_stride " + str(p.group_stride) + " is below the " +
+                          str(group_extent) + " elements a group of " + str(p.rows_per_group) +
+                          " rows spans (groups would overlap)");
+  }
+}
+
+int64_t norm_row_start(const NormParams& p, int32_t row) {
+  if (p.rows_per_group == 0) return row * p.row_stride;
+  return int64_t{row / p.rows_per_group} * p.group_stride + (row % p.rows_per_group) * p.row_stride;
+}
+
 }  // namespace
 
 void embedding(const EmbeddingParams& p) {
@@ -79,6 +106,7 @@ void norm(const NormParams& p) {
     throw InvalidArgument("norm: row_stride " + str(p.row_stride) + " is below hidden " +
                           str(p.hidden) + " (rows would overlap)");
   }
+  check_norm_grouping(p);
   const auto kind = NormKind(p.kind);
   const bool rms = kind == NormKind::kRMSNorm || kind == NormKind::kRMSNormPlusOne;
   if (!rms && kind != NormKind::kLayerNorm && kind != NormKind::kLayerNormNoWeight) {
@@ -109,13 +137,14 @@ void norm(const NormParams& p) {
   const bool parallel = int64_t{p.rows} * hidden >= kParallelMinElements;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int32_t r = 0; r < p.rows; ++r) {
-    const float* x = in + r * p.row_stride;
+    const int64_t start = norm_row_start(p, r);
+    const float* x = in + start;
     if (residual != nullptr) {
       float* res = residual + r * hidden;
       for (int64_t i = 0; i < hidden; ++i) res[i] += x[i];
       x = res;  // normalise the updated residual stream
     }
-    float* y = out + r * p.row_stride;
+    float* y = out + start;
     if (rms) {
       double sum_squares = 0.0;
       for (int64_t i = 0; i < hidden; ++i) sum_squares += double(x[i]) * x[i];
