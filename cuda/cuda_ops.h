@@ -45,7 +45,7 @@ void token_logprobs(const TokenLogprobsParams& params, StreamHandle stream);
 // cuda/gemv.cu: GemmParams (ops.h) for a few rows, a streaming read of the weight; faster than
 // cuBLASLt's kernels at decode batches this small. gemv_supports says whether it takes a call
 // (rows, alignment, dtypes); gemv throws InvalidArgument for one it does not.
-inline constexpr int kMaxGemvRows = 4;
+inline constexpr int kMaxGemvRows = 2;  // at 4 rows cuBLASLt wins on some shapes
 bool gemv_supports(const GemmParams& params);
 void gemv(const GemmParams& params, StreamHandle stream);
 

@@ -139,12 +139,11 @@ void gemv(const GemmParams& p, StreamHandle stream) {
   const auto s = static_cast<gpu::Stream>(stream);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
+    static_assert(kMaxGemvRows == 2, "one instantiation per row count");
     if (p.m == 1) {
       gemv_kernel<T, 1><<<grid, kGemvThreads, 0, s>>>(p);
-    } else if (p.m == 2) {
-      gemv_kernel<T, 2><<<grid, kGemvThreads, 0, s>>>(p);
     } else {
-      gemv_kernel<T, kMaxGemvRows><<<grid, kGemvThreads, 0, s>>>(p);
+      gemv_kernel<T, 2><<<grid, kGemvThreads, 0, s>>>(p);
     }
   };
   if (p.act_dtype == DType::kBFloat16) {

@@ -1,4 +1,4 @@
-"""The few-row GEMM (cuda/gemv.cu, what decode steps of <= 4 rows run) against the CPU reference
+"""The few-row GEMM (cuda/gemv.cu, what decode steps of <= 2 rows run) against the CPU reference
 gemm on the same bf16/fp16 values: out = x . weight^T (+ bias) (+ out)."""
 
 import numpy as np
@@ -24,7 +24,7 @@ def reference(x, weight, bias, out_start, accumulate):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1027, 1024), (6144, 4096), (4096, 14336),
                                  (3, 8), (517, 2056)])
 def test_gemv_matches_cpu(dtype, m, n, k):
@@ -41,7 +41,7 @@ def test_gemv_matches_cpu(dtype, m, n, k):
 
 @pytest.mark.parametrize("bias_kind", ["none", "weight dtype", "fp32"])
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 2])
 def test_gemv_bias_accumulate_and_fp32_out(bias_kind, accumulate, m):
     """The LM head's form (fp32 logits, an fp32 bias) and the residual's (accumulate)."""
     gen = torch.Generator("cuda").manual_seed(7 + m)
@@ -72,10 +72,10 @@ def test_gemv_bias_accumulate_and_fp32_out(bias_kind, accumulate, m):
 
 
 def test_gemv_refuses_what_it_does_not_run():
-    x = torch.zeros(5, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(3, 64, device="cuda", dtype=torch.bfloat16)
     weight = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="m <= 4"):
-        _C.ops.gemv(x, weight, torch.zeros(5, 16, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="m <= 2"):
+        _C.ops.gemv(x, weight, torch.zeros(3, 16, device="cuda", dtype=torch.bfloat16))
     x = torch.zeros(1, 12, device="cuda", dtype=torch.bfloat16)
     weight = torch.zeros(16, 12, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiples of 8"):

@@ -442,6 +442,6 @@ void bind_ops_elementwise(nb::module_& ops) {
   ops.def("gemv", &gemv, arg("x"), arg("weight"), arg("out"), arg("bias").none() = nb::none(),
           arg("accumulate") = false, arg("stream") = 0,
           "out = x . weight^T (+ bias) (+ out when accumulate) for x [m, k], weight [n, k]: on\n"
-          "the GPU the kernel decode steps of at most 4 rows use (bf16/fp16; out in that dtype\n"
+          "the GPU the kernel decode steps of at most 2 rows use (bf16/fp16; out in that dtype\n"
           "or float32, whose bias may be float32); on the CPU the reference gemm.");
 }
