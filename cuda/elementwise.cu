@@ -402,17 +402,38 @@ struct RopeKVGeometry {
   int total;           // items per token
 };
 
-// Rotates (when `rotate`) the kPairs pairs of rotation item `item` of `head`, stores them back
-// in place (when `rotate`) and into `cache_head` (when not null).
+// A head's QK norm inside rope_kv_kernel: x * inv_rms * weight (or (1 + weight)).
+template <typename T>
+struct HeadNorm {
+  const T* weight;  // [head_dim]; nullptr: no norm
+  float inv_rms;
+  bool plus_one;
+  template <int P>
+  __device__ __forceinline__ void apply(float (&x)[P], int first) const {
+    float w[P];
+    load_chunk<T, P>(weight + first, w);
+#pragma unroll
+    for (int j = 0; j < P; ++j) x[j] = x[j] * inv_rms * (plus_one ? 1.0f + w[j] : w[j]);
+  }
+};
+
+// Normalises (when norm.weight is set) and rotates (when `rotate`) the kPairs pairs of rotation
+// item `item` of `head`, stores them back in place (when either happened) and into `cache_head`
+// (when not null).
 template <typename T, bool kVec>
 __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool neox, int half,
-                                          const float* cos, bool rotate) {
+                                          const float* cos, bool rotate, const HeadNorm<T>& norm) {
+  const bool in_place = rotate || norm.weight != nullptr;
   if (neox) {
     constexpr int P = kVec ? kVecElems : 1;
     const int i = item * P;
     float a[P], b[P];
     load_chunk<T, P>(head + i, a);
     load_chunk<T, P>(head + i + half, b);
+    if (norm.weight != nullptr) {
+      norm.apply(a, i);
+      norm.apply(b, i + half);
+    }
     if (rotate) {
       float c[P], s[P];
       load_floats<P>(cos + i, c);
@@ -423,6 +444,8 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
         a[j] = x1 * c[j] - x2 * s[j];
         b[j] = x2 * c[j] + x1 * s[j];
       }
+    }
+    if (in_place) {
       store_chunk<T, P>(head + i, a);
       store_chunk<T, P>(head + i + half, b);
     }
@@ -435,6 +458,7 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     const int i = item * P;
     float e[2 * P];
     load_chunk<T, 2 * P>(head + 2 * i, e);
+    if (norm.weight != nullptr) norm.apply(e, 2 * i);
     if (rotate) {
       float c[P], s[P];
       load_floats<P>(cos + i, c);
@@ -445,8 +469,8 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
         e[2 * j] = x1 * c[j] - x2 * s[j];
         e[2 * j + 1] = x2 * c[j] + x1 * s[j];
       }
-      store_chunk<T, 2 * P>(head + 2 * i, e);
     }
+    if (in_place) store_chunk<T, 2 * P>(head + 2 * i, e);
     if (cache_head != nullptr) store_chunk<T, 2 * P>(cache_head + 2 * i, e);
   }
 }
@@ -485,12 +509,41 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
   const bool neox = RotaryPairing(r.pairing) == RotaryPairing::kNeox;
   const int half = g.rot_dim / 2;
   const int head_dim = kWrite ? w.head_dim : r.head_dim;
+  // QK norm (the launcher passes the weights only when every element of a head rotates): each
+  // warp sums the squares of whole heads, then the items scale what they load.
+  extern __shared__ float inv_rms[];  // [num_heads + num_kv_heads] when normalising
+  const bool qk_norm = kRotate && r.q_norm_weight != nullptr;
+  if (qk_norm) {
+    const int warps = int(blockDim.x) / gpu::kWarpSize, lane = threadIdx.x % gpu::kWarpSize;
+    for (int h = threadIdx.x / gpu::kWarpSize; h < r.num_heads + r.num_kv_heads; h += warps) {
+      const T* head = h < r.num_heads
+                          ? static_cast<const T*>(r.q) + t * r.q_stride + int64_t{h} * head_dim
+                          : static_cast<const T*>(r.k) + t * r.k_stride +
+                                int64_t{h - r.num_heads} * head_dim;
+      float squares = 0.0f;
+      for (int e = lane; e < head_dim; e += gpu::kWarpSize) {
+        const float x = to_float(head[e]);
+        squares += x * x;
+      }
+#pragma unroll
+      for (int offset = gpu::kWarpSize / 2; offset > 0; offset >>= 1) {
+        squares += gpu::shfl_xor(squares, offset);
+      }
+      if (lane == 0) inv_rms[h] = rsqrtf(squares / float(head_dim) + r.qk_norm_eps);
+    }
+    __syncthreads();
+  }
+  auto head_norm = [&](const void* weight, int h) {
+    return qk_norm ? HeadNorm<T>{static_cast<const T*>(weight), inv_rms[h], r.qk_norm_plus_one}
+                   : HeadNorm<T>{nullptr, 1.0f, false};
+  };
   for (int item = threadIdx.x; item < g.total; item += blockDim.x) {
     if (item < g.q_items) {
-      if (!rotate) continue;
+      if (!rotate && !qk_norm) continue;
       const int h = item / g.rot_items;
       T* head = static_cast<T*>(r.q) + t * r.q_stride + int64_t{h} * head_dim;
-      rope_item<T, kVec>(head, nullptr, item - h * g.rot_items, neox, half, cos, true);
+      rope_item<T, kVec>(head, nullptr, item - h * g.rot_items, neox, half, cos, rotate,
+                         head_norm(r.q_norm_weight, h));
       continue;
     }
     int i = item - g.q_items;
@@ -501,7 +554,8 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
                 t * (kWrite ? w.k_stride : r.k_stride) + int64_t{h} * head_dim;
       T* cache_head = k_cache != nullptr ? k_cache + h * head_run : nullptr;
       if (i < g.k_rot_items) {
-        rope_item<T, kVec>(head, cache_head, i, neox, half, cos, rotate);
+        rope_item<T, kVec>(head, cache_head, i, neox, half, cos, rotate,
+                           head_norm(r.k_norm_weight, r.num_heads + h));
       } else if (cache_head != nullptr) {
         const int e = g.rot_dim + (i - g.k_rot_items) * C;
         copy_chunk<T, C>(cache_head + e, head + e);
@@ -634,6 +688,34 @@ void check_rotary(const RotaryParams& p, const char* op) {
                           " is below num_kv_heads * head_dim (" +
                           str(int64_t{p.num_kv_heads} * p.head_dim) + ")");
   }
+  if (p.q_norm_weight != nullptr) {
+    if (p.k_norm_weight == nullptr || p.q == nullptr || p.k == nullptr) {
+      throw InvalidArgument(std::string(op) + ": QK norm needs q_norm_weight and k_norm_weight, q and k");
+    }
+    require_same(p.norm_weight_dtype, p.act_dtype, op, "QK norm weights");
+  }
+}
+
+// RotaryParams' QK norm as two grouped norm launches (q heads, k heads), for the geometries
+// rope_kv_kernel does not normalise itself.
+void qk_norm_apart(const RotaryParams& r, StreamHandle stream) {
+  NormParams n{};
+  n.hidden = r.head_dim;
+  n.row_stride = r.head_dim;
+  n.eps = r.qk_norm_eps;
+  n.kind = uint8_t(r.qk_norm_plus_one ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm);
+  n.weight_dtype = r.norm_weight_dtype;
+  n.act_dtype = r.act_dtype;
+  auto heads = [&](void* x, const void* weight, int num_heads, int64_t stride) {
+    n.in = n.out = x;
+    n.weight = weight;
+    n.rows = r.num_tokens * num_heads;
+    n.rows_per_group = num_heads;
+    n.group_stride = stride;
+    norm(n, stream);
+  };
+  heads(r.q, r.q_norm_weight, r.num_heads, r.q_stride);
+  heads(r.k, r.k_norm_weight, r.num_kv_heads, r.k_stride);
 }
 
 void check_write_kv(const WriteKVParams& p, const char* op) {
@@ -658,8 +740,15 @@ void check_write_kv(const WriteKVParams& p, const char* op) {
 }
 
 /// Launches rope_kv_kernel in `mode`; `r` and `w` are checked and consistent for the mode.
-void launch_rope_kv(const RotaryParams& r, const WriteKVParams& w, RopeKVMode mode,
+void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVMode mode,
                     StreamHandle stream, const char* op) {
+  RotaryParams r = checked;
+  // The kernel normalises heads whose every element rotates (its items cover exactly those);
+  // other geometries normalise first, in two launches.
+  if (r.q_norm_weight != nullptr && r.rotary_dim != r.head_dim) {
+    if (r.num_tokens > 0) qk_norm_apart(r, stream);
+    r.q_norm_weight = r.k_norm_weight = nullptr;
+  }
   const bool rotate_mode = mode != kWriteOnly;
   const bool write_mode = mode != kRotaryOnly;
   const int num_tokens = write_mode ? w.num_tokens : r.num_tokens;
@@ -704,7 +793,9 @@ void launch_rope_kv(const RotaryParams& r, const WriteKVParams& w, RopeKVMode mo
   const auto s = static_cast<gpu::Stream>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) { kernel<<<num_tokens, threads, 0, s>>>(r, w, g); };
+    const size_t inv_rms_bytes =
+        r.q_norm_weight != nullptr ? size_t(r.num_heads + r.num_kv_heads) * sizeof(float) : 0;
+    auto launch = [&](auto kernel) { kernel<<<num_tokens, threads, inv_rms_bytes, s>>>(r, w, g); };
     if (vec) {
       if (mode == kRotaryOnly) launch(rope_kv_kernel<T, true, kRotaryOnly>);
       if (mode == kWriteOnly) launch(rope_kv_kernel<T, true, kWriteOnly>);

@@ -496,9 +496,11 @@ def fused_id(case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 @pytest.mark.parametrize("case", fused_cases(), ids=fused_id)
-def test_rotary_write_kv(dtype, mode, case):
+@pytest.mark.parametrize("qk_norm", [None, "rms", "rms_plus_one"])
+def test_rotary_write_kv(dtype, mode, case, qk_norm):
+    """With QK norm: in the kernel when every element rotates, else two norm launches first."""
     head_dim, num_heads, num_kv_heads, block_size, rotary_dim, pairing = case
-    rng = seed_of("fused", dtype, mode, case)
+    rng = seed_of("fused", dtype, mode, case, qk_norm)
     num_blocks, slots, positions = make_batch(rng, CONTEXTS[mode], block_size, mode == "decode")
     num_tokens = len(slots)
     qkv, qkv_np, width = qkv_buffer(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
@@ -508,6 +510,13 @@ def test_rotary_write_kv(dtype, mode, case):
     args = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 block_size=block_size, rotary_dim=rotary_dim, pairing=pairing, q_stride=width,
                 k_stride=width, v_stride=width, k_offset=k_off, v_offset=v_off)
+    gpu_norm = {}
+    if qk_norm:
+        q_w, q_w_np = rand((head_dim,), dtype)
+        k_w, k_w_np = rand((head_dim,), dtype)
+        flags = dict(qk_norm_eps=1e-5, qk_norm_plus_one=qk_norm == "rms_plus_one")
+        args.update(q_norm_weight=q_w_np, k_norm_weight=k_w_np, **flags)
+        gpu_norm = dict(q_norm_weight=q_w.cuda(), k_norm_weight=k_w.cuda())
     ref_qkv = qkv_np.copy()
     ref_cache = np.full(shape, np.nan, np.float32)
     _C.ops.rotary_write_kv(ref_qkv, ref_qkv, ref_qkv, positions, cos_sin, ref_cache, slots, **args)
@@ -515,7 +524,7 @@ def test_rotary_write_kv(dtype, mode, case):
     gpu = qkv.cuda()
     cache = poisoned(shape, dtype)
     _C.ops.rotary_write_kv(gpu, gpu, gpu, cuda_i32(positions), torch.from_numpy(cos_sin).cuda(),
-                           cache, cuda_i64(slots), **args)
+                           cache, cuda_i64(slots), **{**args, **gpu_norm})
     torch.cuda.synchronize()
     got_qkv, got_cache = to_np(gpu), to_np(cache)
     assert_close(got_qkv[:, :k_off], ref_qkv[:, :k_off], dtype, "q")
@@ -557,7 +566,8 @@ def test_rotary_write_kv_long_context(dtype):
         assert_close(got_cache[written], ref_cache[written], dtype, "cache")
 
 
-def test_rotary_write_kv_is_one_kernel():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_write_kv_is_one_kernel(qk_norm):
     d, h, kv, bs = 128, 32, 8, 16
     num_tokens = 64
     qkv = torch.randn((num_tokens, (h + 2 * kv) * d), device="cuda").to(torch.bfloat16)
@@ -566,11 +576,15 @@ def test_rotary_write_kv_is_one_kernel():
     positions = cuda_i32(np.arange(num_tokens))
     table = torch.from_numpy(cos_sin_table(128, d)).cuda()
     width = qkv.shape[1]
+    weights = {}
+    if qk_norm:
+        weights = dict(q_norm_weight=torch.ones(d, dtype=torch.bfloat16, device="cuda"),
+                       k_norm_weight=torch.ones(d, dtype=torch.bfloat16, device="cuda"))
 
     def call():
         _C.ops.rotary_write_kv(qkv, qkv, qkv, positions, table, cache, slots, h, kv, d, bs,
                                q_stride=width, k_stride=width, v_stride=width, k_offset=h * d,
-                               v_offset=(h + kv) * d)
+                               v_offset=(h + kv) * d, **weights)
 
     call()
     n = count_kernels(call)

@@ -117,6 +117,37 @@ def test_rotary_strided_q_and_k_in_one_buffer():
     np.testing.assert_array_equal(qkv[1], [-9, 8, -11, 10, -13, 12, 14, 15])  # v untouched
 
 
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_rotary_qk_norm_normalises_each_head_first(plus_one):
+    """QK norm (Qwen3): every q and k head RMS-normalised with its weights, then rotated; v and
+    the gaps of the fused row untouched."""
+    rng = np.random.default_rng(5)
+    h, kv, d = 2, 1, 4
+    qkv = rng.standard_normal((3, (h + 2 * kv) * d)).astype(np.float32)
+    q_w, k_w = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    angles = np.arange(8)[:, None] * np.array([1.0, 0.1])[None, :]
+    cos_sin = np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    positions = np.array([0, 3, 7], np.int32)
+    expected = qkv.copy()
+
+    def rms(x, w):
+        scale = (1.0 + w) if plus_one else w
+        return x / np.sqrt(np.mean(x * x) + 1e-5) * scale
+
+    for t, p in enumerate(positions):
+        cos, sin = cos_sin[p, :2], cos_sin[p, 2:]
+        for head, w in [(0, q_w), (1, q_w), (2, k_w)]:
+            x = rms(qkv[t, head * d:(head + 1) * d], w)
+            x1, x2 = x[:2].copy(), x[2:].copy()
+            expected[t, head * d:(head + 1) * d] = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin])
+    _C.ops.rotary(qkv, qkv, positions, cos_sin, h, kv, d, q_stride=16, k_stride=16, k_offset=h * d,
+                  q_norm_weight=q_w, k_norm_weight=k_w, qk_norm_eps=1e-5, qk_norm_plus_one=plus_one)
+    np.testing.assert_allclose(qkv, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="together"):
+        _C.ops.rotary(qkv, qkv, positions, cos_sin, h, kv, d, q_stride=16, k_stride=16,
+                      k_offset=h * d, q_norm_weight=q_w)
+
+
 def test_write_kv_layout_and_padding():
     kv_heads, head_dim, block_size, num_blocks = 2, 3, 4, 2
     k = np.arange(12, dtype=np.float32).reshape(2, 6)

@@ -142,6 +142,14 @@ struct RotaryParams {
   int64_t k_stride;
   uint8_t pairing;           // RotaryPairing
   DType act_dtype;
+  // QK norm (Qwen3, OLMo-2, Gemma 3): when q_norm_weight is set, every q and k head is first
+  // RMS-normalised over head_dim with these [head_dim] weights (as NormKind kRMSNorm, or
+  // kRMSNormPlusOne when qk_norm_plus_one), then rotated; one pass on the GPU.
+  const void* q_norm_weight;
+  const void* k_norm_weight;
+  float qk_norm_eps;
+  bool qk_norm_plus_one;
+  DType norm_weight_dtype;
 };
 
 /// Writes each token's K and V into its cache slot (slot = block * block_size + offset) of one

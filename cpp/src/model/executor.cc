@@ -533,15 +533,17 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   void* k = qkv + size_t(q_size) * act;
   void* v = qkv + size_t(q_size + kv_size) * act;
   const int64_t q_stride = width, kv_stride = width;
-  if (spec_.qk_norm) {
+  const bool rotary = spec_.positions == PositionKind::kRotary;
+  const NormKind qk_norm_kind =
+      spec_.norm == NormKind::kRMSNormPlusOne ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm;
+  if (spec_.qk_norm && !rotary) {  // with rotary, the rotation kernel normalises the heads
     // Per-head norm in place: each token's heads are a group of rows inside its qkv row.
     NormParams p{};
     p.hidden = spec_.head_dim;
     p.row_stride = spec_.head_dim;
     p.group_stride = width;
     p.eps = spec_.norm_eps;
-    p.kind = uint8_t(spec_.norm == NormKind::kRMSNormPlusOne ? NormKind::kRMSNormPlusOne
-                                                              : NormKind::kRMSNorm);
+    p.kind = uint8_t(qk_norm_kind);
     p.weight_dtype = weight_dtype_;
     p.act_dtype = act_dtype_;
     p.in = p.out = q;
@@ -569,7 +571,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   wkv.k_stride = wkv.v_stride = kv_stride;
   wkv.act_dtype = act_dtype_;
   wkv.cache_dtype = kv_shape_.dtype;
-  if (spec_.positions == PositionKind::kRotary) {
+  if (rotary) {
     RotaryParams r{};
     r.q = q;
     r.k = k;
@@ -585,6 +587,13 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
     r.k_stride = kv_stride;
     r.pairing = uint8_t(spec_.rope.pairing);
     r.act_dtype = act_dtype_;
+    if (spec_.qk_norm) {
+      r.q_norm_weight = w.q_norm_w;
+      r.k_norm_weight = w.k_norm_w;
+      r.qk_norm_eps = spec_.norm_eps;
+      r.qk_norm_plus_one = qk_norm_kind == NormKind::kRMSNormPlusOne;
+      r.norm_weight_dtype = weight_dtype_;
+    }
     backend_.rotary_write_kv(r, wkv);
   } else {
     backend_.write_kv(wkv);

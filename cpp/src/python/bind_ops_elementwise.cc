@@ -245,17 +245,40 @@ octavo::WriteKVParams write_kv_params(const char* op, const AnyArray& k, const A
   return p;
 }
 
+/// RotaryParams' QK norm from the optional [head_dim] weights (both or neither).
+void set_qk_norm(octavo::RotaryParams& p, const char* op, bool cuda, const OptArray& q_weight,
+                 const OptArray& k_weight, float eps, bool plus_one) {
+  if (!q_weight && !k_weight) return;
+  if (!q_weight || !k_weight) {
+    throw InvalidArgument(std::string(op) + ": pass q_norm_weight and k_norm_weight together");
+  }
+  for (const AnyArray* a : {&*q_weight, &*k_weight}) {
+    if (on_cuda(*a) != cuda) throw InvalidArgument(std::string(op) + ": arrays on different devices");
+    require_size(*a, p.head_dim, op, "QK norm weight");
+  }
+  p.norm_weight_dtype = dtype_of(*q_weight, "q_norm_weight");
+  if (dtype_of(*k_weight, "k_norm_weight") != p.norm_weight_dtype) {
+    throw InvalidArgument(std::string(op) + ": q_norm_weight and k_norm_weight dtypes differ");
+  }
+  p.q_norm_weight = q_weight->data();
+  p.k_norm_weight = k_weight->data();
+  p.qk_norm_eps = eps;
+  p.qk_norm_plus_one = plus_one;
+}
+
 void rotary(OptArray q, OptArray k, AnyArray positions, AnyArray cos_sin, int num_heads,
             int num_kv_heads, int head_dim, int rotary_dim, int pairing, int64_t q_stride,
-            int64_t k_stride, int64_t q_offset, int64_t k_offset, uintptr_t stream) {
+            int64_t k_stride, int64_t q_offset, int64_t k_offset, OptArray q_norm_weight,
+            OptArray k_norm_weight, float qk_norm_eps, bool qk_norm_plus_one, uintptr_t stream) {
   const char* op = "rotary";
   const bool cuda = same_device_is_cuda(op, positions, cos_sin);
   for (const OptArray* a : {&q, &k}) {
     if (*a && on_cuda(**a) != cuda) throw InvalidArgument("rotary: arrays on different devices");
   }
-  const octavo::RotaryParams p =
+  octavo::RotaryParams p =
       rotary_params(op, q, k, positions, cos_sin, num_heads, num_kv_heads, head_dim, rotary_dim,
                     pairing, q_stride, k_stride, q_offset, k_offset);
+  set_qk_norm(p, op, cuda, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_plus_one);
   if (cuda) return OCTAVO_ON_CUDA(rotary(p, as_stream(stream)));
   octavo::cpu::rotary(p);
 }
@@ -276,12 +299,14 @@ void rotary_write_kv(AnyArray q, AnyArray k, AnyArray v, AnyArray positions, Any
                      AnyArray cache, AnyArray slot_mapping, int num_heads, int num_kv_heads,
                      int head_dim, int block_size, int rotary_dim, int pairing, int64_t q_stride,
                      int64_t k_stride, int64_t v_stride, int64_t q_offset, int64_t k_offset,
-                     int64_t v_offset, uintptr_t stream) {
+                     int64_t v_offset, OptArray q_norm_weight, OptArray k_norm_weight,
+                     float qk_norm_eps, bool qk_norm_plus_one, uintptr_t stream) {
   const char* op = "rotary_write_kv";
   const bool cuda = same_device_is_cuda(op, q, k, v, positions, cos_sin, cache, slot_mapping);
-  const octavo::RotaryParams r =
+  octavo::RotaryParams r =
       rotary_params(op, q, k, positions, cos_sin, num_heads, num_kv_heads, head_dim, rotary_dim,
                     pairing, q_stride, k_stride, q_offset, k_offset);
+  set_qk_norm(r, op, cuda, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_plus_one);
   const octavo::WriteKVParams w = write_kv_params(op, k, v, cache, slot_mapping, num_kv_heads,
                                                   head_dim, block_size, k_stride, v_stride,
                                                   k_offset, v_offset);
@@ -415,10 +440,14 @@ void bind_ops_elementwise(nb::module_& ops) {
   ops.def("rotary", &rotary, arg("q").none(), arg("k").none(), arg("positions"), arg("cos_sin"),
           arg("num_heads"), arg("num_kv_heads"), arg("head_dim"), arg("rotary_dim") = 0,
           arg("pairing") = 0, arg("q_stride") = 0, arg("k_stride") = 0, arg("q_offset") = 0,
-          arg("k_offset") = 0, arg("stream") = 0,
+          arg("k_offset") = 0, arg("q_norm_weight").none() = nb::none(),
+          arg("k_norm_weight").none() = nb::none(), arg("qk_norm_eps") = 1e-6f,
+          arg("qk_norm_plus_one") = false, arg("stream") = 0,
           "Rotate q and k (either may be None) in place. Token t's heads start at\n"
           "offset + t * stride elements (strides default to heads * head_dim). cos_sin: float32\n"
-          "[max_position, rotary_dim]; rotary_dim 0 means head_dim; pairing 0 NeoX, 1 GPT-J.");
+          "[max_position, rotary_dim]; rotary_dim 0 means head_dim; pairing 0 NeoX, 1 GPT-J.\n"
+          "With q_norm_weight and k_norm_weight ([head_dim]), every head is RMS-normalised\n"
+          "first (weights applied as 1 + w when qk_norm_plus_one).");
   ops.def("write_kv", &write_kv, arg("k"), arg("v"), arg("cache"), arg("slot_mapping"),
           arg("num_kv_heads"), arg("head_dim"), arg("block_size"), arg("k_stride") = 0,
           arg("v_stride") = 0, arg("k_offset") = 0, arg("v_offset") = 0, arg("stream") = 0,
@@ -428,8 +457,11 @@ void bind_ops_elementwise(nb::module_& ops) {
           arg("cos_sin"), arg("cache"), arg("slot_mapping"), arg("num_heads"),
           arg("num_kv_heads"), arg("head_dim"), arg("block_size"), arg("rotary_dim") = 0,
           arg("pairing") = 0, arg("q_stride") = 0, arg("k_stride") = 0, arg("v_stride") = 0,
-          arg("q_offset") = 0, arg("k_offset") = 0, arg("v_offset") = 0, arg("stream") = 0,
-          "rotary on q and k, then write_kv of the rotated k and v: one fused kernel on the GPU.");
+          arg("q_offset") = 0, arg("k_offset") = 0, arg("v_offset") = 0,
+          arg("q_norm_weight").none() = nb::none(), arg("k_norm_weight").none() = nb::none(),
+          arg("qk_norm_eps") = 1e-6f, arg("qk_norm_plus_one") = false, arg("stream") = 0,
+          "rotary on q and k (QK norm first when the weights are given), then write_kv of the\n"
+          "rotated k and v: one fused kernel on the GPU.");
   ops.def("activation", &activation, arg("x"), arg("out"), arg("activation"), arg("stream") = 0,
           "out = act(x) (plain) or act(gate) * up for x = [tokens, 2 * inter] (GLU: gate | up).\n"
           "activation: an Activation value; inter is out's last dim.");

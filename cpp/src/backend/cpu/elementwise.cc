@@ -170,6 +170,34 @@ void norm(const NormParams& p) {
   }
 }
 
+namespace {
+
+// RotaryParams' QK norm: each q and k head normalised in place, as norm() does it.
+void qk_norm(const RotaryParams& p) {
+  if (p.k_norm_weight == nullptr || (p.q == nullptr) != (p.k == nullptr)) {
+    throw InvalidArgument("rotary: QK norm needs q_norm_weight and k_norm_weight, q and k");
+  }
+  NormParams n{};
+  n.hidden = p.head_dim;
+  n.row_stride = p.head_dim;
+  n.eps = p.qk_norm_eps;
+  n.kind = uint8_t(p.qk_norm_plus_one ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm);
+  n.weight_dtype = p.norm_weight_dtype;
+  n.act_dtype = p.act_dtype;
+  auto heads = [&](void* x, const void* weight, int32_t num_heads, int64_t stride) {
+    n.in = n.out = x;
+    n.weight = weight;
+    n.rows = p.num_tokens * num_heads;
+    n.rows_per_group = num_heads;
+    n.group_stride = stride;
+    norm(n);
+  };
+  heads(p.q, p.q_norm_weight, p.num_heads, p.q_stride);
+  heads(p.k, p.k_norm_weight, p.num_kv_heads, p.k_stride);
+}
+
+}  // namespace
+
 void rotary(const RotaryParams& p) {
   require_fp32_activations(p.act_dtype, "rotary");
   require_non_negative(p.num_tokens, "rotary", "num_tokens");
@@ -191,6 +219,7 @@ void rotary(const RotaryParams& p) {
                             " positions (build the table for a longer context)");
     }
   }
+  if (p.q_norm_weight != nullptr) qk_norm(p);
   const int32_t half = p.rotary_dim / 2;
   const int64_t head_dim = p.head_dim;
   // Rotates the first rotary_dim elements of each head in place; the rest pass through.
