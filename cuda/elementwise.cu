@@ -699,23 +699,8 @@ void check_rotary(const RotaryParams& p, const char* op) {
 // RotaryParams' QK norm as two grouped norm launches (q heads, k heads), for the geometries
 // rope_kv_kernel does not normalise itself.
 void qk_norm_apart(const RotaryParams& r, StreamHandle stream) {
-  NormParams n{};
-  n.hidden = r.head_dim;
-  n.row_stride = r.head_dim;
-  n.eps = r.qk_norm_eps;
-  n.kind = uint8_t(r.qk_norm_plus_one ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm);
-  n.weight_dtype = r.norm_weight_dtype;
-  n.act_dtype = r.act_dtype;
-  auto heads = [&](void* x, const void* weight, int num_heads, int64_t stride) {
-    n.in = n.out = x;
-    n.weight = weight;
-    n.rows = r.num_tokens * num_heads;
-    n.rows_per_group = num_heads;
-    n.group_stride = stride;
-    norm(n, stream);
-  };
-  heads(r.q, r.q_norm_weight, r.num_heads, r.q_stride);
-  heads(r.k, r.k_norm_weight, r.num_kv_heads, r.k_stride);
+  norm(qk_norm_params(r, /*k_heads=*/false), stream);
+  norm(qk_norm_params(r, /*k_heads=*/true), stream);
 }
 
 void check_write_kv(const WriteKVParams& p, const char* op) {

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <octavo/model_spec.h>  // NormKind, for qk_norm_params
+
 namespace octavo {
 
 enum class DType : uint8_t { kFloat32, kFloat16, kBFloat16 };
@@ -151,6 +153,24 @@ struct RotaryParams {
   bool qk_norm_plus_one;
   DType norm_weight_dtype;
 };
+
+/// The grouped norm RotaryParams' QK norm amounts to for its q heads (or, with k_heads, its k
+/// heads), in place: for backends that normalise apart from the rotation.
+inline NormParams qk_norm_params(const RotaryParams& r, bool k_heads) {
+  NormParams n{};
+  n.in = n.out = k_heads ? r.k : r.q;
+  n.weight = k_heads ? r.k_norm_weight : r.q_norm_weight;
+  n.hidden = r.head_dim;
+  n.row_stride = r.head_dim;
+  n.rows_per_group = k_heads ? r.num_kv_heads : r.num_heads;
+  n.rows = r.num_tokens * n.rows_per_group;
+  n.group_stride = k_heads ? r.k_stride : r.q_stride;
+  n.eps = r.qk_norm_eps;
+  n.kind = uint8_t(r.qk_norm_plus_one ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm);
+  n.weight_dtype = r.norm_weight_dtype;
+  n.act_dtype = r.act_dtype;
+  return n;
+}
 
 /// Writes each token's K and V into its cache slot (slot = block * block_size + offset) of one
 /// layer. A slot of -1 is skipped (padding).

@@ -174,26 +174,11 @@ namespace {
 
 // RotaryParams' QK norm: each q and k head normalised in place, as norm() does it.
 void qk_norm(const RotaryParams& p) {
-  if (p.k_norm_weight == nullptr || (p.q == nullptr) != (p.k == nullptr)) {
+  if (p.k_norm_weight == nullptr || p.q == nullptr || p.k == nullptr) {
     throw InvalidArgument("rotary: QK norm needs q_norm_weight and k_norm_weight, q and k");
   }
-  NormParams n{};
-  n.hidden = p.head_dim;
-  n.row_stride = p.head_dim;
-  n.eps = p.qk_norm_eps;
-  n.kind = uint8_t(p.qk_norm_plus_one ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm);
-  n.weight_dtype = p.norm_weight_dtype;
-  n.act_dtype = p.act_dtype;
-  auto heads = [&](void* x, const void* weight, int32_t num_heads, int64_t stride) {
-    n.in = n.out = x;
-    n.weight = weight;
-    n.rows = p.num_tokens * num_heads;
-    n.rows_per_group = num_heads;
-    n.group_stride = stride;
-    norm(n);
-  };
-  heads(p.q, p.q_norm_weight, p.num_heads, p.q_stride);
-  heads(p.k, p.k_norm_weight, p.num_kv_heads, p.k_stride);
+  norm(qk_norm_params(p, /*k_heads=*/false));
+  norm(qk_norm_params(p, /*k_heads=*/true));
 }
 
 }  // namespace
