@@ -69,7 +69,7 @@ def canonical(case, dtype=torch.float32):
     family = get_model_family(cfg)
     spec = family.spec_from_config(cfg)
     state = numpy_state(model)
-    weights = dict(family.canonical_weights(state.__getitem__, state.keys(), spec))
+    weights = dict(models.canonical_weights(family, state.__getitem__, state.keys(), spec))
     return cfg, spec, state, weights
 
 
@@ -189,7 +189,7 @@ def test_missing_tensor_names_hf_and_canonical():
     cfg, spec, state = tied_spec_and_state()
     del state["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(ValueError) as e:
-        models.llama.canonical_weights(state.__getitem__, state.keys(), spec)
+        models.canonical_weights(models.llama, state.__getitem__, state.keys(), spec)
     assert "'model.layers.1.self_attn.k_proj.weight'" in str(e.value)
     assert "'layers.1.qkv.weight'" in str(e.value)
 
@@ -198,9 +198,9 @@ def test_missing_lm_head_when_untied():
     cfg, spec, state = tied_spec_and_state()
     del state["lm_head.weight"]
     with pytest.raises(ValueError, match="'lm_head.weight'"):
-        models.llama.canonical_weights(state.__getitem__, state.keys(), spec)
+        models.canonical_weights(models.llama, state.__getitem__, state.keys(), spec)
     spec["tied_embeddings"] = True
-    names = dict(models.llama.canonical_weights(state.__getitem__, state.keys(), spec))
+    names = dict(models.canonical_weights(models.llama, state.__getitem__, state.keys(), spec))
     assert "lm_head.weight" not in names
 
 
@@ -208,7 +208,7 @@ def test_tied_config_ignores_stored_lm_head_and_extra_tensors():
     cfg, spec, state = tied_spec_and_state()
     spec["tied_embeddings"] = True
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)
-    weights = dict(models.llama.canonical_weights(state.__getitem__, state.keys(), spec))
+    weights = dict(models.canonical_weights(models.llama, state.__getitem__, state.keys(), spec))
     assert "lm_head.weight" not in weights and not any("inv_freq" in n for n in weights)
 
 
@@ -217,7 +217,7 @@ def test_wrong_shape_names_tensor():
     state["model.layers.0.self_attn.v_proj.weight"] = np.zeros((16, 96), np.float32)
     with pytest.raises(ValueError, match=r"v_proj.weight' has shape \[16, 96\]; the config "
                                          r"implies \[32, 96\] for 'layers.0.qkv.weight'"):
-        list(models.llama.canonical_weights(state.__getitem__, state.keys(), spec))
+        list(models.canonical_weights(models.llama, state.__getitem__, state.keys(), spec))
 
 
 def test_head_dim_defaults_to_hidden_over_heads():
@@ -351,7 +351,7 @@ def test_load_model_from_saved_checkpoint(tmp_path, case, dtype, shard):
     assert saved_config["architectures"] == cfg["architectures"]
     assert spec == get_model_family(cfg).spec_from_config(cfg)
     state = numpy_state(model)
-    expected = dict(get_model_family(cfg).canonical_weights(state.__getitem__, state.keys(), spec))
+    expected = dict(models.canonical_weights(get_model_family(cfg), state.__getitem__, state.keys(), spec))
     loaded = list(weights())
     assert [name for name, _, _ in loaded] == list(expected)
     for name, array, tensor_dtype in loaded:

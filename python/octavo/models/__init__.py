@@ -7,8 +7,6 @@
     weight_plan(names, spec) -> WeightPlan
         where each canonical tensor comes from; ValueError naming a missing HF tensor. A family
         that sets WEIGHTS_USE_CONFIG = True takes weight_plan(names, spec, config) instead.
-    canonical_weights(get_tensor, names, spec) -> Iterator[(canonical_name, ndarray)]
-        the canonical tensors (q|k|v and gate|up fused by rows), dtype-agnostic byte moves.
 
 and the constants ARCHITECTURES (the HF architecture names it reads) and MODEL_TYPES
 (config.json model_type values that mean it, for configs saved without "architectures").
@@ -28,7 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from octavo.models import _torch_bin_reader
-from octavo.models._common import gather
+from octavo.models._common import WeightPlan, gather, run_plan
 
 
 def _families() -> list[ModuleType]:
@@ -68,6 +66,22 @@ def get_model_family(config: dict) -> ModuleType:
     named = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
     raise ValueError(
         f"unsupported architecture {named}; supported: {', '.join(sorted(ARCHITECTURES))}")
+
+
+def plan_weights(family: ModuleType, names, spec: dict, config: dict | None = None) -> WeightPlan:
+    """family.weight_plan, given the config too where the family folds config values into its
+    tensors (WEIGHTS_USE_CONFIG: Jais's logit scale)."""
+    if getattr(family, "WEIGHTS_USE_CONFIG", False):
+        return family.weight_plan(names, spec, config)
+    return family.weight_plan(names, spec)
+
+
+def canonical_weights(family: ModuleType, get_tensor: Callable[[str], np.ndarray], names,
+                      spec: dict, config: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, array) for every tensor the spec needs (q|k|v and gate|up fused by rows),
+    in the family's plan order. `get_tensor(name)` returns the HF tensor as a numpy array of any
+    dtype (bfloat16 as uint16 bits): tensors are only sliced and concatenated, never converted."""
+    return run_plan(plan_weights(family, names, spec, config), get_tensor)
 
 
 def normalize_dtype(dtype) -> str | None:
@@ -140,12 +154,7 @@ def load_model(model_dir: str) -> tuple[dict, WeightsFactory, str, dict]:
 
     files = checkpoint_files(model_dir)
     where = {name: f for f in files for name in f.keys()}
-    # A family that folds config values beyond the spec into its tensors (Jais: the logit scale)
-    # says so and gets the config too.
-    if getattr(family, "WEIGHTS_USE_CONFIG", False):
-        plan = family.weight_plan(where.keys(), spec, config)
-    else:
-        plan = family.weight_plan(where.keys(), spec)
+    plan = plan_weights(family, where.keys(), spec, config)
 
     def tensor_dtype(name: str) -> str:
         dtype = where[name].dtype(name)

@@ -5,11 +5,9 @@ rotary within max_position_embeddings (see _llama_layout.remote_code_rope).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture
 from octavo.models._llama_layout import llama_layout_plan, remote_code_rope
 
 ARCHITECTURES = ("AquilaForCausalLM", "AquilaModel")
@@ -25,8 +23,3 @@ def spec_from_config(config: dict) -> dict:
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     """Llama's tensor names (model.layers.L.self_attn.q_proj, ...)."""
     return llama_layout_plan(names, spec)
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

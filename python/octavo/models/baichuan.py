@@ -14,12 +14,12 @@ q rows, k rows, v rows), no biases, and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 
 from octavo.models._common import (
-    WeightPlan, decoder_spec, pick_architecture, require, run_plan)
+    WeightPlan, decoder_spec, pick_architecture, require)
 from octavo.models._llama_layout import llama_layout_plan
 
 ARCHITECTURES = ("BaichuanForCausalLM", "BaiChuanForCausalLM")
@@ -71,8 +71,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     normhead = spec["vocab_size"] == _BAICHUAN2_VOCAB
     return llama_layout_plan(names, spec, fused_qkv="W_pack",
                              lm_head_transform=normalize_rows if normhead else None)
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -22,11 +22,11 @@ The first ChatGLM-6B (2D positions, position_encoding_2d) is a different model a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, require
 from octavo.models._llama_layout import add_norm
 
 ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
@@ -138,8 +138,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     add_norm(plan, "final_norm", "transformer.encoder.final_layernorm", spec)
     plan.add("lm_head.weight", ("transformer.output_layer.weight", (spec["vocab_size"], hidden)))
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

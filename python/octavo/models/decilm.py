@@ -9,12 +9,10 @@ without attention, varying MLP widths); those are refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, decoder_spec, head_dim_of, pick_architecture, require, run_plan)
+    WeightPlan, decoder_spec, head_dim_of, pick_architecture, require)
 from octavo.models._llama_layout import llama_layout_plan, remote_code_rope
 
 ARCHITECTURES = ("DeciLMForCausalLM",)
@@ -49,8 +47,3 @@ def spec_from_config(config: dict) -> dict:
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     """Llama's tensor names; k_proj / v_proj rows follow each layer's KV head count."""
     return llama_layout_plan(names, spec)
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

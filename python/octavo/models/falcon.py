@@ -26,11 +26,9 @@ it in fp32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, pick_architecture, require
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, grouped_qkv, head_dim,
     make_spec, rope)
@@ -123,9 +121,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "mlp.dense_4h_to_h", hidden, inter, bias)
     add_head(plan, spec, prefix + "ln_f")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

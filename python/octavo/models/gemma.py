@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, pick_architecture
 from octavo.models._llama_layout import llama_layout_plan
 
 ARCHITECTURES = ("GemmaForCausalLM",)
@@ -52,9 +50,3 @@ def spec_from_config(config: dict) -> dict:
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     """Llama's tensor names (model.layers.L.self_attn.q_proj, ...)."""
     return llama_layout_plan(names, spec)
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs, in layer order."""
-    return run_plan(weight_plan(names, spec), get_tensor)

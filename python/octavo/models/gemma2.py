@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, require, run_plan, windows_from_layer_types
+from octavo.models._common import WeightPlan, require, windows_from_layer_types
 from octavo.models._llama_layout import llama_layout_plan
 from octavo.models.gemma import gemma_spec
 
@@ -56,8 +54,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     return llama_layout_plan(
         names, spec, post_attn_norm="pre_feedforward_layernorm",
         sandwich_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

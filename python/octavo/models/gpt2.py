@@ -15,11 +15,9 @@ checkpoints store (h.L.attn.bias, h.L.attn.masked_bias) are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, pick_architecture, require
 from octavo.models._gpt_common import (
     activation, add_conv1d, add_head, add_norm, config_int, find_prefix, head_dim, make_spec,
     unsupported)
@@ -81,9 +79,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_conv1d(plan, ours + "down", hf + "mlp.c_proj", hidden, inter, bias=True)
     add_head(plan, spec, prefix + "ln_f")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

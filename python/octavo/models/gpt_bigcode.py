@@ -13,11 +13,9 @@ says otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, pick_architecture, require
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
     per_head_qkv, unsupported)
@@ -76,9 +74,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "mlp.c_proj", hidden, inter, True)
     add_head(plan, spec, prefix + "ln_f")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -15,11 +15,9 @@ checkpoints) or lm_head (what transformers 5 saves).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, pick_architecture, require
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, per_head_qkv,
     rope)
@@ -78,9 +76,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     lm_head = "embed_out" if "embed_out.weight" in names else "lm_head"
     add_head(plan, spec, prefix + "final_layer_norm", lm_head)
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

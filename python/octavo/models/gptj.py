@@ -12,12 +12,10 @@ and wte, ln_f, lm_head.{weight,bias} -> embed_tokens, final_norm, lm_head.{weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, pick_architecture, require, run_plan)
+    WeightPlan, add_separate_qkv, pick_architecture, require)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
     plain_rope)
@@ -71,9 +69,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "mlp.fc_out", hidden, inter, True)
     add_head(plan, spec, prefix + "ln_f")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

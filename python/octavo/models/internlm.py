@@ -8,13 +8,10 @@ octavo never reaches (see _llama_layout.remote_code_rope), so both types are the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, architecture_of, decoder_spec, head_dim_of, pick_architecture, rope_from_config,
-    run_plan)
+    WeightPlan, architecture_of, decoder_spec, head_dim_of, pick_architecture, rope_from_config)
 from octavo.models._llama_layout import llama_layout_plan
 
 ARCHITECTURES = ("InternLMForCausalLM",)
@@ -39,8 +36,3 @@ def spec_from_config(config: dict) -> dict:
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     """Llama's tensor names (model.layers.L.self_attn.q_proj, ...)."""
     return llama_layout_plan(names, spec)
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -19,11 +19,11 @@ biases on wqkv and wo. Dynamic NTK rope scaling is the plain rotary within max_p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture
 from octavo.models._llama_layout import remote_code_rope
 
 ARCHITECTURES = ("InternLM2ForCausalLM",)
@@ -82,8 +82,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     if not spec["tied_embeddings"]:
         plan.add("lm_head.weight", ("output.weight", (spec["vocab_size"], hidden)))
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

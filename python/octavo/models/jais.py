@@ -22,12 +22,12 @@ positions the embedding scale is folded into wpe, since the engine scales the to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, pick_architecture, require
 from octavo.models._gpt_common import (
     ACTIVATIONS, add_conv1d, config_int, find_prefix, head_dim, make_spec, scale_values,
     unsupported)
@@ -137,9 +137,3 @@ def weight_plan(names: Iterable[str], spec: dict, config: dict) -> WeightPlan:
 def _transpose_halves(array: np.ndarray, rows: int) -> np.ndarray:
     """Two Conv1D weights stacked by rows ([2 * in, out]) -> the two Linear weights stacked."""
     return np.concatenate([array[:rows].T, array[rows:].T])
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict,
-                      config: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec, config), get_tensor)

@@ -15,12 +15,10 @@ final_norm.weight, lm_head.weight (not emitted when the embeddings are tied). Ot
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture, run_plan)
+    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture)
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 MODEL_TYPES = ("llama",)
@@ -73,11 +71,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): unused.
         plan.add("lm_head.weight", ("lm_head.weight", (spec["vocab_size"], hidden)))
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs, in layer order. `get_tensor(name)`
-    returns the HF tensor as a numpy array of any dtype (bfloat16 as uint16 bits): tensors are
-    only sliced and concatenated, never converted."""
-    return run_plan(weight_plan(names, spec), get_tensor)

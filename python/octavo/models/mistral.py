@@ -7,7 +7,7 @@ transformers' Mistral ignores `layer_types` (it warns and points to Ministral), 
 from __future__ import annotations
 
 from octavo.models._common import decoder_spec, pick_architecture
-from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (same tensors)
+from octavo.models.llama import weight_plan  # noqa: F401  (same tensors)
 
 ARCHITECTURES = ("MistralForCausalLM",)
 MODEL_TYPES = ("mistral",)

@@ -9,12 +9,10 @@ v clamped to +-clip_qkv, OLMo-1.7) has no ModelSpec equivalent either; both are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture, run_plan)
+    WeightPlan, add_separate_qkv, decoder_spec, pick_architecture)
 from octavo.models._gpt_common import add_head, add_linear, find_prefix, unsupported
 
 ARCHITECTURES = ("OlmoForCausalLM",)
@@ -53,9 +51,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", mlp + "down_proj", hidden, inter, False)
     add_head(plan, spec, None)
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

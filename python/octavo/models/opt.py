@@ -14,12 +14,10 @@ OPT-350m's layout (post-LayerNorm, a 512-wide embedding projected in and out) is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, pick_architecture, require, run_plan)
+    WeightPlan, add_separate_qkv, pick_architecture, require)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, unsupported)
 
@@ -89,9 +87,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "fc2", hidden, inter, bias)
     add_head(plan, spec, prefix + "final_layer_norm")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

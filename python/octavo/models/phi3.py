@@ -16,12 +16,10 @@ configs: in Phi-3 both mean LongRoPE), which ModelSpec cannot express; they are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, decoder_spec, pick_architecture, require, run_plan)
+    WeightPlan, decoder_spec, pick_architecture, require)
 from octavo.models._gpt_common import add_head, add_linear, add_norm, find_prefix, unsupported
 
 ARCHITECTURES = ("Phi3ForCausalLM",)
@@ -66,9 +64,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "mlp.down_proj", hidden, inter, False)
     add_head(plan, spec, prefix + "norm")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

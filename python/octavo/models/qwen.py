@@ -23,11 +23,9 @@ Qwen's own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, require, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, require
 
 ARCHITECTURES = ("QWenLMHeadModel",)
 MODEL_TYPES = ("qwen",)
@@ -94,8 +92,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     if not spec["tied_embeddings"]:
         plan.add("lm_head.weight", ("lm_head.weight", (spec["vocab_size"], hidden)))
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -8,7 +8,7 @@ uses sliding_window only while use_sliding_window is true.
 from __future__ import annotations
 
 from octavo.models._common import decoder_spec, pick_architecture, windows_from_layer_types
-from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (same tensors)
+from octavo.models.llama import weight_plan  # noqa: F401  (same tensors)
 
 ARCHITECTURES = ("Qwen2ForCausalLM",)
 MODEL_TYPES = ("qwen2",)

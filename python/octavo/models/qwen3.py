@@ -6,7 +6,7 @@ windows as in Qwen2.
 from __future__ import annotations
 
 from octavo.models._common import decoder_spec, pick_architecture
-from octavo.models.llama import canonical_weights, weight_plan  # noqa: F401  (same tensors)
+from octavo.models.llama import weight_plan  # noqa: F401  (same tensors)
 from octavo.models.qwen2 import qwen_sliding_windows
 
 ARCHITECTURES = ("Qwen3ForCausalLM",)

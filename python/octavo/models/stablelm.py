@@ -11,12 +11,10 @@ equivalent and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, glu_activation, pick_architecture, require, run_plan)
+    WeightPlan, add_separate_qkv, glu_activation, pick_architecture, require)
 from octavo.models._gpt_common import (
     add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, rope, unsupported)
 
@@ -73,9 +71,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", mlp + "down_proj", hidden, inter, False)
     add_head(plan, spec, prefix + "norm")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -12,12 +12,10 @@ and embed_tokens, norm, lm_head -> embed_tokens, final_norm, lm_head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-
-import numpy as np
+from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, head_dim_of, pick_architecture, require, run_plan)
+    WeightPlan, add_separate_qkv, head_dim_of, pick_architecture, require)
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, find_prefix, make_spec, rope)
 
@@ -72,9 +70,3 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         add_linear(plan, ours + "down", hf + "mlp.c_proj", hidden, inter, bias)
     add_head(plan, spec, prefix + "norm")
     return plan
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) for every tensor the spec needs."""
-    return run_plan(weight_plan(names, spec), get_tensor)

@@ -6,11 +6,9 @@ scaling is the plain rotary within max_position_embeddings (see _llama_layout.re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
-import numpy as np
-
-from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture, run_plan
+from octavo.models._common import WeightPlan, decoder_spec, head_dim_of, pick_architecture
 from octavo.models._llama_layout import llama_layout_plan, remote_code_rope
 
 ARCHITECTURES = ("YiForCausalLM",)
@@ -26,8 +24,3 @@ def spec_from_config(config: dict) -> dict:
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     """Llama's tensor names with model.layers.L.ln1 / ln2 for the two norms."""
     return llama_layout_plan(names, spec, input_norm="ln1", post_attn_norm="ln2")
-
-
-def canonical_weights(get_tensor: Callable[[str], np.ndarray], names: Iterable[str], spec: dict
-                      ) -> Iterator[tuple[str, np.ndarray]]:
-    return run_plan(weight_plan(names, spec), get_tensor)
