@@ -194,15 +194,9 @@ def cmd_serve(model: Optional[str], rest: list[str], pass_through: bool = False)
     except ImportError as error:
         raise SystemExit(f"octavo serve: the OpenAI-compatible server cannot be imported "
                          f"({error}); install its dependencies with pip install 'octavo[server]'")
-    if pass_through:
+    if pass_through or model is None:  # the server resolves a missing --model to the default
         return int(api_server.main(rest) or 0)
-    if model is None:
-        from octavo import default_model
-
-        model = default_model.path()
-        logger.info("octavo: no model given: serving the embedded default model at %s", model)
-    result = api_server.main(["--model", model, *rest])
-    return int(result or 0)
+    return int(api_server.main(["--model", model, *rest]) or 0)
 
 
 def cmd_export(rest: list[str]) -> int:

@@ -182,3 +182,23 @@ def test_console_script_is_declared():
         return
     result = subprocess.run(["octavo", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "generate" in result.stdout, result.stderr
+
+
+def test_serve_resolves_the_model_once(monkeypatch):
+    """`octavo serve` hands the server its flags; with no model the server resolves the default
+    (one place), with one it gets --model first."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from octavo import cli, default_model
+    from octavo.entrypoints.openai import api_server
+
+    seen = []
+    monkeypatch.setattr(api_server, "main", lambda argv: seen.append(argv))
+    assert cli.cmd_serve(None, ["--port", "9"]) == 0
+    assert cli.cmd_serve("/some/model", ["--port", "9"]) == 0
+    assert seen == [["--port", "9"], ["--model", "/some/model", "--port", "9"]]
+
+    parser = api_server.make_arg_parser()
+    args = parser.parse_args(["--port", "9"])
+    api_server._resolve_model(parser, args)
+    assert args.model == default_model.path()
