@@ -6,7 +6,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Optional, Union
 
-from octavo.async_llm import RequestOutputKind
 from octavo.entrypoints.openai.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -23,7 +22,7 @@ from octavo.entrypoints.openai.serving_engine import (
     EventWriter,
     OpenAIServing,
     clamp_logprob,
-    engine_error,
+    stream_usage,
     top_entries,
 )
 
@@ -57,26 +56,11 @@ class OpenAIServingChat(OpenAIServing):
         created = int(time.time())
 
         if request.stream:
-            outputs = self.generate_all([prompt], params, request_id, RequestOutputKind.DELTA)
-            try:
-                first = await outputs.__anext__()
-            except BaseException as error:
-                await outputs.aclose()
-                if isinstance(error, Exception):
-                    raise engine_error(error) from None
-                raise
+            first, outputs = await self.start_stream([prompt], params, request_id)
             return self._stream(first, outputs, len(prompt.token_ids), request, model,
                                 request_id, created)
 
-        final = None
-        outputs = self.generate_all([prompt], params, request_id, RequestOutputKind.FINAL_ONLY)
-        try:
-            async for _, output in outputs:
-                final = output
-        except Exception as error:
-            raise engine_error(error) from None
-        finally:
-            await outputs.aclose()
+        final = (await self.final_outputs([prompt], params, request_id))[0]
         choices = [
             ChatCompletionChoice(
                 index=completion.index,
@@ -97,25 +81,20 @@ class OpenAIServingChat(OpenAIServing):
         content = []
         for token, entry in zip(token_ids, entries):
             sampled = entry[token]
-            text = self._token_text(token, sampled.decoded_token)
+            text = self.token_text(token, sampled.decoded_token)
             content.append(ChatTokenLogprob(
                 token=text, logprob=clamp_logprob(sampled.logprob),
                 bytes=list(text.encode("utf-8")),
                 top_logprobs=[
-                    TopLogprob(token=(t_text := self._token_text(t, lp.decoded_token)),
+                    TopLogprob(token=(t_text := self.token_text(t, lp.decoded_token)),
                                logprob=clamp_logprob(lp.logprob),
                                bytes=list(t_text.encode("utf-8")))
                     for t, lp in top_entries(entry, top)]))
         return ChatChoiceLogprobs(content=content)
 
-    def _token_text(self, token: int, decoded: Optional[str]) -> str:
-        return decoded if decoded is not None else self.tokenizer.decode([token])
-
     async def _stream(self, first, outputs, prompt_tokens: int, request: ChatCompletionRequest,
                       model: str, request_id: str, created: int) -> AsyncIterator[str]:
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous_usage = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous_usage = stream_usage(request)
         top = (request.top_logprobs or 0) if request.logprobs else None
         writer = EventWriter(request_id, "chat.completion.chunk", created, model, include_usage)
         completion_tokens = 0

@@ -6,7 +6,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Optional, Union
 
-from octavo.async_llm import RequestOutputKind
 from octavo.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -20,7 +19,7 @@ from octavo.entrypoints.openai.serving_engine import (
     Prompt,
     EventWriter,
     clamp_logprob,
-    engine_error,
+    stream_usage,
 )
 from octavo.outputs import Logprob
 
@@ -70,26 +69,10 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
 
         if request.stream:
-            outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.DELTA)
-            try:
-                first = await outputs.__anext__()
-            except BaseException as error:
-                await outputs.aclose()
-                if isinstance(error, Exception):
-                    raise engine_error(error) from None
-                raise
+            first, outputs = await self.start_stream(prompts, params, request_id)
             return self._stream(first, outputs, prompts, request, model, request_id, created)
 
-        final: list = [None] * len(prompts)
-        outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.FINAL_ONLY)
-        try:
-            async for index, output in outputs:
-                final[index] = output
-        except Exception as error:
-            raise engine_error(error) from None
-        finally:
-            await outputs.aclose()
-
+        final = await self.final_outputs(prompts, params, request_id)
         choices = []
         completion_tokens = 0
         for i, (prompt, output) in enumerate(zip(prompts, final)):
@@ -129,27 +112,21 @@ class OpenAIServingCompletion(OpenAIServing):
                 result.top_logprobs.append(None)
             else:
                 sampled: Logprob = entry[token]
-                token_text = self._token_text(token, sampled)
+                token_text = self.token_text(token, sampled.decoded_token)
                 result.token_logprobs.append(clamp_logprob(sampled.logprob))
                 # The top tokens by rank, then the sampled one when it ranks lower.
-                result.top_logprobs.append({self._token_text(t, lp): clamp_logprob(lp.logprob)
+                result.top_logprobs.append({self.token_text(t, lp.decoded_token):
+                                            clamp_logprob(lp.logprob)
                                             for t, lp in entry.items()})
             result.tokens.append(token_text)
             result.text_offset.append(offset)
             offset += len(token_text)
         return result
 
-    def _token_text(self, token: int, logprob: Logprob) -> str:
-        if logprob.decoded_token is not None:
-            return logprob.decoded_token
-        return self.tokenizer.decode([token])
-
     async def _stream(self, first, outputs, prompts: list[Prompt], request: CompletionRequest,
                       model: str, request_id: str, created: int) -> AsyncIterator[str]:
         n = request.n
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous_usage = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous_usage = stream_usage(request)
         writer = EventWriter(request_id, "text_completion", created, model, include_usage)
         offsets: dict[int, int] = {}
         echoed: set[int] = set()

@@ -54,6 +54,13 @@ def top_entries(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logpro
     return sorted(ranked, key=lambda item: item[1].rank)
 
 
+def stream_usage(request) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a request's stream_options."""
+    options = request.stream_options
+    include = bool(options and options.include_usage)
+    return include, bool(include and options.continuous_usage_stats)
+
+
 class EventWriter:
     """The server-sent events of one streamed response, written straight to JSON: with hundreds
     of streams the event loop spends its time here, and building pydantic models per chunk costs
@@ -188,6 +195,38 @@ class OpenAIServing:
         if len(generators) == 1:
             return _single(generators[0])
         return _merge(generators)
+
+    async def start_stream(self, prompts: Sequence[Prompt], params: SamplingParams,
+                           request_id: str):
+        """generate_all in delta mode, with its first output already in, so that a request the
+        engine refuses is an HTTP error before any event goes out: ((index, output), outputs)."""
+        outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.DELTA)
+        try:
+            first = await outputs.__anext__()
+        except BaseException as error:
+            await outputs.aclose()
+            if isinstance(error, Exception):
+                raise engine_error(error) from None
+            raise
+        return first, outputs
+
+    async def final_outputs(self, prompts: Sequence[Prompt], params: SamplingParams,
+                            request_id: str) -> list[RequestOutput]:
+        """Every prompt's final output, in prompt order."""
+        final: list = [None] * len(prompts)
+        outputs = self.generate_all(prompts, params, request_id, RequestOutputKind.FINAL_ONLY)
+        try:
+            async for index, output in outputs:
+                final[index] = output
+        except Exception as error:
+            raise engine_error(error) from None
+        finally:
+            await outputs.aclose()
+        return final
+
+    def token_text(self, token: int, decoded: Optional[str]) -> str:
+        """A token's text: the engine's detokenized piece, else the tokenizer's."""
+        return decoded if decoded is not None else self.tokenizer.decode([token])
 
     async def _observed(self, outputs: AsyncIterator[RequestOutput],
                         delta: bool) -> AsyncIterator[RequestOutput]:
