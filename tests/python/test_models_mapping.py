@@ -18,8 +18,9 @@ SPEC_FIELDS = {
     "head_dim", "intermediate_size", "max_position_embeddings", "norm", "norm_eps", "norm_bias",
     "activation", "positions", "rope", "position_offset", "residual", "qkv_bias", "o_bias",
     "mlp_bias", "qk_norm", "tied_embeddings", "embedding_scale", "attention_scale",
-    "attn_logit_softcap", "final_logit_softcap", "sliding_window",
-}
+    "attn_logit_softcap", "final_logit_softcap", "sliding_window", "lm_head_bias",
+    "embedding_norm", "sandwich_norms", "num_kv_heads_per_layer", "alibi_slope_scale",
+}  # every ModelSpec field: each family's spec goes through make_spec
 ROPE_FIELDS = {
     "pairing", "theta", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position", "beta_fast", "beta_slow", "attention_factor",

@@ -183,18 +183,65 @@ def windows_from_layer_types(config: dict, num_layers: int, window: int | None) 
     return [int(window or 0) if t == "sliding_attention" else 0 for t in layer_types]
 
 
+# ModelSpec fields every family must state; the rest default as in model_spec.h.
+_REQUIRED = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+_DEFAULTS = {
+    "norm": "layer_norm",
+    "norm_eps": 1e-5,
+    "norm_bias": True,
+    "activation": "gelu",
+    "positions": "rotary",
+    "rope": None,
+    "position_offset": 0,
+    "residual": "sequential",
+    "qkv_bias": False,
+    "o_bias": False,
+    "mlp_bias": False,
+    "qk_norm": False,
+    "tied_embeddings": False,
+    "lm_head_bias": False,
+    "embedding_norm": False,
+    "sandwich_norms": False,
+    "num_kv_heads_per_layer": [],
+    "embedding_scale": 1.0,
+    "attention_scale": 0.0,
+    "attn_logit_softcap": 0.0,
+    "final_logit_softcap": 0.0,
+    "alibi_slope_scale": 1.0,
+    "sliding_window": None,
+}
+
+
+def make_spec(**fields) -> dict:
+    """A complete ModelSpec dict: the required fields, plus any others, the rest at their
+    model_spec.h defaults. `rope` defaults to no rotary (the dict is still complete)."""
+    missing = [f for f in _REQUIRED if fields.get(f) is None]
+    assert not missing, f"make_spec lacks {missing}"
+    unknown = set(fields) - set(_REQUIRED) - set(_DEFAULTS)
+    assert not unknown, f"not ModelSpec fields: {unknown}"
+    spec = {**_DEFAULTS, **fields}
+    if spec["rope"] is None:
+        spec["rope"] = dict(ROPE_DEFAULTS)
+    if spec["sliding_window"] is None:
+        spec["sliding_window"] = [0] * spec["num_layers"]
+    spec["num_kv_heads_per_layer"] = list(spec["num_kv_heads_per_layer"])
+    heads, kv_heads = spec["num_heads"], spec["num_kv_heads"]
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(
+            f"{spec['architecture']}: {heads} attention heads are not a multiple of {kv_heads} "
+            f"key/value heads")
+    return spec
+
+
 def decoder_spec(config: dict, **overrides) -> dict:
     """The spec of a Llama-style decoder (RMSNorm, rotary, gated MLP, sequential residual), read
     from the config fields that Llama, Mistral and Qwen share; `overrides` set the rest."""
     num_heads = int(require(config, "num_attention_heads"))
     num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads "
-            f"{num_kv_heads}")
     head_dim = head_dim_of(config)
     num_layers = int(require(config, "num_hidden_layers"))
-    spec = {
+    fields = {
         "architecture": architecture_of(config),
         "vocab_size": int(require(config, "vocab_size")),
         "hidden_size": int(require(config, "hidden_size")),
@@ -225,10 +272,7 @@ def decoder_spec(config: dict, **overrides) -> dict:
         "final_logit_softcap": 0.0,
         "sliding_window": [0] * num_layers,
     }
-    unknown = set(overrides) - set(spec)
-    assert not unknown, f"not ModelSpec fields: {unknown}"
-    spec.update(overrides)
-    return spec
+    return make_spec(**{**fields, **overrides})
 
 
 # --- weights ------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """What the GPT-lineage families share (GPT-2, GPT BigCode, OPT, GPT-J, GPT-NeoX, Falcon, MPT,
-BLOOM, Phi, Phi-3, StableLM, Starcoder2, OLMo, Jais): a spec builder that states every ModelSpec
-field, their non-gated activations, the tensor-name prefix a checkpoint was saved with, and the
+BLOOM, Phi, Phi-3, StableLM, Starcoder2, OLMo, Jais): their non-gated activations, the tensor-name prefix a checkpoint was saved with, and the
 transforms that turn fused or transposed layouts into canonical rows.
 
 Every transform only moves elements (transpose, reorder rows), so it serves float32, float16 and
@@ -26,37 +25,6 @@ ACTIVATIONS = {
     "relu": "relu",
 }
 
-# ModelSpec fields every family must state; the rest default as in model_spec.h.
-_REQUIRED = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads",
-             "num_kv_heads", "head_dim", "intermediate_size", "max_position_embeddings")
-_DEFAULTS = {
-    "norm": "layer_norm",
-    "norm_eps": 1e-5,
-    "norm_bias": True,
-    "activation": "gelu",
-    "positions": "rotary",
-    "rope": None,
-    "position_offset": 0,
-    "residual": "sequential",
-    "qkv_bias": False,
-    "o_bias": False,
-    "mlp_bias": False,
-    "qk_norm": False,
-    "tied_embeddings": False,
-    "lm_head_bias": False,
-    "embedding_norm": False,
-    "sandwich_norms": False,
-    "num_kv_heads_per_layer": [],
-    "embedding_scale": 1.0,
-    "attention_scale": 0.0,
-    "attn_logit_softcap": 0.0,
-    "final_logit_softcap": 0.0,
-    "alibi_slope_scale": 1.0,
-    "sliding_window": None,
-}
-
-
-
 def unsupported(config: dict, what: str) -> ValueError:
     """The error for a config option octavo cannot run, naming the architecture."""
     return ValueError(f"{architecture_of(config)}: {what} is not supported")
@@ -70,27 +38,6 @@ def config_int(config: dict, *keys: str) -> int:
             return int(config[key])
     raise ValueError(f"config.json of {architecture_of(config)} lacks "
                      + " or ".join(repr(k) for k in keys))
-
-
-def make_spec(**fields) -> dict:
-    """A complete ModelSpec dict: the required fields, plus any others, the rest at their
-    model_spec.h defaults. `rope` defaults to no rotary (the dict is still complete)."""
-    missing = [f for f in _REQUIRED if fields.get(f) is None]
-    assert not missing, f"make_spec lacks {missing}"
-    unknown = set(fields) - set(_REQUIRED) - set(_DEFAULTS)
-    assert not unknown, f"not ModelSpec fields: {unknown}"
-    spec = {**_DEFAULTS, **fields}
-    if spec["rope"] is None:
-        spec["rope"] = dict(ROPE_DEFAULTS)
-    if spec["sliding_window"] is None:
-        spec["sliding_window"] = [0] * spec["num_layers"]
-    spec["num_kv_heads_per_layer"] = list(spec["num_kv_heads_per_layer"])
-    heads, kv_heads = spec["num_heads"], spec["num_kv_heads"]
-    if kv_heads <= 0 or heads % kv_heads:
-        raise ValueError(
-            f"{spec['architecture']}: {heads} attention heads are not a multiple of {kv_heads} "
-            f"key/value heads")
-    return spec
 
 
 def activation(config: dict, key: str, default: str) -> str:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from octavo.models._common import WeightPlan, pick_architecture, require
+from octavo.models._common import WeightPlan, make_spec, pick_architecture, require
 from octavo.models._gpt_common import (
     activation, add_head, add_linear, add_norm, config_int, find_prefix, grouped_qkv, head_dim,
-    make_spec, rope)
+    rope)
 
 ARCHITECTURES = ("FalconForCausalLM", "RWForCausalLM")
 # RefinedWeb is the 40B-style layout, RefinedWebModel the 7B-style one (as transformers converts

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from octavo.models._common import WeightPlan, pick_architecture, require
+from octavo.models._common import WeightPlan, make_spec, pick_architecture, require
 from octavo.models._gpt_common import (
-    activation, add_conv1d, add_head, add_norm, config_int, find_prefix, head_dim, make_spec,
-    unsupported)
+    activation, add_conv1d, add_head, add_norm, config_int, find_prefix, head_dim, unsupported)
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 MODEL_TYPES = ("gpt2",)

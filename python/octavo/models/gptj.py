@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, pick_architecture, require)
+    WeightPlan, add_separate_qkv, make_spec, pick_architecture, require)
 from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec,
-    plain_rope)
+    activation, add_head, add_linear, add_norm, config_int, find_prefix, head_dim, plain_rope)
 
 ARCHITECTURES = ("GPTJForCausalLM",)
 MODEL_TYPES = ("gptj",)

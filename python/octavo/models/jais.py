@@ -27,10 +27,9 @@ from functools import partial
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, pick_architecture, require
+from octavo.models._common import WeightPlan, make_spec, pick_architecture, require
 from octavo.models._gpt_common import (
-    ACTIVATIONS, add_conv1d, config_int, find_prefix, head_dim, make_spec, scale_values,
-    unsupported)
+    ACTIVATIONS, add_conv1d, config_int, find_prefix, head_dim, scale_values, unsupported)
 
 ARCHITECTURES = ("JAISLMHeadModel",)
 MODEL_TYPES = ("jais",)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from octavo.models._common import WeightPlan, pick_architecture, require
+from octavo.models._common import WeightPlan, make_spec, pick_architecture, require
 from octavo.models._gpt_common import (
-    add_head, add_linear, add_norm, config_int, find_prefix, head_dim, make_spec, unsupported)
+    add_head, add_linear, add_norm, config_int, find_prefix, head_dim, unsupported)
 
 ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM")
 MODEL_TYPES = ("mpt",)

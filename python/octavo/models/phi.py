@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, pick_architecture, require)
+    WeightPlan, add_separate_qkv, make_spec, pick_architecture, require)
 from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, rope,
-    unsupported)
+    activation, add_head, add_linear, add_norm, find_prefix, head_dim, rope, unsupported)
 
 ARCHITECTURES = ("PhiForCausalLM",)
 MODEL_TYPES = ("phi",)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, glu_activation, pick_architecture, require)
+    WeightPlan, add_separate_qkv, glu_activation, make_spec, pick_architecture, require)
 from octavo.models._gpt_common import (
-    add_head, add_linear, add_norm, find_prefix, head_dim, make_spec, rope, unsupported)
+    add_head, add_linear, add_norm, find_prefix, head_dim, rope, unsupported)
 
 ARCHITECTURES = ("StableLmForCausalLM", "StableLMEpochForCausalLM")
 MODEL_TYPES = ("stablelm", "stablelm_epoch")

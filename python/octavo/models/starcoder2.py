@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from octavo.models._common import (
-    WeightPlan, add_separate_qkv, head_dim_of, pick_architecture, require)
-from octavo.models._gpt_common import (
-    activation, add_head, add_linear, add_norm, find_prefix, make_spec, rope)
+    WeightPlan, add_separate_qkv, head_dim_of, make_spec, pick_architecture, require)
+from octavo.models._gpt_common import activation, add_head, add_linear, add_norm, find_prefix, rope
 
 ARCHITECTURES = ("Starcoder2ForCausalLM",)
 MODEL_TYPES = ("starcoder2",)
