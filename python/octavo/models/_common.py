@@ -347,6 +347,17 @@ def _concatenate(source: WeightSource, get_tensor: Callable[[str], np.ndarray]) 
     return np.concatenate(arrays, axis=0)
 
 
+def add_norm(plan: WeightPlan, spec: dict, ours: str, hf: str) -> None:
+    """A norm's weight (and bias when the spec's norms carry one); nothing for a norm without
+    parameters."""
+    if spec["norm"] == "layer_norm_no_weight":
+        return
+    hidden = spec["hidden_size"]
+    plan.add(ours + ".weight", (hf + ".weight", (hidden,)))
+    if spec["norm_bias"]:
+        plan.add(ours + ".bias", (hf + ".bias", (hidden,)))
+
+
 def run_plan(plan: WeightPlan, get_tensor: Callable[[str], np.ndarray]
              ) -> Iterator[tuple[str, np.ndarray]]:
     for source in plan.sources:

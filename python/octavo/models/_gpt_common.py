@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import ROPE_DEFAULTS, WeightPlan, architecture_of, rope_from_config
+from octavo.models._common import (
+    ROPE_DEFAULTS, WeightPlan, add_norm, architecture_of, rope_from_config)
 
 # HF activation names of non-gated MLPs -> ModelSpec activation. gelu_new, gelu_fast and
 # gelu_pytorch_tanh are the same tanh approximation written three ways.
@@ -142,17 +143,6 @@ def scale_values(array: np.ndarray, factor: float) -> np.ndarray:
         rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
         return (rounded >> 16).astype(np.uint16)
     return (array.astype(np.float32) * np.float32(factor)).astype(array.dtype)
-
-
-def add_norm(plan: WeightPlan, spec: dict, ours: str, hf: str) -> None:
-    """A norm's weight (and bias when the spec's norms carry one); nothing for a norm without
-    parameters."""
-    if spec["norm"] == "layer_norm_no_weight":
-        return
-    hidden = spec["hidden_size"]
-    plan.add(ours + ".weight", (hf + ".weight", (hidden,)))
-    if spec["norm_bias"]:
-        plan.add(ours + ".bias", (hf + ".bias", (hidden,)))
 
 
 def add_linear(plan: WeightPlan, ours: str, hf: str, rows: int, cols: int, bias: bool,

@@ -17,21 +17,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, add_separate_qkv, rope_from_config
+from octavo.models._common import WeightPlan, add_norm, add_separate_qkv, rope_from_config
 
 
 def kv_heads_of(spec: dict, layer: int) -> int:
     """The layer's KV head count: its num_kv_heads_per_layer entry, else num_kv_heads."""
     per_layer = spec.get("num_kv_heads_per_layer") or []
     return int(per_layer[layer]) if per_layer else int(spec["num_kv_heads"])
-
-
-def add_norm(plan: WeightPlan, canonical: str, hf: str, spec: dict) -> None:
-    """`canonical`.weight (and .bias when the spec's norm has one) from `hf`.weight / .bias."""
-    hidden = spec["hidden_size"]
-    plan.add(canonical + ".weight", (hf + ".weight", (hidden,)))
-    if spec["norm_bias"]:
-        plan.add(canonical + ".bias", (hf + ".bias", (hidden,)))
 
 
 def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None = None,
@@ -65,7 +57,7 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
         attn, mlp = hf + "self_attn.", hf + "mlp."
         kv_rows = kv_heads_of(spec, layer) * head_dim
         qkv_rows = q_rows + 2 * kv_rows
-        add_norm(plan, ours + "input_norm", hf + input_norm, spec)
+        add_norm(plan, spec, ours + "input_norm", hf + input_norm)
         if fused_qkv is not None:
             plan.add(ours + "qkv.weight", (attn + fused_qkv + ".weight", (qkv_rows, hidden)))
             if spec["qkv_bias"]:
@@ -76,8 +68,8 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
         if spec["o_bias"]:
             plan.add(ours + "o.bias", (attn + "o_proj.bias", (hidden,)))
         if sandwich_norms is not None:
-            add_norm(plan, ours + "attn_out_norm", hf + sandwich_norms[0], spec)
-        add_norm(plan, ours + "post_attn_norm", hf + post_attn_norm, spec)
+            add_norm(plan, spec, ours + "attn_out_norm", hf + sandwich_norms[0])
+        add_norm(plan, spec, ours + "post_attn_norm", hf + post_attn_norm)
         plan.add(ours + "gate_up.weight", (mlp + "gate_proj.weight", (inter, hidden)),
                  (mlp + "up_proj.weight", (inter, hidden)))
         if spec["mlp_bias"]:
@@ -87,8 +79,8 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
         if spec["mlp_bias"]:
             plan.add(ours + "down.bias", (mlp + "down_proj.bias", (hidden,)))
         if sandwich_norms is not None:
-            add_norm(plan, ours + "mlp_out_norm", hf + sandwich_norms[1], spec)
-    add_norm(plan, "final_norm", "model.norm", spec)
+            add_norm(plan, spec, ours + "mlp_out_norm", hf + sandwich_norms[1])
+    add_norm(plan, spec, "final_norm", "model.norm")
     if not spec["tied_embeddings"]:
         # A tied checkpoint may still store lm_head.weight (a copy of the embedding): unused.
         plan.add("lm_head.weight", ("lm_head.weight", (spec["vocab_size"], hidden)),

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from octavo.models._common import WeightPlan, decoder_spec, pick_architecture, require
-from octavo.models._llama_layout import add_norm
+from octavo.models._common import WeightPlan, add_norm, decoder_spec, pick_architecture, require
 
 ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 MODEL_TYPES = ("chatglm",)
@@ -119,7 +118,7 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
     for layer in range(spec["num_layers"]):
         hf, ours = f"transformer.encoder.layers.{layer}.", f"layers.{layer}."
         attn, mlp = hf + "self_attention.", hf + "mlp."
-        add_norm(plan, ours + "input_norm", hf + "input_layernorm", spec)
+        add_norm(plan, spec, ours + "input_norm", hf + "input_layernorm")
         plan.add(ours + "qkv.weight", (attn + "query_key_value.weight", (qkv_rows, hidden)),
                  transform=regroup)
         if spec["qkv_bias"]:
@@ -128,13 +127,13 @@ def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
         plan.add(ours + "o.weight", (attn + "dense.weight", (hidden, heads * head_dim)))
         if spec["o_bias"]:
             plan.add(ours + "o.bias", (attn + "dense.bias", (hidden,)))
-        add_norm(plan, ours + "post_attn_norm", hf + "post_attention_layernorm", spec)
+        add_norm(plan, spec, ours + "post_attn_norm", hf + "post_attention_layernorm")
         plan.add(ours + "gate_up.weight", (mlp + "dense_h_to_4h.weight", (2 * inter, hidden)))
         if spec["mlp_bias"]:
             plan.add(ours + "gate_up.bias", (mlp + "dense_h_to_4h.bias", (2 * inter,)))
         plan.add(ours + "down.weight", (mlp + "dense_4h_to_h.weight", (hidden, inter)))
         if spec["mlp_bias"]:
             plan.add(ours + "down.bias", (mlp + "dense_4h_to_h.bias", (hidden,)))
-    add_norm(plan, "final_norm", "transformer.encoder.final_layernorm", spec)
+    add_norm(plan, spec, "final_norm", "transformer.encoder.final_layernorm")
     plan.add("lm_head.weight", ("transformer.output_layer.weight", (spec["vocab_size"], hidden)))
     return plan
