@@ -37,12 +37,9 @@ def spec_from_config(config: dict) -> dict:
                                   f"variants)")
     num_layers = int(require(config, "num_hidden_layers"))
     window = int(config.get("sliding_window") or 0)
-    spec = decoder_spec(config, architecture=pick_architecture(config, ARCHITECTURES),
+    return decoder_spec(config, architecture=pick_architecture(config, ARCHITECTURES),
                         norm_eps=float(config.get("rms_norm_eps", 1e-5)),
                         sliding_window=[window] * num_layers)
-    spec.update(lm_head_bias=False, embedding_norm=False, sandwich_norms=False,
-                num_kv_heads_per_layer=[])
-    return spec
 
 
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
