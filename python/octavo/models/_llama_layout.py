@@ -28,7 +28,7 @@ def kv_heads_of(spec: dict, layer: int) -> int:
 
 def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None = None,
                       input_norm: str = "input_layernorm",
-                      post_attn_norm: str = "post_attention_layernorm",
+                      post_attn_norm: str | None = "post_attention_layernorm",
                       sandwich_norms: tuple[str, str] | None = None,
                       lm_head_transform: Callable[[np.ndarray], np.ndarray] | None = None
                       ) -> WeightPlan:
@@ -39,7 +39,8 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
         model.layers.L.self_attn.{q,k,v}_proj.{w,b}     -> layers.L.qkv (q|k|v rows)
             or model.layers.L.self_attn.{fused_qkv}.{w,b}, already q|k|v rows
         model.layers.L.self_attn.o_proj.{w,b}           -> layers.L.o
-        model.layers.L.{post_attn_norm}.{weight,bias}   -> layers.L.post_attn_norm (pre-MLP norm)
+        model.layers.L.{post_attn_norm}.{weight,bias}   -> layers.L.post_attn_norm (pre-MLP norm;
+                                                           None: a parallel block has none)
         model.layers.L.{sandwich_norms[0|1]}            -> layers.L.{attn_out,mlp_out}_norm
         model.layers.L.mlp.{gate,up}_proj.{w,b}         -> layers.L.gate_up (gate|up rows)
         model.layers.L.mlp.down_proj.{w,b}              -> layers.L.down
@@ -69,7 +70,8 @@ def llama_layout_plan(names: Iterable[str], spec: dict, *, fused_qkv: str | None
             plan.add(ours + "o.bias", (attn + "o_proj.bias", (hidden,)))
         if sandwich_norms is not None:
             add_norm(plan, spec, ours + "attn_out_norm", hf + sandwich_norms[0])
-        add_norm(plan, spec, ours + "post_attn_norm", hf + post_attn_norm)
+        if post_attn_norm is not None:
+            add_norm(plan, spec, ours + "post_attn_norm", hf + post_attn_norm)
         plan.add(ours + "gate_up.weight", (mlp + "gate_proj.weight", (inter, hidden)),
                  (mlp + "up_proj.weight", (inter, hidden)))
         if spec["mlp_bias"]:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from octavo.models._common import (
-    WeightPlan, add_separate_qkv, glu_activation, make_spec, pick_architecture, require)
-from octavo.models._gpt_common import (
-    add_head, add_linear, add_norm, find_prefix, head_dim, rope, unsupported)
+from octavo.models._common import WeightPlan, glu_activation, make_spec, pick_architecture, require
+from octavo.models._gpt_common import head_dim, rope, unsupported
+from octavo.models._llama_layout import llama_layout_plan
 
 ARCHITECTURES = ("StableLmForCausalLM", "StableLMEpochForCausalLM")
 MODEL_TYPES = ("stablelm", "stablelm_epoch")
@@ -51,23 +50,8 @@ def spec_from_config(config: dict) -> dict:
 
 
 def weight_plan(names: Iterable[str], spec: dict) -> WeightPlan:
-    """Where each canonical tensor of a StableLM checkpoint comes from."""
-    names = set(names)
-    prefix = find_prefix(names, "embed_tokens.weight", ("model.",), "StableLM")
-    hidden, inter, size = spec["hidden_size"], spec["intermediate_size"], spec["head_dim"]
-    q_rows, kv_rows = spec["num_heads"] * size, spec["num_kv_heads"] * size
-    plan = WeightPlan(names)
-    plan.add("embed_tokens.weight", (prefix + "embed_tokens.weight", (spec["vocab_size"], hidden)))
-    for layer in range(spec["num_layers"]):
-        hf, ours = f"{prefix}layers.{layer}.", f"layers.{layer}."
-        attn, mlp = hf + "self_attn.", hf + "mlp."
-        add_norm(plan, spec, ours + "input_norm", hf + "input_layernorm")
-        add_separate_qkv(plan, ours, attn, q_rows, kv_rows, hidden, spec["qkv_bias"])
-        add_linear(plan, ours + "o", attn + "o_proj", hidden, q_rows, False)
-        if spec["residual"] == "sequential":
-            add_norm(plan, spec, ours + "post_attn_norm", hf + "post_attention_layernorm")
-        plan.add(ours + "gate_up.weight", (mlp + "gate_proj.weight", (inter, hidden)),
-                 (mlp + "up_proj.weight", (inter, hidden)))
-        add_linear(plan, ours + "down", mlp + "down_proj", hidden, inter, False)
-    add_head(plan, spec, prefix + "norm")
-    return plan
+    """Where each canonical tensor of a StableLM checkpoint comes from: Llama's layout, without
+    the pre-MLP norm in parallel blocks."""
+    sequential = spec["residual"] == "sequential"
+    return llama_layout_plan(names, spec,
+                             post_attn_norm="post_attention_layernorm" if sequential else None)
