@@ -238,16 +238,14 @@ def decoder_spec(config: dict, **overrides) -> dict:
     """The spec of a Llama-style decoder (RMSNorm, rotary, gated MLP, sequential residual), read
     from the config fields that Llama, Mistral and Qwen share; `overrides` set the rest."""
     num_heads = int(require(config, "num_attention_heads"))
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
     head_dim = head_dim_of(config)
-    num_layers = int(require(config, "num_hidden_layers"))
-    fields = {
+    fields = {  # the rest (rotary positions, no biases, sequential residual, ...) make_spec's
         "architecture": architecture_of(config),
         "vocab_size": int(require(config, "vocab_size")),
         "hidden_size": int(require(config, "hidden_size")),
-        "num_layers": num_layers,
+        "num_layers": int(require(config, "num_hidden_layers")),
         "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
+        "num_kv_heads": int(config.get("num_key_value_heads") or num_heads),
         "head_dim": head_dim,
         "intermediate_size": int(require(config, "intermediate_size")),
         "max_position_embeddings": int(require(config, "max_position_embeddings")),
@@ -255,22 +253,10 @@ def decoder_spec(config: dict, **overrides) -> dict:
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
         "norm_bias": False,
         "activation": glu_activation(config),
-        "positions": "rotary",
         "rope": rope_from_config(config, head_dim),
-        "position_offset": 0,
-        "residual": "sequential",
-        "qkv_bias": False,
-        "o_bias": False,
-        "mlp_bias": False,
-        "qk_norm": False,
         # Llama, Mistral and Qwen configs default to untied (PretrainedConfig's default is tied,
         # so an absent key must not fall through to it).
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "embedding_scale": 1.0,
-        "attention_scale": 0.0,
-        "attn_logit_softcap": 0.0,
-        "final_logit_softcap": 0.0,
-        "sliding_window": [0] * num_layers,
     }
     return make_spec(**{**fields, **overrides})
 
