@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also report GPU kernel time over the run (CUDA only)")
     args = parser.parse_args()
+    if args.profile and not args.device.startswith("cuda"):
+        parser.error("--profile reports GPU kernel time: it needs --device cuda")
 
     from octavo import LLM, SamplingParams
 

@@ -1,0 +1,35 @@
+"""bench/throughput.py on the CPU: the workload's lengths drawn as BENCH.md prescribes, every
+output run to its length, one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "bench", "throughput.py")
+
+
+def test_throughput_bench_runs_every_output_to_its_length(llama_dir):
+    command = [sys.executable, SCRIPT, "--model", llama_dir, "--num-prompts", "5",
+               "--input-len", "8:20", "--output-len", "3:7", "--seed", "4", "--no-detokenize"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = json.loads(run.stdout.strip().splitlines()[-1])
+    rng = random.Random(4)
+    lengths = [(rng.randint(8, 20), rng.randint(3, 7)) for _ in range(5)]
+    assert line["bench"] == "throughput" and line["requests"] == 5
+    assert line["prompt_tokens"] == sum(i for i, _ in lengths)
+    assert line["output_tokens"] == sum(o for _, o in lengths)
+    assert line["steps"] >= max(o for _, o in lengths)
+    assert line["output_tok_s"] > 0 and line["wall_s"] > 0
+    assert "gpu_busy_ms" not in line
+
+
+def test_throughput_bench_profile_needs_cuda(llama_dir):
+    run = subprocess.run([sys.executable, SCRIPT, "--model", llama_dir, "--profile"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--profile" in run.stderr and "cuda" in run.stderr
