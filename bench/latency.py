@@ -19,12 +19,11 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serving import percentiles  # noqa: E402
-from throughput import build_random_model, commit  # noqa: E402
+from throughput import commit, model_directory  # noqa: E402
 
 
 def summary_ms(values: list[float]) -> dict:
@@ -75,11 +74,7 @@ def main(argv=None) -> None:
     from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
     from octavo.sampling_params import SamplingParams
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model
-        if args.random_model:
-            model_dir = scratch
-            build_random_model(args.random_model, model_dir)
+    with model_directory(args.model, args.random_model) as model_dir:
         engine, spec, _ = create_engine(EngineArgs(
             model=model_dir, device=args.device, dtype=args.dtype,
             max_model_len=args.input_len + args.output_len + 1,

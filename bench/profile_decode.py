@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from throughput import build_random_model, commit, kernel_summary  # noqa: E402
+from throughput import commit, kernel_summary, model_directory  # noqa: E402
 
 
 def main() -> None:
@@ -38,11 +37,9 @@ def main() -> None:
     from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
     from octavo.sampling_params import SamplingParams
 
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.model is None:
-            build_random_model(args.random_model, scratch)
+    with model_directory(args.model, None if args.model else args.random_model) as model_dir:
         engine, spec, _ = create_engine(EngineArgs(
-            model=args.model or scratch, device="cuda", max_num_seqs=args.batch,
+            model=model_dir, device="cuda", max_num_seqs=args.batch,
             max_model_len=args.context + 4096, enable_prefix_caching=False,
             enforce_eager=args.enforce_eager))
     # Long enough that no request finishes while the others are still prefilling.

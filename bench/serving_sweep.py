@@ -21,13 +21,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serving  # noqa: E402
-from throughput import build_random_model, commit  # noqa: E402
+from throughput import commit, model_directory  # noqa: E402
 
 
 def free_port() -> int:
@@ -74,11 +73,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rates = [math.inf if r.strip() == "inf" else float(r) for r in args.rates.split(",")]
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model = args.model
-        if args.random_model:
-            model = os.path.join(scratch, args.random_model)
-            build_random_model(args.random_model, model)
+    with model_directory(args.model, args.random_model) as model:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "octavo.entrypoints.openai.api_server", "--model", model,

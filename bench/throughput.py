@@ -65,6 +65,18 @@ def save_random_untied_llama(config, directory: str) -> None:
     config.save_pretrained(directory)
 
 
+@contextlib.contextmanager
+def model_directory(model: str | None, random_model: str | None):
+    """The checkpoint to run: `model`, or a random-weight one of the named shape built in a
+    temporary directory that lives as long as the context."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if random_model:
+            model = os.path.join(scratch, random_model)
+            os.makedirs(model)
+            build_random_model(random_model, model)
+        yield model
+
+
 def build_random_model(name: str, directory: str) -> None:
     """A random-weight checkpoint of a named shape (tiny ones for the CPU)."""
     import torch
@@ -133,11 +145,7 @@ def main() -> None:
 
     from octavo import LLM, SamplingParams
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model
-        if args.random_model:
-            model_dir = scratch
-            build_random_model(args.random_model, model_dir)
+    with model_directory(args.model, args.random_model) as model_dir:
         rng = random.Random(args.seed)
         lengths = [(rng.randint(*args.input_len), rng.randint(*args.output_len))
                    for _ in range(args.num_prompts)]
