@@ -533,31 +533,6 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   void* k = qkv + size_t(q_size) * act;
   void* v = qkv + size_t(q_size + kv_size) * act;
   const int64_t q_stride = width, kv_stride = width;
-  const bool rotary = spec_.positions == PositionKind::kRotary;
-  const NormKind qk_norm_kind =
-      spec_.norm == NormKind::kRMSNormPlusOne ? NormKind::kRMSNormPlusOne : NormKind::kRMSNorm;
-  if (spec_.qk_norm && !rotary) {  // with rotary, the rotation kernel normalises the heads
-    // Per-head norm in place: each token's heads are a group of rows inside its qkv row.
-    NormParams p{};
-    p.hidden = spec_.head_dim;
-    p.row_stride = spec_.head_dim;
-    p.group_stride = width;
-    p.eps = spec_.norm_eps;
-    p.kind = uint8_t(qk_norm_kind);
-    p.weight_dtype = weight_dtype_;
-    p.act_dtype = act_dtype_;
-    p.in = p.out = q;
-    p.rows = T * spec_.num_heads;
-    p.rows_per_group = spec_.num_heads;
-    p.weight = w.q_norm_w;
-    backend_.norm(p);
-    p.in = p.out = k;
-    p.rows = T * num_kv_heads;
-    p.rows_per_group = num_kv_heads;
-    p.weight = w.k_norm_w;
-    backend_.norm(p);
-  }
-
   void* layer_cache = kv_cache_.as<std::byte>() + kv_layer_offsets_[l];
   WriteKVParams wkv{};
   wkv.k = k;
@@ -571,31 +546,35 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   wkv.k_stride = wkv.v_stride = kv_stride;
   wkv.act_dtype = act_dtype_;
   wkv.cache_dtype = kv_shape_.dtype;
-  if (rotary) {
-    RotaryParams r{};
-    r.q = q;
-    r.k = k;
+  RotaryParams r{};
+  r.q = q;
+  r.k = k;
+  r.num_tokens = T;
+  r.num_heads = spec_.num_heads;
+  r.num_kv_heads = num_kv_heads;
+  r.head_dim = spec_.head_dim;
+  r.q_stride = q_stride;
+  r.k_stride = kv_stride;
+  r.act_dtype = act_dtype_;
+  if (spec_.qk_norm) {
+    r.q_norm_weight = w.q_norm_w;
+    r.k_norm_weight = w.k_norm_w;
+    r.qk_norm_eps = spec_.norm_eps;
+    r.qk_norm_plus_one = spec_.norm == NormKind::kRMSNormPlusOne;
+    r.norm_weight_dtype = weight_dtype_;
+  }
+  if (spec_.positions == PositionKind::kRotary) {  // QK norm, rotation and cache write in one op
     r.positions = d_positions_;
     r.cos_sin = rope_cos_sin_.as<float>();
-    r.num_tokens = T;
-    r.num_heads = spec_.num_heads;
-    r.num_kv_heads = num_kv_heads;
-    r.head_dim = spec_.head_dim;
     r.rotary_dim = spec_.rotary_dim();
     r.max_position = limits_.max_model_len;
-    r.q_stride = q_stride;
-    r.k_stride = kv_stride;
     r.pairing = uint8_t(spec_.rope.pairing);
-    r.act_dtype = act_dtype_;
-    if (spec_.qk_norm) {
-      r.q_norm_weight = w.q_norm_w;
-      r.k_norm_weight = w.k_norm_w;
-      r.qk_norm_eps = spec_.norm_eps;
-      r.qk_norm_plus_one = qk_norm_kind == NormKind::kRMSNormPlusOne;
-      r.norm_weight_dtype = weight_dtype_;
-    }
     backend_.rotary_write_kv(r, wkv);
   } else {
+    if (spec_.qk_norm) {
+      backend_.norm(qk_norm_params(r, /*k_heads=*/false));
+      backend_.norm(qk_norm_params(r, /*k_heads=*/true));
+    }
     backend_.write_kv(wkv);
   }
 
