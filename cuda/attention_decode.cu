@@ -126,28 +126,6 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
-/// Eight 16-bit floats (one 16-byte chunk) to fp32.
-template <typename T>
-__device__ __forceinline__ void to_float8(const gpu::Vec16& raw, float (&out)[8]) {
-  if constexpr (std::is_same_v<T, gpu::bf16>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __uint_as_float(raw.words[i] << 16);
-      out[2 * i + 1] = __uint_as_float(raw.words[i] & 0xffff0000u);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 pair;
-      static_assert(sizeof(pair) == sizeof(uint32_t));
-      memcpy(&pair, &raw.words[i], sizeof(pair));
-      const float2 f = __half22float2(pair);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ T from_float(float value) {
   if constexpr (std::is_same_v<T, gpu::bf16>) {
@@ -269,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
     if (g < heads_here && lane_has_dims) {
       const auto* src = static_cast<const T*>(p.q) + int64_t{request} * p.q_stride +
                         int64_t{head} * kHeadDim + dim_lane * 8;
-      to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(src), q[g]);
+      gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(src), q[g]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) q[g][j] *= p.scale;
       if (p.alibi_slopes != nullptr) slope[g] = p.alibi_slopes[head];
@@ -309,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
       const int row = row_group + u * kRowGroups;
       float k[8];
       if (lane_has_dims) {
-        to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8),
+        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8),
                      k);
       } else {
 #pragma unroll
@@ -374,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
       const int row = row_group + u * kRowGroups;
       float v[8];
       if (lane_has_dims) {
-        to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8),
+        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8),
                      v);
       } else {
 #pragma unroll

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>  // memcpy in to_float8
+#include <type_traits>
 
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
 #include "../hip/hip_compat.h"
@@ -42,6 +44,28 @@ namespace octavo::gpu {
 struct alignas(16) Vec16 {
   uint32_t words[4];
 };
+
+/// Eight 16-bit floats (one 16-byte chunk) to fp32.
+template <typename T>
+__device__ __forceinline__ void to_float8(const gpu::Vec16& raw, float (&out)[8]) {
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(raw.words[i] << 16);
+      out[2 * i + 1] = __uint_as_float(raw.words[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 pair;
+      static_assert(sizeof(pair) == sizeof(uint32_t));
+      memcpy(&pair, &raw.words[i], sizeof(pair));
+      const float2 f = __half22float2(pair);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+}
 
 /// A 16-byte load of data read once (weights streamed by a GEMV): cached so as not to evict
 /// what is reused.

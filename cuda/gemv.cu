@@ -24,28 +24,18 @@ constexpr int kGemvThreads = 128;
 constexpr int kRowsPerBlock = 4;
 constexpr int kChunkElems = 8;  // 16 bytes of bf16 / fp16
 
-// Two packed 16-bit values as floats: bf16 is the top half of an fp32, so a shift converts it.
-__device__ __forceinline__ float2 to_float2(uint32_t packed, gpu::bf16) {
-  return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
-}
-__device__ __forceinline__ float2 to_float2(uint32_t packed, gpu::fp16) {
-  return make_float2(__half2float(__ushort_as_half(uint16_t(packed))),
-                     __half2float(__ushort_as_half(uint16_t(packed >> 16))));
-}
 __device__ __forceinline__ float to_float(gpu::bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(gpu::fp16 x) { return __half2float(x); }
 
 // The dot product of one 16-byte chunk of a weight row and one of an input row, in fp32.
 template <typename T>
 __device__ __forceinline__ float dot_chunk(const gpu::Vec16& w, const gpu::Vec16& x) {
+  float a[8], b[8];
+  gpu::to_float8<T>(w, a);
+  gpu::to_float8<T>(x, b);
   float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 a = to_float2(w.words[j], T{});
-    const float2 b = to_float2(x.words[j], T{});
-    sum = fmaf(a.x, b.x, sum);
-    sum = fmaf(a.y, b.y, sum);
-  }
+  for (int j = 0; j < 8; ++j) sum = fmaf(a[j], b[j], sum);
   return sum;
 }
 
