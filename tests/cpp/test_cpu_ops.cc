@@ -391,19 +391,25 @@ TEST(Norm, GroupedRowsInsideWiderRowsLeaveEverythingElseUntouched) {
   }
 }
 
-TEST(Norm, RejectsGroupingThatOverlapsOrIsHalfSet) {
-  std::vector<float> x(64), w(4, 1.0f);
+// An fp32 RMSNorm of `rows` rows of `hidden` at `row_stride`, in place in x.
+NormParams fp32_norm_in_place(std::vector<float>& x, const std::vector<float>& w, int rows,
+                              int hidden, int64_t row_stride) {
   NormParams p{};
-  p.in = x.data();
-  p.out = x.data();
+  p.in = p.out = x.data();
   p.weight = w.data();
-  p.rows = 4;
-  p.hidden = 4;
-  p.row_stride = 5;
+  p.rows = rows;
+  p.hidden = hidden;
+  p.row_stride = row_stride;
   p.eps = 1e-6f;
   p.kind = uint8_t(NormKind::kRMSNorm);
   p.weight_dtype = DType::kFloat32;
   p.act_dtype = DType::kFloat32;
+  return p;
+}
+
+TEST(Norm, RejectsGroupingThatOverlapsOrIsHalfSet) {
+  std::vector<float> x(64), w(4, 1.0f);
+  NormParams p = fp32_norm_in_place(x, w, 4, 4, 5);
   p.rows_per_group = -1;
   p.group_stride = 16;
   expect_invalid([&] { cpu::norm(p); }, {"rows_per_group is -1", ">= 0"});
@@ -419,17 +425,8 @@ TEST(Norm, RejectsGroupingThatOverlapsOrIsHalfSet) {
 
 TEST(Norm, RejectsUnknownKindMissingWeightAndHalfActivations) {
   std::vector<float> x(8), w(8, 1.0f);
-  NormParams p{};
-  p.in = x.data();
-  p.out = x.data();
-  p.weight = w.data();
-  p.rows = 1;
-  p.hidden = 8;
-  p.row_stride = 8;
-  p.eps = 1e-6f;
+  NormParams p = fp32_norm_in_place(x, w, 1, 8, 8);
   p.kind = 9;
-  p.weight_dtype = DType::kFloat32;
-  p.act_dtype = DType::kFloat32;
   expect_invalid([&] { cpu::norm(p); }, {"NormKind value 9"});
   p.kind = uint8_t(NormKind::kRMSNorm);
   p.weight = nullptr;
