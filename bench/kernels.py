@@ -1,6 +1,6 @@
 """Paged attention kernels over a grid of shapes, against the ceilings measured in the same run.
 
-    python bench/kernels.py [--quick] [--result-json FILE]
+    python bench/kernels.py [--quick] [--sections decode,nano-run,prefill,gemv] [--result-json FILE]
 
 Decode (one query token per request): time, GB/s of K/V read and the fraction of the copy
 bandwidth, for full batches, small batches with long contexts and a batch of uneven lengths.
@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 
 import numpy as np
@@ -42,6 +43,7 @@ GEMV_SHAPES = [(m, n, k) for m in (1, 2) for n, k in
 QUICK_GEMV = [(1, 1024, 1024)]
 QUICK_DECODE = [(4, 1024, None), (6, 512, [100, 512, 37, 300, 512, 1])]
 QUICK_PREFILL = [(2, 512)]
+SECTIONS = ("decode", "nano-run", "prefill", "gemv")
 
 
 def graph_seconds(fn, repeats: int = 20) -> float:
@@ -90,31 +92,111 @@ def paged_cache(batch: int, max_context: int):
     return cache, tables
 
 
-def decode(batch: int, context: int, contexts, copy_bandwidth: float) -> dict:
+def decode_call(q, cache, out, context_lens, tables, heads: int, kv_heads: int,
+                max_context: int, request_order=None):
+    """One paged decode attention call over these tensors, with its workspace, as a closure."""
     from octavo import _C
 
+    batch, width = tables.shape
+    query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    workspace = torch.empty(max(16, _C.ops.decode_workspace_bytes(
+        batch, heads, kv_heads, HEAD_DIM, BLOCK, max_context)), dtype=torch.uint8, device="cuda")
+
+    def call():
+        _C.ops.paged_attention(q, cache, out, query_start, context_lens, tables, None, heads,
+                               kv_heads, HEAD_DIM, BLOCK, 1.0 / math.sqrt(HEAD_DIM),
+                               stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
+                               max_context_len=max_context, workspace=workspace,
+                               request_order=request_order)
+    return call
+
+
+def decode(batch: int, context: int, contexts, copy_bandwidth: float) -> dict:
     lengths = [context] * batch if contexts is None else list(contexts)
     cache, tables = paged_cache(batch, context)
     context_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     q = torch.randn((batch, HEADS * HEAD_DIM), device="cuda", dtype=DTYPE)
     out = torch.empty_like(q)
-    workspace = torch.empty(max(16, _C.ops.decode_workspace_bytes(
-        batch, HEADS, KV_HEADS, HEAD_DIM, BLOCK, context)), dtype=torch.uint8, device="cuda")
-
-    def call():
-        _C.ops.paged_attention(q, cache, out, query_start, context_lens, tables, None, HEADS,
-                               KV_HEADS, HEAD_DIM, BLOCK, 1.0 / math.sqrt(HEAD_DIM),
-                               stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
-                               max_context_len=context, workspace=workspace)
-
-    seconds = graph_seconds(call)
+    seconds = graph_seconds(decode_call(q, cache, out, context_lens, tables, HEADS, KV_HEADS,
+                                        context))
     kv_bytes = sum(lengths) * KV_HEADS * HEAD_DIM * 2 * cache.element_size()
     rate = kv_bytes / seconds
     return {"kernel": "paged_decode", "batch": batch, "context": context,
             "uneven": contexts is not None, "us": round(seconds * 1e6, 2),
             "kv_GBps": round(rate / 1e9, 1),
             "fraction_of_copy": round(rate / copy_bandwidth, 3)}
+
+
+def graph_bucket(batch: int) -> int:
+    """The executor's decode graph buckets: 1, 2, 4, then every multiple of 8."""
+    return next((b for b in (1, 2, 4) if batch <= b), (batch + 7) // 8 * 8)
+
+
+class NanoRunDecode:
+    """Decode attention over the nano run (BENCH.md), step by step as the engine launches it:
+    Qwen3-0.6B's 16 query / 8 KV heads; the running requests in admission order, padded to the
+    graph bucket with empty rows; the block table and plan at the graph's width (a power of two of
+    16 blocks and up); the launch starting rows in order, or longest context first
+    (request_order, as the executor passes it)."""
+
+    HEADS, KV_HEADS = 16, 8
+
+    def __init__(self):
+        rng = random.Random(0)
+        self.lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+        self.max_model_len = max(p + o for p, o in self.lengths) + 1
+        self.max_blocks = (self.max_model_len + BLOCK - 1) // BLOCK
+        rows = len(self.lengths)
+        self.cache = torch.randn((rows * self.max_blocks, 2, self.KV_HEADS, BLOCK, HEAD_DIM),
+                                 device="cuda", dtype=DTYPE)
+        self.tables = torch.randperm(rows * self.max_blocks, device="cuda").to(torch.int32).view(
+            rows, self.max_blocks)
+        self.token_bytes = self.KV_HEADS * HEAD_DIM * 2 * self.cache.element_size()
+        self.decode_steps = max(o for _, o in self.lengths)
+
+    def step(self, step: int, longest_first: bool):
+        """(call, K/V bytes it reads, running requests) for decode step `step` (1 and up)."""
+        contexts = [p + step for p, o in self.lengths if o > step]
+        bucket = graph_bucket(len(contexts))
+        width = 16
+        while width * BLOCK < max(contexts):
+            width *= 2
+        width = min(width, self.max_blocks)
+        padded = contexts + [0] * (bucket - len(contexts))
+        context_lens = torch.tensor(padded, dtype=torch.int32, device="cuda")
+        order = None
+        if longest_first:  # stable, padding rows (empty) last: the executor's order
+            order = torch.tensor(sorted(range(bucket), key=lambda r: -padded[r]),
+                                 dtype=torch.int32, device="cuda")
+        q = torch.randn((bucket, self.HEADS * HEAD_DIM), device="cuda", dtype=DTYPE)
+        call = decode_call(q, self.cache, torch.empty_like(q), context_lens,
+                           self.tables[:bucket, :width].contiguous(), self.HEADS, self.KV_HEADS,
+                           min(self.max_model_len, width * BLOCK), order)
+        return call, sum(contexts) * self.token_bytes, len(contexts)
+
+
+def nano_run_decode(copy_bandwidth: float, step_stride: int, longest_first: bool) -> dict:
+    """Every `step_stride`-th decode step of the nano run (NanoRunDecode): the bytes-weighted
+    fraction of copy bandwidth over them is the kernel's share of the run's floor, overall and by
+    running batch."""
+    run = NanoRunDecode()
+    by_batch = {"256-129": [0, 0.0], "128-33": [0, 0.0], "32-1": [0, 0.0]}
+    total_bytes, total_seconds, steps = 0, 0.0, 0
+    for step in range(1, run.decode_steps, step_stride):
+        call, kv_bytes, running = run.step(step, longest_first)
+        seconds = graph_seconds(call, repeats=10)
+        key = next(k for k in by_batch if running >= int(k.split("-")[1]))
+        by_batch[key][0] += kv_bytes
+        by_batch[key][1] += seconds
+        total_bytes += kv_bytes
+        total_seconds += seconds
+        steps += 1
+    return {"kernel": "paged_decode_nano_run", "order": "longest_first" if longest_first
+            else "rows", "steps": steps, "step_stride": step_stride,
+            "layer_ms": round(total_seconds * 1e3, 3), "kv_GB": round(total_bytes / 1e9, 2),
+            "fraction_of_copy": round(total_bytes / total_seconds / copy_bandwidth, 3),
+            "by_batch": {k: round(b / s / copy_bandwidth, 3) for k, (b, s) in by_batch.items()
+                         if s > 0}}
 
 
 def prefill(batch: int, seq: int, matmul_rate: float) -> dict:
@@ -180,8 +262,14 @@ def gemv(m: int, n: int, k: int, copy_bandwidth: float) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of " + ", ".join(SECTIONS))
     parser.add_argument("--result-json", default=None, help="append the JSON lines here")
     args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         raise SystemExit("kernels.py: needs a CUDA device (the CPU backend is the reference, "
                          "not a speed target)")
@@ -191,19 +279,21 @@ def main(argv=None) -> None:
               "bf16_matmul_TFLOPs": ceiling["bf16_matmul_TFLOPs"]}
     copy = ceiling["copy_bandwidth_TBps"] * 1e12
     matmul = ceiling["bf16_matmul_TFLOPs"] * 1e12
+    runs = {
+        "decode": [lambda s=s: decode(*s, copy)
+                   for s in (QUICK_DECODE if args.quick else DECODE_SHAPES)],
+        "nano-run": [lambda order=order: nano_run_decode(copy, 256 if args.quick else 16, order)
+                     for order in (False, True)],
+        "prefill": [lambda s=s: prefill(*s, matmul)
+                    for s in (QUICK_PREFILL if args.quick else PREFILL_SHAPES)],
+        "gemv": [lambda s=s: gemv(*s, copy) for s in (QUICK_GEMV if args.quick else GEMV_SHAPES)],
+    }
     lines = []
-    for batch, context, contexts in (QUICK_DECODE if args.quick else DECODE_SHAPES):
-        lines.append(json.dumps({**common, **decode(batch, context, contexts, copy)}))
-        print(lines[-1], flush=True)
-        torch.cuda.empty_cache()
-    for batch, seq in (QUICK_PREFILL if args.quick else PREFILL_SHAPES):
-        lines.append(json.dumps({**common, **prefill(batch, seq, matmul)}))
-        print(lines[-1], flush=True)
-        torch.cuda.empty_cache()
-    for m, n, k in (QUICK_GEMV if args.quick else GEMV_SHAPES):
-        lines.append(json.dumps({**common, **gemv(m, n, k, copy)}))
-        print(lines[-1], flush=True)
-        torch.cuda.empty_cache()
+    for section in sections:
+        for run in runs[section]:
+            lines.append(json.dumps({**common, **run()}))
+            print(lines[-1], flush=True)
+            torch.cuda.empty_cache()
     if args.result_json:
         with open(args.result_json, "a") as f:
             f.write("".join(line + "\n" for line in lines))

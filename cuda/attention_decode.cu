@@ -7,6 +7,9 @@
 // (FlashDecoding): the launcher picks the count so that requests x KV heads x splits fills the
 // GPU; a request whose keys fit one split writes its output directly, the others write unnormalised
 // partial outputs plus (max, sum-exp) to the fp32 workspace and decode_reduce_kernel merges them.
+// Requests start in the order of params.request_order when given (the executor passes longest
+// first): the block scheduler then packs a batch of uneven lengths with no long request left to
+// run alone at the end (nano run's decode steps: 0.78 -> 0.87 of copy bandwidth).
 //
 // Inside a CTA, K/V tiles of kTileTokens tokens are streamed global -> shared by cp.async in a
 // kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
@@ -179,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
   const int kv_head = blockIdx.x / a.group_tiles;
   const int group_tile = blockIdx.x % a.group_tiles;
   const int split = blockIdx.y;
-  const int request = blockIdx.z;
+  const int request = p.request_order != nullptr ? p.request_order[blockIdx.z] : blockIdx.z;
   const SplitRange range = split_range(a, request, split);
   if (split >= range.num_valid_splits) return;
   const bool direct = range.num_valid_splits == 1;

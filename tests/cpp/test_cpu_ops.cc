@@ -863,6 +863,13 @@ TEST(PagedAttention, RejectsInconsistentBatch) {
   p.num_kv_heads = 1;
   p.act_dtype = DType::kFloat16;
   expect_invalid([&] { cpu::paged_attention(p); }, {"float32"});
+  p.act_dtype = DType::kFloat32;
+  std::vector<int32_t> order = {1};
+  p.request_order = order.data();
+  expect_invalid([&] { cpu::paged_attention(p); },
+                 {"request_order[0] is 1", "permutation of [0, 1)"});
+  order[0] = 0;
+  cpu::paged_attention(p);
 }
 
 // ---- activation and gather ----------------------------------------------------------------

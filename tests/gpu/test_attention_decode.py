@@ -68,12 +68,22 @@ def _make_case(seed, context_lens, num_heads, num_kv_heads, head_dim, block_size
                 query_start=np.arange(num_requests + 1, dtype=np.int32), q_stride=stride)
 
 
+def _request_order(context_lens, order):
+    """The launch order a test asks for: None, "longest_first" (the executor's) or "shuffled"."""
+    if order is None:
+        return None
+    if order == "longest_first":
+        return np.argsort(-context_lens, kind="stable").astype(np.int32)
+    return np.random.default_rng(len(context_lens)).permutation(len(context_lens)).astype(np.int32)
+
+
 def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, softcap=0.0,
-         alibi=False, scale=None):
+         alibi=False, scale=None, order=None):
     """(gpu output as fp32 numpy, CPU reference as fp32 numpy)."""
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     num_requests = len(case["context_lens"])
+    request_order = _request_order(case["context_lens"], order)
     max_context_len = int(case["context_lens"].max())
     slopes = _alibi_slopes(num_heads) if alibi else None
     q = case["q"].to(dtype)
@@ -83,7 +93,8 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
 
     expected = np.full((num_requests, num_heads * head_dim), np.nan, dtype=np.float32)
     _C.ops.paged_attention(q.float().numpy(), cache.float().numpy(), expected, case["query_start"],
-                           case["context_lens"], case["block_tables"], slopes, *scalars, **options)
+                           case["context_lens"], case["block_tables"], slopes, *scalars, **options,
+                           request_order=request_order)
 
     workspace_bytes = _C.ops.decode_workspace_bytes(num_requests, num_heads, num_kv_heads, head_dim,
                                                     block_size, max_context_len, window)
@@ -94,7 +105,8 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
         torch.from_numpy(case["context_lens"]).cuda(), torch.from_numpy(case["block_tables"]).cuda(),
         torch.from_numpy(slopes).cuda() if alibi else None, *scalars, **options,
         stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
-        max_context_len=max_context_len, workspace=workspace)
+        max_context_len=max_context_len, workspace=workspace,
+        request_order=None if request_order is None else torch.from_numpy(request_order).cuda())
     torch.cuda.synchronize()
     return out.float().cpu().numpy(), expected
 
@@ -125,6 +137,10 @@ CASES = [
     # Batches up to 64 with uneven lengths (some requests split, some written directly).
     ("batch64_uneven", list(np.random.default_rng(7).integers(1, 2049, 64)), 16, 4, 128, 16, {}),
     ("batch33_uneven_gqa8", list(np.random.default_rng(8).integers(1, 1500, 33)), 16, 2, 128, 32, {}),
+    # Launch orders (request_order): the executor's longest first, and any permutation.
+    ("batch64_uneven_longest_first", list(np.random.default_rng(9).integers(1, 2049, 64)), 16, 8,
+     128, 16, {"order": "longest_first"}),
+    ("long_mixed_short_shuffled", [8000, 1, 17, 250, 5000, 3], 16, 4, 96, 32, {"order": "shuffled"}),
     # A block size that is not a power of two (the division path).
     ("block_size_24", [1, 23, 24, 25, 1000], 8, 2, 128, 24, {}),
     # Sliding window: shorter and longer than the contexts, split and unsplit.

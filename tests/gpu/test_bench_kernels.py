@@ -20,7 +20,11 @@ def test_kernels_bench_quick(tmp_path):
     decode = [line for line in lines if line["kernel"] == "paged_decode"]
     prefill = [line for line in lines if line["kernel"] == "paged_prefill"]
     gemv = [line for line in lines if line["kernel"] == "gemv"]
+    nano_run = [line for line in lines if line["kernel"] == "paged_decode_nano_run"]
     assert len(decode) == 2 and len(prefill) == 1 and len(gemv) == 1
+    assert sorted(line["order"] for line in nano_run) == ["longest_first", "rows"]
+    for line in nano_run:
+        assert line["steps"] == 4 and line["kv_GB"] > 0 and 0 < line["fraction_of_copy"] < 1.5
     assert any(line["uneven"] for line in decode)
     for line in decode:
         assert line["us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
@@ -29,3 +33,9 @@ def test_kernels_bench_quick(tmp_path):
     for line in gemv:
         assert line["us"] > 0 and line["cublas_us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
     assert all(line["copy_bandwidth_TBps"] > 0 for line in lines)
+
+
+def test_kernels_bench_refuses_unknown_section():
+    command = [sys.executable, os.path.join(REPO, "bench", "kernels.py"), "--sections", "decode,nope"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "nope" in run.stderr

@@ -197,6 +197,11 @@ struct WriteKVParams {
 /// score = q.k * scale; with softcap > 0, score = softcap * tanh(score / softcap); with alibi
 /// slopes, score += slope[h] * (key_pos - query_pos). Query head h reads KV head
 /// h / (num_heads / num_kv_heads). Softmax in fp32.
+///
+/// request_order (optional) is a permutation of [0, num_requests): the order in which a decode
+/// launch should start the requests' work. It never changes the result. Longest context first lets
+/// the GPU's block scheduler pack a batch of uneven lengths (a long request started last finishes
+/// alone); the executor passes it for decode steps. The CPU backend checks that it is a permutation.
 struct AttentionParams {
   const void* q;                 // [num_tokens] x [num_heads, head_dim] at q_stride apart
   const void* layer_cache;       // as WriteKVParams::layer_cache
@@ -220,6 +225,7 @@ struct AttentionParams {
   float softcap;                 // 0: none
   DType act_dtype;
   DType cache_dtype;
+  const int32_t* request_order = nullptr;  // [num_requests] or nullptr (index order)
 };
 
 /// GLU: out[t, i] = act(in[t, i]) * in[t, inter + i] for in [num_tokens, 2 * inter] (gate | up).

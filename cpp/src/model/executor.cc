@@ -172,7 +172,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   const size_t max_blocks = (limits_.max_model_len + block_size - 1) / block_size;
   max_blocks_ = int(max_blocks);
   max_bias_entries_ = S * size_t(std::max(limits_.max_bias_per_seq, 1));
-  size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + S * 4 + S * max_blocks * 4 +
+  size_t step_bytes = 64 * 16 + T * (4 + 4 + 8) + (S + 1) * 4 + 2 * S * 4 + S * max_blocks * 4 +
                             S * 4 + S * sizeof(SamplingRow) + (S + 1) * 4 +
                             max_bias_entries_ * 8 + S * sizeof(BlockCopy) * 4 +
                             S * sizeof(PenaltyRow) + S * 4 + T * 8;
@@ -368,6 +368,7 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   int64_t* slots = carve<int64_t>(cursor, token_capacity);
   int32_t* query_start = carve<int32_t>(cursor, request_capacity + 1);
   int32_t* context_lens = carve<int32_t>(cursor, request_capacity);
+  int32_t* request_order = carve<int32_t>(cursor, request_capacity);
   int32_t* block_tables = graph ? reinterpret_cast<int32_t*>(base + table_offset_)
                                 : carve<int32_t>(cursor, b.block_tables.size());
   int32_t* sample_rows = carve<int32_t>(cursor, S);
@@ -407,6 +408,14 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   } else {
     stage(block_tables, b.block_tables);
   }
+  if (b.max_query_len == 1) {
+    // Decode attention starts the longest contexts first; graph padding rows (empty) go last.
+    const int rows = graph ? graph_key.batch : R;
+    for (int r = 0; r < rows; ++r) request_order[r] = r;
+    std::stable_sort(request_order, request_order + R, [&](int32_t x, int32_t y) {
+      return b.context_lens[size_t(x)] > b.context_lens[size_t(y)];
+    });
+  }
   stage(sample_rows, b.sample_rows);
   stage(sampling, b.sampling);
   stage(bias_offsets, b.bias_offsets);
@@ -433,6 +442,7 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   d_slot_mapping_ = device(slots);
   d_query_start_ = device(query_start);
   d_context_lens_ = device(context_lens);
+  d_request_order_ = device(request_order);
   d_block_tables_ = device(block_tables);
   d_sample_rows_ = device(sample_rows);
   d_sampling_ = device(sampling);
@@ -584,6 +594,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   a.out = attn_out_.data();
   a.query_start = d_query_start_;
   a.context_lens = d_context_lens_;
+  a.request_order = f.max_query_len == 1 ? d_request_order_ : nullptr;
   a.block_tables = d_block_tables_;
   a.alibi_slopes = spec_.positions == PositionKind::kAlibi ? alibi_slopes_.as<float>() : nullptr;
   a.num_requests = f.num_requests;

@@ -195,6 +195,7 @@ class Executor {
   int64_t* d_slot_mapping_ = nullptr;
   int32_t* d_query_start_ = nullptr;
   int32_t* d_context_lens_ = nullptr;
+  int32_t* d_request_order_ = nullptr;  // decode steps: requests by descending context
   int32_t* d_block_tables_ = nullptr;
   int32_t* d_sample_rows_ = nullptr;
   SamplingRow* d_sampling_ = nullptr;

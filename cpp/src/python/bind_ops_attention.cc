@@ -48,12 +48,16 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
                      AnyArray context_lens, AnyArray block_tables, OptArray alibi_slopes,
                      int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
                      int sliding_window, float softcap, uintptr_t stream, int max_query_len,
-                     int max_context_len, OptArray workspace, int64_t q_stride) {
+                     int max_context_len, OptArray workspace, int64_t q_stride,
+                     OptArray request_order) {
   const bool cuda =
       same_device_is_cuda("paged_attention", q, cache_layer, out, query_start, context_lens,
                           block_tables);
   if (alibi_slopes && on_cuda(*alibi_slopes) != cuda) {
     throw InvalidArgument("paged_attention: alibi_slopes is on another device than q");
+  }
+  if (request_order && on_cuda(*request_order) != cuda) {
+    throw InvalidArgument("paged_attention: request_order is on another device than q");
   }
   require_int32(query_start, "query_start");
   require_int32(context_lens, "context_lens");
@@ -79,6 +83,11 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
       throw InvalidArgument("paged_attention: alibi_slopes must be float32");
     }
     require_size(*alibi_slopes, num_heads, "alibi_slopes");
+  }
+  if (request_order) {
+    require_int32(*request_order, "request_order");
+    require_size(*request_order, p.num_requests, "request_order");
+    p.request_order = static_cast<const int32_t*>(request_order->data());
   }
   p.q = q.data();
   p.layer_cache = cache_layer.data();
@@ -190,6 +199,7 @@ void bind_ops_attention(nb::module_& ops) {
           arg("block_size"), arg("scale"), arg("sliding_window") = 0, arg("softcap") = 0.0f,
           arg("stream") = 0, arg("max_query_len") = -1, arg("max_context_len") = -1,
           arg("workspace").none() = nb::none(), arg("q_stride") = 0,
+          arg("request_order").none() = nb::none(),
           "Paged attention (AttentionParams): out[t] = softmax(q[t] K^T * scale) V over the\n"
           "cached keys of t's request. q: [num_tokens, num_heads * head_dim] rows q_stride apart\n"
           "(default: contiguous); cache_layer: one layer's [num_blocks, 2, num_kv_heads,\n"
@@ -197,7 +207,10 @@ void bind_ops_attention(nb::module_& ops) {
           "context_lens, block_tables: int32; alibi_slopes: float32 [num_heads] or None.\n"
           "CUDA arrays need max_query_len and max_context_len (host values; computed from the\n"
           "arrays on the CPU): 1 runs the decode kernel, which needs `workspace` (a CUDA byte\n"
-          "buffer of decode_workspace_bytes(...) bytes) when that is > 0; larger runs prefill.");
+          "buffer of decode_workspace_bytes(...) bytes) when that is > 0; larger runs prefill.\n"
+          "request_order: optional int32 permutation of the requests, the order a decode launch\n"
+          "starts them in (longest context first packs uneven batches); never changes the\n"
+          "result. The CPU checks it is a permutation; on CUDA that is the caller's promise.");
   ops.def("decode_workspace_bytes", &decode_workspace_bytes, arg("num_requests"),
           arg("num_heads"), arg("num_kv_heads"), arg("head_dim"), arg("block_size"),
           arg("max_context_len"), arg("sliding_window") = 0,

@@ -71,6 +71,18 @@ void validate(const AttentionParams& p) {
                             " blocks; its block table holds " + str(p.max_blocks_per_request));
     }
   }
+  if (p.request_order != nullptr) {  // a hint for the GPU's launch order; here only checked
+    std::vector<bool> seen(size_t(p.num_requests), false);
+    for (int32_t i = 0; i < p.num_requests; ++i) {
+      const int32_t r = p.request_order[i];
+      if (r < 0 || r >= p.num_requests || seen[size_t(r)]) {
+        throw InvalidArgument("paged_attention: request_order[" + str(i) + "] is " + str(r) +
+                              "; request_order must be a permutation of [0, " +
+                              str(p.num_requests) + ")");
+      }
+      seen[size_t(r)] = true;
+    }
+  }
 }
 
 }  // namespace
