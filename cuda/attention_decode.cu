@@ -86,7 +86,13 @@ int tile_tokens(int head_dim) {
   }
 }
 
-int group_tile_for(int group) { return group == 1 ? 1 : group <= 4 ? 4 : kMaxGroupTile; }
+/// Query heads per CTA for a GQA group: 1, 2 (pairs at head dim 128 only: Qwen3's small models;
+/// elsewhere a pair runs in the instance of 4 with half its arithmetic masked, to keep the
+/// instance list short), 4 for groups of 3-4, kMaxGroupTile for 5 and up.
+int group_tile_for(int group, int head_dim) {
+  if (group <= 2) return group == 2 && head_dim != 128 ? 4 : group;
+  return group <= 4 ? 4 : kMaxGroupTile;
+}
 
 /// Everything the kernels need: the op's parameters plus the launcher's plan.
 struct DecodeArgs {
@@ -570,7 +576,7 @@ int64_t initial_splits(int64_t num_requests, int64_t ctas_per_request, int64_t t
 Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
   Plan plan;
   plan.group = p.num_heads / p.num_kv_heads;
-  plan.group_tile = group_tile_for(plan.group);
+  plan.group_tile = group_tile_for(plan.group, p.head_dim);
   plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
   const int64_t ctas_per_sm = plan.group_tile <= 4 ? kCtasPerSmTarget : kCtasPerSmTarget / 2;
   const int64_t target = int64_t{current_sm_count()} * ctas_per_sm;
@@ -654,16 +660,20 @@ template <typename T, int kHeadDim>
 void launch_group(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
   switch (plan.group_tile) {
     case 1: return launch<T, kHeadDim, 1>(args, plan, stream);
+    case 2:
+      if constexpr (kHeadDim == 128) return launch<T, kHeadDim, 2>(args, plan, stream);
+      break;
     case 4: return launch<T, kHeadDim, 4>(args, plan, stream);
     case 8: return launch<T, kHeadDim, 8>(args, plan, stream);
-    default: throw InvalidArgument("paged_attention_decode: no instance for group tile " +
-                                   str(plan.group_tile));
+    default: break;
   }
+  throw InvalidArgument("paged_attention_decode: no instance for group tile " +
+                        str(plan.group_tile) + " at head_dim " + str(kHeadDim));
 }
 
-/// The one dispatch table: dtype x head dim x group tile (1; 4 for GQA 2-4; 8 for 5 and up).
-/// Group tiles 2, 3, 5-7 reuse the next larger instance with the extra heads masked: the
-/// arithmetic is far from the bound there, and each instance costs CI compile time.
+/// The one dispatch table: dtype x head dim x group tile (1; 2 for GQA 2 at head dim 128; 4 for
+/// GQA 2-4; 8 for 5 and up). Other groups reuse the next larger instance with the extra heads
+/// masked, since each instance costs CI compile time.
 template <typename T>
 void launch_head_dim(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
   switch (args.p.head_dim) {

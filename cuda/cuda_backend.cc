@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -94,11 +95,19 @@ class CudaBackend final : public Backend {
       check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "upload");
       return;
     }
-    // The previous upload must have left the staging buffer before it is overwritten.
-    check(cudaEventSynchronize(upload_done_), "upload wait");
-    std::memcpy(pinned_upload_, host, bytes);
-    check(cudaMemcpyAsync(device, pinned_upload_, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+    // Uploads fill the pinned buffer front to back, so a step's several uploads never wait for
+    // each other; one that would run past the end waits for every copy before it (stream order:
+    // the last one's event) and starts again at the front.
+    size_t offset = (upload_cursor_ + 15) / 16 * 16;
+    if (offset + bytes > kPinnedBytes) {
+      check(cudaEventSynchronize(upload_done_), "upload wait");
+      offset = 0;
+    }
+    std::byte* const staging = static_cast<std::byte*>(pinned_upload_) + offset;
+    std::memcpy(staging, host, bytes);
+    check(cudaMemcpyAsync(device, staging, bytes, cudaMemcpyHostToDevice, stream_), "upload");
     check(cudaEventRecord(upload_done_, stream_), "upload event");
+    upload_cursor_ = offset + bytes;
   }
 
   void download(void* host, const void* device, size_t bytes) override {
@@ -217,6 +226,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   cudaStream_t stream_ = nullptr;
   void* pinned_upload_ = nullptr;
+  size_t upload_cursor_ = 0;  // where the next upload's staging starts in pinned_upload_
   void* pinned_download_ = nullptr;
   cudaEvent_t upload_done_ = nullptr;
   struct PendingDownload {

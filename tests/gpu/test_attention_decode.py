@@ -123,8 +123,13 @@ CASES = [
       for hd in (64, 80, 96, 128, 256)
       for (heads, kv) in ((4, 4), (6, 2), (8, 2), (16, 2))
       for bs in ((16, 32) if hd in (80, 128) else ((16,) if hd in (64, 256) else (32,)))],
-    # Group tiles: GQA 2 (instance of 4 with heads masked), 5, 7, 12 and 16 (two CTAs per KV head).
+    # Group tiles: GQA 2 (a pair instance at head dim 128; elsewhere the instance of 4 with heads
+    # masked), 5, 7, 12 and 16 (two CTAs per KV head).
     ("gqa2", MIXED, 8, 4, 128, 16, {}),
+    ("gqa2_hd128_pairs_long_split", [8192, 33, 1], 16, 8, 128, 16, {}),  # the pair instance
+    ("gqa2_hd64_masked", MIXED, 8, 4, 64, 16, {}),
+    ("gqa2_hd128_window_softcap_alibi", [3000, 100, 1], 16, 8, 128, 32,
+     {"window": 500, "softcap": 20.0, "alibi": True}),
     ("gqa5", MIXED, 10, 2, 64, 32, {}),
     ("gqa7", MIXED, 28, 4, 128, 16, {}),
     ("gqa12_mqa", MIXED, 12, 1, 64, 16, {}),

@@ -399,12 +399,15 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
       query_start[r + 1] = query_start[r] + 1;
       context_lens[r] = 0;  // padding attends to nothing
     }
-    std::memset(block_tables, 0, graph_table_bytes);
+    // Rows at the graph's width; what no request covers (the columns past the step's width and
+    // the padding rows) is zeroed, so a graph never reads a stale block id.
+    const size_t width = size_t(b.block_table_width);
     for (int r = 0; r < R; ++r) {
-      std::memcpy(block_tables + size_t(r) * W,
-                  b.block_tables.data() + size_t(r) * b.block_table_width,
-                  size_t(b.block_table_width) * sizeof(int32_t));
+      int32_t* row = block_tables + size_t(r) * W;
+      std::memcpy(row, b.block_tables.data() + size_t(r) * width, width * sizeof(int32_t));
+      std::memset(row + width, 0, (size_t(W) - width) * sizeof(int32_t));
     }
+    std::memset(block_tables + size_t(R) * W, 0, size_t(B - R) * W * sizeof(int32_t));
   } else {
     stage(block_tables, b.block_tables);
   }
