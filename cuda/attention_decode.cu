@@ -39,6 +39,7 @@
 
 #include "compat.h"
 #include "cuda_ops.h"
+#include "mma_sync.h"
 
 namespace octavo::cuda {
 namespace {
@@ -171,15 +172,34 @@ __device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int reque
 
 // ---- the split kernel ----------------------------------------------------------------------
 
+/// Whether an instance computes on tensor cores: group tile 8 at head dims 64 and 128. There the
+/// CUDA-core path spends ~300 instructions per key and KV head on 8 heads' dot products, score
+/// shuffles and softmax, and is issue-bound at ~0.45 of copy bandwidth; as MMAs (the group's heads
+/// are the rows of an m16n8 tile) a key costs a few instructions and the kernel streams again.
+constexpr bool uses_tensor_cores(int group_tile, int head_dim) {
+  return group_tile == 8 && (head_dim == 64 || head_dim == 128);
+}
+
 /// CTAs per SM the register budget is cut for: 4 (128 registers) reaches the 4 CTAs that fit in
-/// shared memory; group tile 8 needs ~250 registers for q and the accumulators of 8 heads.
-template <int kGroupTile>
-constexpr int kMinCtasPerSm = kGroupTile <= 4 ? 4 : 2;
+/// shared memory; group tile 8 on CUDA cores needs ~250 registers for q and the accumulators of
+/// 8 heads.
+template <int kHeadDim, int kGroupTile>
+constexpr int kMinCtasPerSm =
+    kGroupTile <= 4 || uses_tensor_cores(kGroupTile, kHeadDim) ? 4 : 2;
+
+/// Element offset of 16-byte chunk `chunk` of row `row` of a K or V tile in shared memory. The
+/// tensor-core path reads 8 x 8 blocks with ldmatrix, eight rows at one chunk; rows are a multiple
+/// of 128 bytes apart, so without the XOR the eight would share banks.
+template <int kHeadDim, bool kSwizzle>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * kHeadDim + (kSwizzle ? chunk ^ (row & 7) : chunk) * 8;
+}
 
 template <typename T, int kHeadDim, int kGroupTile>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
     decode_kernel(const DecodeArgs a) {
   using Geo = Geometry<kHeadDim>;
+  constexpr bool kTensorCores = uses_tensor_cores(kGroupTile, kHeadDim);
   constexpr int kLanes = Geo::kLanes;
   constexpr int kRowGroups = Geo::kRowGroups;
   constexpr int kTileTokens = Geo::kTileTokens;
@@ -233,8 +253,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
         src = cache + block_table[page] * block_stride + kv_head * head_run +
               int64_t{offset} * kHeadDim + col * 8;
       }
-      copy_async_16(k_dst + row * kHeadDim + col * 8, src, valid);
-      copy_async_16(v_dst + row * kHeadDim + col * 8, valid ? src + v_offset : src, valid);
+      const int dst = tile_offset<kHeadDim, kTensorCores>(row, col);
+      copy_async_16(k_dst + dst, src, valid);
+      copy_async_16(v_dst + dst, valid ? src + v_offset : src, valid);
     }
   };
 
@@ -246,6 +267,143 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
     copy_async_commit();
   }
 
+  // Each warp's softmax state goes to shared memory for the merge across warps: [warp][group
+  // tile][head_dim] unnormalised sums, then the max and the sum of exp per (warp, head).
+  float* const merge_acc = reinterpret_cast<float*>(shared);
+  float* const merge_max = merge_acc + kWarps * kGroupTile * kHeadDim;
+  float* const merge_sum = merge_max + kWarps * kGroupTile;
+  const bool use_softcap = p.softcap > 0.0f;
+  const float inv_softcap = use_softcap ? 1.0f / p.softcap : 0.0f;
+  const bool use_alibi = p.alibi_slopes != nullptr;
+  if constexpr (kTensorCores) {
+    // S = Q K^T and O += P V as m16n8 MMAs: rows are the tile's query heads (8 of the 16 rows; the
+    // others stay zero and are never stored), columns each warp's quarter of a tile's keys. A
+    // thread owns row lane / 4 and, per 8-key block, keys 2 (lane % 4) and 2 (lane % 4) + 1.
+    constexpr int kWarpTokens = kTileTokens / kWarps;
+    constexpr int kTokenBlocks = kWarpTokens / 8;
+    constexpr int kKSteps = kHeadDim / 16;
+    constexpr int kDimBlocks = kHeadDim / 8;
+    const int row = lane / 4;
+    const int quad = lane % 4;
+    const bool row_is_head = row < heads_here;
+    const int head = head_begin + row;
+    uint32_t q_frag[kKSteps][2];  // the A fragment's registers of row `row` (rows 8-15 are zero)
+    const T* const q_row =
+        static_cast<const T*>(p.q) + int64_t{request} * p.q_stride + int64_t{head} * kHeadDim;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      q_frag[ks][0] = row_is_head ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 2 * quad) : 0u;
+      q_frag[ks][1] =
+          row_is_head ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 8 + 2 * quad) : 0u;
+    }
+    const float slope = use_alibi && row_is_head ? p.alibi_slopes[head] : 0.0f;
+    float out[kDimBlocks][4];  // [0], [1]: dims 8 d + 2 quad (+1) of row `row`; [2], [3] unused
+#pragma unroll
+    for (int d = 0; d < kDimBlocks; ++d) out[d][0] = out[d][1] = out[d][2] = out[d][3] = 0.0f;
+    float row_max = -INFINITY;
+    float row_sum = 0.0f;  // this thread's keys only; the quad's sum is taken at the end
+    const int warp_first = warp * kWarpTokens;
+    // ldmatrix addresses: thread t names row t % 8 of 8 x 8 block t / 8 (four 8-dim blocks).
+    const int ld_row = lane & 7;
+    const int ld_block = lane / 8;
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      copy_async_wait<kStages - 2>();
+      __syncthreads();
+      if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+      copy_async_commit();
+      const T* const k_tile = tiles + (tile % kStages) * 2 * Geo::kTileElems;
+      const T* const v_tile = k_tile + Geo::kTileElems;
+      const int first_pos = range.begin + tile * kTileTokens + warp_first;
+
+      float s[kTokenBlocks][4];
+#pragma unroll
+      for (int tb = 0; tb < kTokenBlocks; ++tb) {
+        s[tb][0] = s[tb][1] = s[tb][2] = s[tb][3] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kHeadDim / 32; ++c) {
+          uint32_t b[4];
+          ldmatrix_x4(b, shared_address(k_tile + tile_offset<kHeadDim, true>(
+                                                     warp_first + tb * 8 + ld_row, 4 * c + ld_block)));
+          const uint32_t a_low[4] = {q_frag[2 * c][0], 0u, q_frag[2 * c][1], 0u};
+          const uint32_t a_high[4] = {q_frag[2 * c + 1][0], 0u, q_frag[2 * c + 1][1], 0u};
+          mma_16816<T>(s[tb], a_low, b[0], b[1]);
+          mma_16816<T>(s[tb], a_high, b[2], b[3]);
+        }
+      }
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int tb = 0; tb < kTokenBlocks; ++tb) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int pos = first_pos + tb * 8 + 2 * quad + j;
+          float x = s[tb][j] * p.scale;
+          if (use_softcap) {
+            const float y = x * inv_softcap;
+            x = p.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * y) + 1.0f));
+          }
+          if (use_alibi) x += slope * float(pos - query_pos);
+          x = pos < range.end ? x : -INFINITY;
+          s[tb][j] = x;
+          tile_max = fmaxf(tile_max, x);
+        }
+      }
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 1));
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 2));
+      if (tile_max > row_max) {  // the same for the quad: rescale only when the max grows
+        const float alpha = __expf(row_max - tile_max);
+        row_sum *= alpha;
+#pragma unroll
+        for (int d = 0; d < kDimBlocks; ++d) {
+          out[d][0] *= alpha;
+          out[d][1] *= alpha;
+        }
+        row_max = tile_max;
+      }
+      const float reference = safe_reference(row_max);
+      // P in two 16-bit parts (high + low) so that P V keeps ~fp32 weights, as the CUDA-core path.
+      uint32_t p_high[kTokenBlocks], p_low[kTokenBlocks];
+#pragma unroll
+      for (int tb = 0; tb < kTokenBlocks; ++tb) {
+        const float w0 = __expf(s[tb][0] - reference);
+        const float w1 = __expf(s[tb][1] - reference);
+        row_sum += w0 + w1;
+        p_high[tb] = pack2<T>(w0, w1);
+        float h0, h1;
+        unpack2<T>(p_high[tb], h0, h1);
+        p_low[tb] = pack2<T>(w0 - h0, w1 - h1);
+      }
+#pragma unroll
+      for (int tb = 0; tb < kTokenBlocks; ++tb) {
+#pragma unroll
+        for (int c = 0; c < kHeadDim / 32; ++c) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, shared_address(v_tile + tile_offset<kHeadDim, true>(
+                                                           warp_first + tb * 8 + ld_row, 4 * c + ld_block)));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            mma_1688<T>(out[4 * c + i], p_high[tb], 0u, b[i]);
+            mma_1688<T>(out[4 * c + i], p_low[tb], 0u, b[i]);
+          }
+        }
+      }
+    }
+    copy_async_wait<0>();
+    __syncthreads();  // every thread is done with the tiles: the shared memory is reused below
+    row_sum += gpu::shfl_xor(row_sum, 1);
+    row_sum += gpu::shfl_xor(row_sum, 2);
+    if (row < kGroupTile) {
+#pragma unroll
+      for (int d = 0; d < kDimBlocks; ++d) {
+        *reinterpret_cast<float2*>(merge_acc + (warp * kGroupTile + row) * kHeadDim + 8 * d +
+                                   2 * quad) = make_float2(out[d][0], out[d][1]);
+      }
+      if (quad == 0) {
+        merge_max[warp * kGroupTile + row] = row_max;
+        merge_sum[warp * kGroupTile + row] = row_sum;
+      }
+    }
+  } else {  // CUDA cores
   // q for every head of the tile, scaled; heads past the group and idle lanes hold zeros.
   float q[kGroupTile][8];
   float slope[kGroupTile];
@@ -265,10 +423,6 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
       for (int j = 0; j < 8; ++j) q[g][j] = 0.0f;
     }
   }
-  const bool use_softcap = p.softcap > 0.0f;
-  const float inv_softcap = use_softcap ? 1.0f / p.softcap : 0.0f;
-  const bool use_alibi = p.alibi_slopes != nullptr;
-
   float max_score[kGroupTile];
   float sum_exp[kGroupTile];
   float acc[kGroupTile][8];
@@ -396,10 +550,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
       max_score[g] = new_max;
     }
   }
-  // Then the warps, through shared memory: [warp][group tile][head_dim] sums, then max, sum-exp.
-  float* const merge_acc = reinterpret_cast<float*>(shared);
-  float* const merge_max = merge_acc + kWarps * kGroupTile * kHeadDim;
-  float* const merge_sum = merge_max + kWarps * kGroupTile;
+  // Then the warps, through shared memory (below).
   if (lane < kLanes && lane_has_dims) {
 #pragma unroll
     for (int g = 0; g < kGroupTile; ++g) {
@@ -415,6 +566,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kGroupTile>)
       }
     }
   }
+  }  // CUDA cores
   __syncthreads();
 
   const int num_heads = p.num_heads;
@@ -578,7 +730,9 @@ Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
   plan.group = p.num_heads / p.num_kv_heads;
   plan.group_tile = group_tile_for(plan.group, p.head_dim);
   plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
-  const int64_t ctas_per_sm = plan.group_tile <= 4 ? kCtasPerSmTarget : kCtasPerSmTarget / 2;
+  const int64_t ctas_per_sm =
+      plan.group_tile <= 4 || uses_tensor_cores(plan.group_tile, p.head_dim) ? kCtasPerSmTarget
+                                                                             : kCtasPerSmTarget / 2;
   const int64_t target = int64_t{current_sm_count()} * ctas_per_sm;
   if (target_ctas != nullptr) *target_ctas = target;
   const int64_t max_keys = max_keys_of(p);
