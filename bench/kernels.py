@@ -3,12 +3,14 @@
     python bench/kernels.py [--quick] [--sections decode,nano-run,prefill,gemv] [--result-json FILE]
 
 Decode (one query token per request): time, GB/s of K/V read and the fraction of the copy
-bandwidth, for full batches, small batches with long contexts and a batch of uneven lengths.
+bandwidth, for full batches, small batches with long contexts, a batch of uneven lengths and
+GQA 8 (64 query heads); then the nano run's decode steps replayed as the engine launches them
+(NanoRunDecode), rows in order and longest first.
 Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate, beside torch's
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
-read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes. bf16, head dim 128,
-32 query / 8 KV heads, block 16 (BENCH.md's shapes). Calls are replayed from a CUDA graph, so the
+read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
+bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are replayed from a CUDA graph, so the
 host's per-call work never shows in the time (decode; prefill kernels take milliseconds and
 are timed back to back). One JSON line per shape; --result-json appends.
 """
@@ -32,16 +34,20 @@ from throughput import commit  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
-# (batch, context, per-request contexts or None)
-DECODE_SHAPES = [(64, 4096, None), (256, 1024, None), (1, 32768, None), (1, 8192, None),
-                 (1, 1024, None), (8, 8192, None), (8, 1024, None),
-                 (64, 8192, np.random.default_rng(0).integers(100, 8192, size=64).tolist())]
+# (batch, context, per-request contexts or None, query heads): 32 query heads over the 8 KV heads
+# is BENCH.md's GQA 4; 64 is GQA 8 (Llama-3-70B's geometry), which runs on tensor cores.
+DECODE_SHAPES = [(64, 4096, None, 32), (256, 1024, None, 32), (1, 32768, None, 32),
+                 (1, 8192, None, 32), (1, 1024, None, 32), (8, 8192, None, 32),
+                 (8, 1024, None, 32),
+                 (64, 8192, np.random.default_rng(0).integers(100, 8192, size=64).tolist(), 32),
+                 (64, 4096, None, 64), (256, 1024, None, 64)]
 PREFILL_SHAPES = [(4, 4096), (16, 1024), (1, 8192)]
 # (rows, n, k): Llama-3.1-8B's qkv, o, gate_up, down and LM head at decode batches 1 and 2.
 GEMV_SHAPES = [(m, n, k) for m in (1, 2) for n, k in
                [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]]
 QUICK_GEMV = [(1, 1024, 1024)]
-QUICK_DECODE = [(4, 1024, None), (6, 512, [100, 512, 37, 300, 512, 1])]
+QUICK_DECODE = [(4, 1024, None, 32), (6, 512, [100, 512, 37, 300, 512, 1], 32),
+                (4, 1024, None, 64)]
 QUICK_PREFILL = [(2, 512)]
 SECTIONS = ("decode", "nano-run", "prefill", "gemv")
 
@@ -111,18 +117,18 @@ def decode_call(q, cache, out, context_lens, tables, heads: int, kv_heads: int,
     return call
 
 
-def decode(batch: int, context: int, contexts, copy_bandwidth: float) -> dict:
+def decode(batch: int, context: int, contexts, heads: int, copy_bandwidth: float) -> dict:
     lengths = [context] * batch if contexts is None else list(contexts)
     cache, tables = paged_cache(batch, context)
     context_lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    q = torch.randn((batch, HEADS * HEAD_DIM), device="cuda", dtype=DTYPE)
+    q = torch.randn((batch, heads * HEAD_DIM), device="cuda", dtype=DTYPE)
     out = torch.empty_like(q)
-    seconds = graph_seconds(decode_call(q, cache, out, context_lens, tables, HEADS, KV_HEADS,
+    seconds = graph_seconds(decode_call(q, cache, out, context_lens, tables, heads, KV_HEADS,
                                         context))
     kv_bytes = sum(lengths) * KV_HEADS * HEAD_DIM * 2 * cache.element_size()
     rate = kv_bytes / seconds
-    return {"kernel": "paged_decode", "batch": batch, "context": context,
-            "uneven": contexts is not None, "us": round(seconds * 1e6, 2),
+    return {"kernel": "paged_decode", "batch": batch, "context": context, "heads": heads,
+            "kv_heads": KV_HEADS, "uneven": contexts is not None, "us": round(seconds * 1e6, 2),
             "kv_GBps": round(rate / 1e9, 1),
             "fraction_of_copy": round(rate / copy_bandwidth, 3)}
 

@@ -14,19 +14,25 @@
 // Inside a CTA, K/V tiles of kTileTokens tokens are streamed global -> shared by cp.async in a
 // kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
 // contiguous, so the loads are coalesced whatever the head dim). Compute reads the tile back from
-// shared memory: a "row group" of kLanes lanes owns one token row at a time, lane i holding dims
-// [8i, 8i+8) of q (for every head of the group tile, pre-scaled, fp32) and of the output
-// accumulators. A score is 8 FMAs per lane and a butterfly over the row group; online softmax in
-// fp32 per row group (rescaled only when the running max grows); row groups merge at the end
-// (shuffles within a warp, shared memory across warps).
+// shared memory in one of two ways:
+// - CUDA cores (group tiles 1, 2, 4, and 8 at head dims 80, 96, 256): a "row group" of kLanes
+//   lanes owns one token row at a time, lane i holding dims [8i, 8i+8) of q (for every head of the
+//   group tile, pre-scaled, fp32) and of the output accumulators. A score is 8 FMAs per lane and a
+//   butterfly over the row group; online softmax in fp32 per row group (rescaled only when the
+//   running max grows); row groups merge at the end (shuffles within a warp, shared memory across
+//   warps).
+// - Tensor cores (group tile 8 at head dims 64 and 128): the group's heads are the rows of
+//   m16n8k16 MMAs for S = Q K^T and m16n8k8 MMAs for O += P V, each warp taking a quarter of every
+//   tile's keys with its own online softmax; tiles are stored XOR-swizzled for ldmatrix, and P
+//   goes in as two 16-bit parts (high + low) so the weights keep ~fp32 precision.
+// Both end in the same merge across warps through shared memory.
 //
 // Speed. Bound by HBM bandwidth: the K/V bytes dominate (q, outputs and partials are <1% at the
 // benchmark shapes), and cp.async keeps up to 2 tiles (32 KiB at head dim 128) in flight per CTA,
-// 4 CTAs per SM. Issue cost, head dim 128: ~85 warp instructions per token and KV head with group
-// tile 4 (~21 issue cycles of the ~40 an H100 SM has per token at full bandwidth), ~146 with
-// group tile 8 (~37 cycles, and only 2 CTAs per SM at ~250 registers), so GQA 5-8 may end up
-// partly issue-bound; the fix there is tensor-core QK/PV or a reduce-scatter of the score
-// shuffles. Expected: ~0.85-0.9 of copy bandwidth at batch 64 x 4096 (32/8 heads).
+// 4 CTAs per SM. On CUDA cores the issue cost grows with the group tile: at head dim 128 the
+// instance of 4 reaches 0.95 of copy bandwidth (batch 64 x 4096, 32/8 heads; H100), the pair
+// instance 1.00 (256 x 1024, 16/8 heads), while 8 heads per CTA were issue-bound at 0.41-0.49;
+// on tensor cores a key costs a few instructions per KV head and GQA 5-8 reach 0.89-0.96.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -57,7 +63,7 @@ constexpr int kMinSplitTokens = 64;   // shorter splits cost more in fixed work 
 constexpr int kBalanceSplitTokens = 2048;
 constexpr int kMaxBalanceSplits = 8;
 constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H100 SM (2 for
-                                      // group tile 8, limited by registers)
+                                      // group tile 8 on CUDA cores, limited by registers)
 
 /// Compile-time geometry of one head dim.
 template <int kHeadDim>

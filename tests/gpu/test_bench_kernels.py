@@ -21,7 +21,8 @@ def test_kernels_bench_quick(tmp_path):
     prefill = [line for line in lines if line["kernel"] == "paged_prefill"]
     gemv = [line for line in lines if line["kernel"] == "gemv"]
     nano_run = [line for line in lines if line["kernel"] == "paged_decode_nano_run"]
-    assert len(decode) == 2 and len(prefill) == 1 and len(gemv) == 1
+    assert len(decode) == 3 and len(prefill) == 1 and len(gemv) == 1
+    assert sorted(line["heads"] for line in decode) == [32, 32, 64]
     assert sorted(line["order"] for line in nano_run) == ["longest_first", "rows"]
     for line in nano_run:
         assert line["steps"] == 4 and line["kv_GB"] > 0 and 0 < line["fraction_of_copy"] < 1.5
