@@ -15,13 +15,13 @@
 // kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
 // contiguous, so the loads are coalesced whatever the head dim). Compute reads the tile back from
 // shared memory in one of two ways:
-// - CUDA cores (group tiles 1 and 2, and 4 and 8 at head dims 80, 96, 256): a "row group" of kLanes
+// - CUDA cores (group tiles 1, 2, 4, and 8 at head dims 80, 96, 256): a "row group" of kLanes
 //   lanes owns one token row at a time, lane i holding dims [8i, 8i+8) of q (for every head of the
 //   group tile, pre-scaled, fp32) and of the output accumulators. A score is 8 FMAs per lane and a
 //   butterfly over the row group; online softmax in fp32 per row group (rescaled only when the
 //   running max grows); row groups merge at the end (shuffles within a warp, shared memory across
 //   warps).
-// - Tensor cores (group tiles 4 and 8 at head dims 64 and 128): the group's heads are the rows of
+// - Tensor cores (group tile 8 at head dims 64 and 128): the group's heads are the rows of
 //   m16n8k16 MMAs for S = Q K^T and m16n8k8 MMAs for O += P V, each warp taking a quarter of every
 //   tile's keys with its own online softmax; tiles are stored XOR-swizzled for ldmatrix, and P
 //   goes in as two 16-bit parts (high + low) so the weights keep ~fp32 precision.
@@ -30,10 +30,9 @@
 // Speed. Bound by HBM bandwidth: the K/V bytes dominate (q, outputs and partials are <1% at the
 // benchmark shapes), and cp.async keeps up to 2 tiles (32 KiB at head dim 128) in flight per CTA,
 // 4 CTAs per SM. On CUDA cores the issue cost grows with the group tile: at head dim 128 the
-// pair instance reaches 1.00 of copy bandwidth (256 x 1024, 16/8 heads; H100) and 4 heads per CTA
-// 0.95 (64 x 4096, 32/8), while 8 heads per CTA were issue-bound at 0.41-0.49; on tensor cores a
-// key costs a few instructions per KV head: GQA 4 0.94-0.95 at full batches and 0.74-0.90 at
-// small or uneven ones, GQA 5-8 0.89-0.96.
+// instance of 4 reaches 0.95 of copy bandwidth (batch 64 x 4096, 32/8 heads; H100), the pair
+// instance 1.00 (256 x 1024, 16/8 heads), while 8 heads per CTA were issue-bound at 0.41-0.49;
+// on tensor cores a key costs a few instructions per KV head and GQA 5-8 reach 0.89-0.96.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -179,15 +178,16 @@ __device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int reque
 
 // ---- the split kernel ----------------------------------------------------------------------
 
-/// Whether an instance computes on tensor cores: group tiles 4 and 8 at head dims 64 and 128.
-/// There the CUDA-core path spends ~150-300 instructions per key and KV head on the heads' dot
-/// products, score shuffles and softmax: 8 heads were issue-bound at ~0.45 of copy bandwidth, 4
-/// near the bound (0.95 at full batches, 0.56-0.85 at small or uneven ones). As MMAs (the group's
-/// heads are the rows of an m16n8 tile) a key costs a few instructions. Measured on an H100
-/// (32/8 heads, head dim 128): llama8b 9,542 -> 9,874 output tok/s, batch 8 x 1k 0.56 -> 0.74 of
-/// copy, 64 uneven 0.85 -> 0.90, 1 x 32k 0.75 -> 0.70 (the one shape that lost).
+/// Whether an instance computes on tensor cores: group tile 8 at head dims 64 and 128. There the
+/// CUDA-core path spends ~300 instructions per key and KV head on 8 heads' dot products, score
+/// shuffles and softmax, and is issue-bound at ~0.45 of copy bandwidth; as MMAs (the group's heads
+/// are the rows of an m16n8 tile) a key costs a few instructions and the kernel streams again.
+/// Group tile 4 on tensor cores measured faster too (llama8b +3.4%; small and uneven GQA 4 batches
+/// 0.56-0.85 -> 0.74-0.90 of copy) but changed a greedy token in the GPU test of chunked prefill
+/// with preemption (tests/gpu/test_models.py), which expects the decode and prefill kernels to
+/// agree; it stays on CUDA cores until that is understood.
 constexpr bool uses_tensor_cores(int group_tile, int head_dim) {
-  return (group_tile == 4 || group_tile == 8) && (head_dim == 64 || head_dim == 128);
+  return group_tile == 8 && (head_dim == 64 || head_dim == 128);
 }
 
 /// CTAs per SM the register budget is cut for: 4 (128 registers) reaches the 4 CTAs that fit in
