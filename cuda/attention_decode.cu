@@ -33,6 +33,9 @@
 // instance of 4 reaches 0.95 of copy bandwidth (batch 64 x 4096, 32/8 heads; H100), the pair
 // instance 1.00 (256 x 1024, 16/8 heads), while 8 heads per CTA were issue-bound at 0.41-0.49;
 // on tensor cores a key costs a few instructions per KV head and GQA 5-8 reach 0.89-0.96.
+//
+// Portability: the CUDA-core path uses compat.h only; the tensor-core path is NVIDIA PTX (sm_80+,
+// cuda/mma_sync.h, as the prefill kernel), so a HIP build needs an MFMA twin of it.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
