@@ -134,6 +134,10 @@ CASES = [
     ("gqa7", MIXED, 28, 4, 128, 16, {}),
     ("gqa12_mqa", MIXED, 12, 1, 64, 16, {}),
     ("gqa16", [5, 300, 1234], 32, 2, 128, 32, {}),
+    # Group tile 8 runs on tensor cores at head dims 64 and 128: with window, softcap and ALiBi.
+    ("gqa8_tensor_cores_window_softcap_alibi", [3000, 100, 1, 700], 16, 2, 128, 16,
+     {"window": 500, "softcap": 20.0, "alibi": True}),
+    ("gqa6_tensor_cores_hd64_window", MIXED, 12, 2, 64, 32, {"window": 64}),
     # Long requests: few CTAs, so the keys are split (FlashDecoding) and reduced.
     ("long_8192", [8192], 32, 8, 128, 16, {}),
     ("long_8191_hd256", [8191], 8, 1, 256, 32, {}),
