@@ -45,25 +45,28 @@ struct alignas(16) Vec16 {
   uint32_t words[4];
 };
 
+/// Two 16-bit floats packed in one word to fp32 (the lower half first): bf16 is the top half of
+/// an fp32, so a shift or a mask converts it.
+template <typename T>
+__device__ __forceinline__ float2 to_float2(uint32_t packed) {
+  if constexpr (std::is_same_v<T, gpu::bf16>) {
+    return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+  } else {
+    __half2 pair;
+    static_assert(sizeof(pair) == sizeof(uint32_t));
+    memcpy(&pair, &packed, sizeof(pair));
+    return __half22float2(pair);
+  }
+}
+
 /// Eight 16-bit floats (one 16-byte chunk) to fp32.
 template <typename T>
 __device__ __forceinline__ void to_float8(const gpu::Vec16& raw, float (&out)[8]) {
-  if constexpr (std::is_same_v<T, gpu::bf16>) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __uint_as_float(raw.words[i] << 16);
-      out[2 * i + 1] = __uint_as_float(raw.words[i] & 0xffff0000u);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 pair;
-      static_assert(sizeof(pair) == sizeof(uint32_t));
-      memcpy(&pair, &raw.words[i], sizeof(pair));
-      const float2 f = __half22float2(pair);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_float2<T>(raw.words[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
   }
 }
 

@@ -27,15 +27,19 @@ constexpr int kChunkElems = 8;  // 16 bytes of bf16 / fp16
 __device__ __forceinline__ float to_float(gpu::bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(gpu::fp16 x) { return __half2float(x); }
 
-// The dot product of one 16-byte chunk of a weight row and one of an input row, in fp32.
+// The dot product of one 16-byte chunk of a weight row and one of an input row, in fp32. Word by
+// word (convert, multiply, convert the next): converting whole chunks first compiled to fewer
+// registers and fewer loads in flight, and the kernel ran 2-8% slower (H100, bf16).
 template <typename T>
 __device__ __forceinline__ float dot_chunk(const gpu::Vec16& w, const gpu::Vec16& x) {
-  float a[8], b[8];
-  gpu::to_float8<T>(w, a);
-  gpu::to_float8<T>(x, b);
   float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) sum = fmaf(a[j], b[j], sum);
+  for (int j = 0; j < 4; ++j) {
+    const float2 a = gpu::to_float2<T>(w.words[j]);
+    const float2 b = gpu::to_float2<T>(x.words[j]);
+    sum = fmaf(a.x, b.x, sum);
+    sum = fmaf(a.y, b.y, sum);
+  }
   return sum;
 }
 
