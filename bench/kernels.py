@@ -10,9 +10,10 @@ Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
 read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
-bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are replayed from a CUDA graph, so the
-host's per-call work never shows in the time (decode; prefill kernels take milliseconds and
-are timed back to back). One JSON line per shape; --result-json appends.
+bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are
+replayed from a CUDA graph, so the host's per-call work never shows in the time (decode; prefill
+kernels take milliseconds and are timed back to back). One JSON line per shape; --result-json
+appends.
 """
 
 from __future__ import annotations

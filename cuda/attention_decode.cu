@@ -9,7 +9,8 @@
 // partial outputs plus (max, sum-exp) to the fp32 workspace and decode_reduce_kernel merges them.
 // Requests start in the order of params.request_order when given (the executor passes longest
 // first): the block scheduler then packs a batch of uneven lengths with no long request left to
-// run alone at the end (nano run's decode steps: 0.78 -> 0.87 of copy bandwidth).
+// run alone at the end (the nano run's decode steps, kernels.py nano-run: 0.80 -> 0.89 of copy
+// bandwidth on an H100).
 //
 // Inside a CTA, K/V tiles of kTileTokens tokens are streamed global -> shared by cp.async in a
 // kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
@@ -193,12 +194,19 @@ constexpr bool uses_tensor_cores(int group_tile, int head_dim) {
   return group_tile == 8 && (head_dim == 64 || head_dim == 128);
 }
 
-/// CTAs per SM the register budget is cut for: 4 (128 registers) reaches the 4 CTAs that fit in
-/// shared memory; group tile 8 on CUDA cores needs ~250 registers for q and the accumulators of
-/// 8 heads.
-template <int kHeadDim, int kGroupTile>
-constexpr int kMinCtasPerSm =
-    kGroupTile <= 4 || uses_tensor_cores(kGroupTile, kHeadDim) ? 4 : 2;
+/// CTAs per SM an instance is built for (its register budget) and planned with: 4 (128
+/// registers) reaches the 4 CTAs that fit in shared memory; group tile 8 on CUDA cores needs ~250
+/// registers for q and the accumulators of 8 heads, so 2.
+constexpr int ctas_per_sm(int group_tile, int head_dim) {
+  return group_tile <= 4 || uses_tensor_cores(group_tile, head_dim) ? kCtasPerSmTarget
+                                                                    : kCtasPerSmTarget / 2;
+}
+
+/// The score with the logit soft-cap applied: cap * tanh(score / cap), as
+/// 1 - 2 / (exp(2x) + 1), which saturates cleanly to +-1 for large |x|.
+__device__ __forceinline__ float soft_capped(float score, float cap, float inv_cap) {
+  return cap * (1.0f - __fdividef(2.0f, __expf(2.0f * (score * inv_cap)) + 1.0f));
+}
 
 /// Element offset of 16-byte chunk `chunk` of row `row` of a K or V tile in shared memory. The
 /// tensor-core path reads 8 x 8 blocks with ldmatrix, eight rows at one chunk; rows are a multiple
@@ -209,7 +217,7 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 }
 
 template <typename T, int kHeadDim, int kGroupTile>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
+__global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
     decode_kernel(const DecodeArgs a) {
   using Geo = Geometry<kHeadDim>;
   constexpr bool kTensorCores = uses_tensor_cores(kGroupTile, kHeadDim);
@@ -279,6 +287,16 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
     if (stage < num_tiles) load_tile(stage, stage);
     copy_async_commit();
   }
+  // Waits until tile `tile` has landed for every thread (so the stage loaded next is free),
+  // starts the load kStages - 1 tiles ahead and returns the tile's K rows (V follows).
+  auto await_tile = [&](int tile) {
+    copy_async_wait<kStages - 2>();
+    __syncthreads();
+    const int ahead = tile + kStages - 1;
+    if (ahead < num_tiles) load_tile(ahead, ahead % kStages);
+    copy_async_commit();
+    return tiles + (tile % kStages) * 2 * Geo::kTileElems;
+  };
 
   // Each warp's softmax state goes to shared memory for the merge across warps: [warp][group
   // tile][head_dim] unnormalised sums, then the max and the sum of exp per (warp, head).
@@ -305,9 +323,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
         static_cast<const T*>(p.q) + int64_t{request} * p.q_stride + int64_t{head} * kHeadDim;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      q_frag[ks][0] = row_is_head ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 2 * quad) : 0u;
-      q_frag[ks][1] =
-          row_is_head ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 8 + 2 * quad) : 0u;
+      const T* const pair = q_row + 16 * ks + 2 * quad;  // k 2 quad (+1), then 8 further
+      q_frag[ks][0] = row_is_head ? *reinterpret_cast<const uint32_t*>(pair) : 0u;
+      q_frag[ks][1] = row_is_head ? *reinterpret_cast<const uint32_t*>(pair + 8) : 0u;
     }
     const float slope = use_alibi && row_is_head ? p.alibi_slopes[head] : 0.0f;
     float out[kDimBlocks][4];  // [0], [1]: dims 8 d + 2 quad (+1) of row `row`; [2], [3] unused
@@ -316,16 +334,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
     float row_max = -INFINITY;
     float row_sum = 0.0f;  // this thread's keys only; the quad's sum is taken at the end
     const int warp_first = warp * kWarpTokens;
-    // ldmatrix addresses: thread t names row t % 8 of 8 x 8 block t / 8 (four 8-dim blocks).
-    const int ld_row = lane & 7;
-    const int ld_block = lane / 8;
+    // The ldmatrix address of this thread in a tile: row lane % 8 of 8-key block `tb` of this
+    // warp's keys, in 8 x 8 block lane / 8 of the four that 32-dim slice `c` holds.
+    auto fragment_address = [&](const T* tile, int tb, int c) {
+      return shared_address(tile + tile_offset<kHeadDim, true>(warp_first + tb * 8 + (lane & 7),
+                                                               4 * c + lane / 8));
+    };
 
     for (int tile = 0; tile < num_tiles; ++tile) {
-      copy_async_wait<kStages - 2>();
-      __syncthreads();
-      if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
-      copy_async_commit();
-      const T* const k_tile = tiles + (tile % kStages) * 2 * Geo::kTileElems;
+      const T* const k_tile = await_tile(tile);
       const T* const v_tile = k_tile + Geo::kTileElems;
       const int first_pos = range.begin + tile * kTileTokens + warp_first;
 
@@ -336,8 +353,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
 #pragma unroll
         for (int c = 0; c < kHeadDim / 32; ++c) {
           uint32_t b[4];
-          ldmatrix_x4(b, shared_address(k_tile + tile_offset<kHeadDim, true>(
-                                                     warp_first + tb * 8 + ld_row, 4 * c + ld_block)));
+          ldmatrix_x4(b, fragment_address(k_tile, tb, c));
           const uint32_t a_low[4] = {q_frag[2 * c][0], 0u, q_frag[2 * c][1], 0u};
           const uint32_t a_high[4] = {q_frag[2 * c + 1][0], 0u, q_frag[2 * c + 1][1], 0u};
           mma_16816<T>(s[tb], a_low, b[0], b[1]);
@@ -351,10 +367,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
         for (int j = 0; j < 2; ++j) {
           const int pos = first_pos + tb * 8 + 2 * quad + j;
           float x = s[tb][j] * p.scale;
-          if (use_softcap) {
-            const float y = x * inv_softcap;
-            x = p.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * y) + 1.0f));
-          }
+          if (use_softcap) x = soft_capped(x, p.softcap, inv_softcap);
           if (use_alibi) x += slope * float(pos - query_pos);
           x = pos < range.end ? x : -INFINITY;
           s[tb][j] = x;
@@ -382,17 +395,15 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
         const float w1 = __expf(s[tb][1] - reference);
         row_sum += w0 + w1;
         p_high[tb] = pack2<T>(w0, w1);
-        float h0, h1;
-        unpack2<T>(p_high[tb], h0, h1);
-        p_low[tb] = pack2<T>(w0 - h0, w1 - h1);
+        const float2 high = gpu::to_float2<T>(p_high[tb]);
+        p_low[tb] = pack2<T>(w0 - high.x, w1 - high.y);
       }
 #pragma unroll
       for (int tb = 0; tb < kTokenBlocks; ++tb) {
 #pragma unroll
         for (int c = 0; c < kHeadDim / 32; ++c) {
           uint32_t b[4];
-          ldmatrix_x4_trans(b, shared_address(v_tile + tile_offset<kHeadDim, true>(
-                                                           warp_first + tb * 8 + ld_row, 4 * c + ld_block)));
+          ldmatrix_x4_trans(b, fragment_address(v_tile, tb, c));
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             mma_1688<T>(out[4 * c + i], p_high[tb], 0u, b[i]);
@@ -417,169 +428,160 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kHeadDim, kGroupTile>)
       }
     }
   } else {  // CUDA cores
-  // q for every head of the tile, scaled; heads past the group and idle lanes hold zeros.
-  float q[kGroupTile][8];
-  float slope[kGroupTile];
+    // q for every head of the tile, scaled; heads past the group and idle lanes hold zeros.
+    float q[kGroupTile][8];
+    float slope[kGroupTile];
 #pragma unroll
-  for (int g = 0; g < kGroupTile; ++g) {
-    const int head = head_begin + g;
-    slope[g] = 0.0f;
-    if (g < heads_here && lane_has_dims) {
-      const auto* src = static_cast<const T*>(p.q) + int64_t{request} * p.q_stride +
-                        int64_t{head} * kHeadDim + dim_lane * 8;
-      gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(src), q[g]);
+    for (int g = 0; g < kGroupTile; ++g) {
+      const int head = head_begin + g;
+      slope[g] = 0.0f;
+      if (g < heads_here && lane_has_dims) {
+        const auto* src = static_cast<const T*>(p.q) + int64_t{request} * p.q_stride +
+                          int64_t{head} * kHeadDim + dim_lane * 8;
+        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(src), q[g]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) q[g][j] *= p.scale;
-      if (p.alibi_slopes != nullptr) slope[g] = p.alibi_slopes[head];
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[g][j] = 0.0f;
-    }
-  }
-  float max_score[kGroupTile];
-  float sum_exp[kGroupTile];
-  float acc[kGroupTile][8];
-#pragma unroll
-  for (int g = 0; g < kGroupTile; ++g) {
-    max_score[g] = -INFINITY;
-    sum_exp[g] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
-  }
-
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    copy_async_wait<kStages - 2>();
-    __syncthreads();  // the tile has landed for every thread; the stage loaded next is free
-    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
-    copy_async_commit();
-
-    const T* const k_tile = tiles + (tile % kStages) * 2 * Geo::kTileElems;
-    const T* const v_tile = k_tile + Geo::kTileElems;
-    const int tile_begin = range.begin + tile * kTileTokens;
-
-    float score[kRowsPerGroup][kGroupTile];
-#pragma unroll
-    for (int u = 0; u < kRowsPerGroup; ++u) {
-      const int row = row_group + u * kRowGroups;
-      float k[8];
-      if (lane_has_dims) {
-        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8),
-                     k);
+        for (int j = 0; j < 8; ++j) q[g][j] *= p.scale;
+        if (p.alibi_slopes != nullptr) slope[g] = p.alibi_slopes[head];
       } else {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) k[j] = 0.0f;
-      }
-#pragma unroll
-      for (int g = 0; g < kGroupTile; ++g) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) dot = fmaf(q[g][j], k[j], dot);
-        score[u][g] = dot;
+        for (int j = 0; j < 8; ++j) q[g][j] = 0.0f;
       }
     }
+    float max_score[kGroupTile];
+    float sum_exp[kGroupTile];
+    float acc[kGroupTile][8];
 #pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    for (int g = 0; g < kGroupTile; ++g) {
+      max_score[g] = -INFINITY;
+      sum_exp[g] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+    }
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      const T* const k_tile = await_tile(tile);
+      const T* const v_tile = k_tile + Geo::kTileElems;
+      const int tile_begin = range.begin + tile * kTileTokens;
+
+      float score[kRowsPerGroup][kGroupTile];
 #pragma unroll
       for (int u = 0; u < kRowsPerGroup; ++u) {
+        const int row = row_group + u * kRowGroups;
+        float k[8];
+        if (lane_has_dims) {
+          gpu::to_float8<T>(
+              *reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8), k);
+        } else {
 #pragma unroll
-        for (int g = 0; g < kGroupTile; ++g) score[u][g] += gpu::shfl_xor(score[u][g], offset);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kRowsPerGroup; ++u) {
-      const int pos = tile_begin + row_group + u * kRowGroups;
-      const bool valid = pos < range.end;
-#pragma unroll
-      for (int g = 0; g < kGroupTile; ++g) {
-        float s = score[u][g];
-        if (use_softcap) {
-          // tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 for large |x|.
-          const float x = s * inv_softcap;
-          s = p.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * x) + 1.0f));
+          for (int j = 0; j < 8; ++j) k[j] = 0.0f;
         }
-        if (use_alibi) s += slope[g] * float(pos - query_pos);
-        score[u][g] = valid ? s : -INFINITY;
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+          float dot = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) dot = fmaf(q[g][j], k[j], dot);
+          score[u][g] = dot;
+        }
       }
-    }
-    // Online softmax: rescale the accumulators only when the running max grows.
 #pragma unroll
-    for (int g = 0; g < kGroupTile; ++g) {
-      float tile_max = score[0][g];
+      for (int offset = kLanes / 2; offset > 0; offset /= 2) {
 #pragma unroll
-      for (int u = 1; u < kRowsPerGroup; ++u) tile_max = fmaxf(tile_max, score[u][g]);
-      if (tile_max > max_score[g]) {
-        const float alpha = __expf(max_score[g] - tile_max);  // 0 when max_score was -inf
-        sum_exp[g] *= alpha;
+        for (int u = 0; u < kRowsPerGroup; ++u) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
-        max_score[g] = tile_max;
+          for (int g = 0; g < kGroupTile; ++g) score[u][g] += gpu::shfl_xor(score[u][g], offset);
+        }
       }
-      const float reference = safe_reference(max_score[g]);
 #pragma unroll
       for (int u = 0; u < kRowsPerGroup; ++u) {
-        const float weight = __expf(score[u][g] - reference);  // 0 for masked rows
-        sum_exp[g] += weight;
-        score[u][g] = weight;
-      }
-    }
+        const int pos = tile_begin + row_group + u * kRowGroups;
+        const bool valid = pos < range.end;
 #pragma unroll
-    for (int u = 0; u < kRowsPerGroup; ++u) {
-      // Rows past the split were zero-filled, so a zero weight never meets a NaN.
-      const int row = row_group + u * kRowGroups;
-      float v[8];
-      if (lane_has_dims) {
-        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8),
-                     v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+        for (int g = 0; g < kGroupTile; ++g) {
+          float s = score[u][g];
+          if (use_softcap) s = soft_capped(s, p.softcap, inv_softcap);
+          if (use_alibi) s += slope[g] * float(pos - query_pos);
+          score[u][g] = valid ? s : -INFINITY;
+        }
       }
+      // Online softmax: rescale the accumulators only when the running max grows.
 #pragma unroll
       for (int g = 0; g < kGroupTile; ++g) {
+        float tile_max = score[0][g];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(score[u][g], v[j], acc[g][j]);
+        for (int u = 1; u < kRowsPerGroup; ++u) tile_max = fmaxf(tile_max, score[u][g]);
+        if (tile_max > max_score[g]) {
+          const float alpha = __expf(max_score[g] - tile_max);  // 0 when max_score was -inf
+          sum_exp[g] *= alpha;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
+          max_score[g] = tile_max;
+        }
+        const float reference = safe_reference(max_score[g]);
+#pragma unroll
+        for (int u = 0; u < kRowsPerGroup; ++u) {
+          const float weight = __expf(score[u][g] - reference);  // 0 for masked rows
+          sum_exp[g] += weight;
+          score[u][g] = weight;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsPerGroup; ++u) {
+        // Rows past the split were zero-filled, so a zero weight never meets a NaN.
+        const int row = row_group + u * kRowGroups;
+        float v[8];
+        if (lane_has_dims) {
+          gpu::to_float8<T>(
+              *reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8), v);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(score[u][g], v[j], acc[g][j]);
+        }
       }
     }
-  }
-  copy_async_wait<0>();
-  __syncthreads();  // every thread is done with the tiles: the shared memory is reused below
+    copy_async_wait<0>();
+    __syncthreads();  // every thread is done with the tiles: the shared memory is reused below
 
-  // Merge the row groups of a warp (lanes kLanes apart hold the same dims).
+    // Merge the row groups of a warp (lanes kLanes apart hold the same dims).
 #pragma unroll
-  for (int offset = kLanes; offset < gpu::kWarpSize; offset *= 2) {
-#pragma unroll
-    for (int g = 0; g < kGroupTile; ++g) {
-      const float other_max = gpu::shfl_xor(max_score[g], offset);
-      const float other_sum = gpu::shfl_xor(sum_exp[g], offset);
-      const float new_max = fmaxf(max_score[g], other_max);
-      const float reference = safe_reference(new_max);
-      const float self_weight = __expf(max_score[g] - reference);
-      const float other_weight = __expf(other_max - reference);
-      sum_exp[g] = sum_exp[g] * self_weight + other_sum * other_weight;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        acc[g][j] = acc[g][j] * self_weight + gpu::shfl_xor(acc[g][j], offset) * other_weight;
-      }
-      max_score[g] = new_max;
-    }
-  }
-  // Then the warps, through shared memory (below).
-  if (lane < kLanes && lane_has_dims) {
-#pragma unroll
-    for (int g = 0; g < kGroupTile; ++g) {
-      float* dst = merge_acc + (warp * kGroupTile + g) * kHeadDim + dim_lane * 8;
-      reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
-    }
-    if (lane == 0) {
+    for (int offset = kLanes; offset < gpu::kWarpSize; offset *= 2) {
 #pragma unroll
       for (int g = 0; g < kGroupTile; ++g) {
-        merge_max[warp * kGroupTile + g] = max_score[g];
-        merge_sum[warp * kGroupTile + g] = sum_exp[g];
+        const float other_max = gpu::shfl_xor(max_score[g], offset);
+        const float other_sum = gpu::shfl_xor(sum_exp[g], offset);
+        const float new_max = fmaxf(max_score[g], other_max);
+        const float reference = safe_reference(new_max);
+        const float self_weight = __expf(max_score[g] - reference);
+        const float other_weight = __expf(other_max - reference);
+        sum_exp[g] = sum_exp[g] * self_weight + other_sum * other_weight;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[g][j] = acc[g][j] * self_weight + gpu::shfl_xor(acc[g][j], offset) * other_weight;
+        }
+        max_score[g] = new_max;
+      }
+    }
+    // Then the warps, through shared memory (below).
+    if (lane < kLanes && lane_has_dims) {
+#pragma unroll
+      for (int g = 0; g < kGroupTile; ++g) {
+        float* dst = merge_acc + (warp * kGroupTile + g) * kHeadDim + dim_lane * 8;
+        reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+          merge_max[warp * kGroupTile + g] = max_score[g];
+          merge_sum[warp * kGroupTile + g] = sum_exp[g];
+        }
       }
     }
   }
-  }  // CUDA cores
   __syncthreads();
 
   const int num_heads = p.num_heads;
@@ -743,10 +745,8 @@ Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
   plan.group = p.num_heads / p.num_kv_heads;
   plan.group_tile = group_tile_for(plan.group, p.head_dim);
   plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
-  const int64_t ctas_per_sm =
-      plan.group_tile <= 4 || uses_tensor_cores(plan.group_tile, p.head_dim) ? kCtasPerSmTarget
-                                                                             : kCtasPerSmTarget / 2;
-  const int64_t target = int64_t{current_sm_count()} * ctas_per_sm;
+  const int64_t target =
+      int64_t{current_sm_count()} * ctas_per_sm(plan.group_tile, p.head_dim);
   if (target_ctas != nullptr) *target_ctas = target;
   const int64_t max_keys = max_keys_of(p);
   const int64_t splits = initial_splits(p.num_requests, int64_t{p.num_kv_heads} * plan.group_tiles,

@@ -68,8 +68,7 @@ struct PrefillTile {
   static_assert(16 * kChunks % gpu::kWarpSize == 0, "output rows split evenly over a warp");
 };
 
-// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------------
-
+// ---- PTX wrappers (sm_80+; the tensor-core ones are in mma_sync.h) -----------------------------
 
 /// 16-byte global -> shared copy; with `valid` false the destination is zero-filled instead.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {

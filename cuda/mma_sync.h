@@ -59,21 +59,6 @@ __device__ __forceinline__ uint32_t pack2(float low, float high) {
   return packed;
 }
 
-/// The two 16-bit values of a register as floats (the inverse of pack2, exact).
-template <typename T>
-__device__ __forceinline__ void unpack2(uint32_t packed, float& low, float& high) {
-  if constexpr (std::is_same_v<T, gpu::bf16>) {
-    low = __uint_as_float(packed << 16);
-    high = __uint_as_float(packed & 0xffff0000u);
-  } else {
-    __half2 pair;
-    memcpy(&pair, &packed, sizeof(pair));
-    const float2 f = __half22float2(pair);
-    low = f.x;
-    high = f.y;
-  }
-}
-
 /// c += a * b for one m16n8k8 tile: a is 16x8 row-major (two registers), b 8x8 column-major.
 template <typename T>
 __device__ __forceinline__ void mma_1688(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b) {
