@@ -458,6 +458,16 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
       for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
     }
 
+    // This lane's 8 dims of tile row `row` in fp32 (zeros on the idle lanes of head dims 80, 96).
+    auto load_dims = [&](const T* tile, int row, float (&x)[8]) {
+      if (lane_has_dims) {
+        const T* const chunk = tile + row * kHeadDim + dim_lane * 8;
+        gpu::to_float8<T>(*reinterpret_cast<const gpu::Vec16*>(chunk), x);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x[j] = 0.0f;
+      }
+    };
     for (int tile = 0; tile < num_tiles; ++tile) {
       const T* const k_tile = await_tile(tile);
       const T* const v_tile = k_tile + Geo::kTileElems;
@@ -468,13 +478,7 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
       for (int u = 0; u < kRowsPerGroup; ++u) {
         const int row = row_group + u * kRowGroups;
         float k[8];
-        if (lane_has_dims) {
-          gpu::to_float8<T>(
-              *reinterpret_cast<const gpu::Vec16*>(k_tile + row * kHeadDim + dim_lane * 8), k);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) k[j] = 0.0f;
-        }
+        load_dims(k_tile, row, k);
 #pragma unroll
         for (int g = 0; g < kGroupTile; ++g) {
           float dot = 0.0f;
@@ -529,13 +533,7 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
         // Rows past the split were zero-filled, so a zero weight never meets a NaN.
         const int row = row_group + u * kRowGroups;
         float v[8];
-        if (lane_has_dims) {
-          gpu::to_float8<T>(
-              *reinterpret_cast<const gpu::Vec16*>(v_tile + row * kHeadDim + dim_lane * 8), v);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-        }
+        load_dims(v_tile, row, v);
 #pragma unroll
         for (int g = 0; g < kGroupTile; ++g) {
 #pragma unroll
