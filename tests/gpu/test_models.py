@@ -132,19 +132,45 @@ def test_tiny_models_match_transformers(architecture, tmp_path):
           f"transformers fp16 margin change {noise[1]:.4f}")
 
 
+# Under an 8-token budget decode rows share steps with prompt chunks and run through the prefill
+# kernel (probabilities rounded to fp16, another summation order), and small steps' projections
+# take gemv rather than cuBLAS: chosen logprobs measured up to 0.03 apart from an unconstrained run
+# (H100, 2026-11-27), and a greedy choice whose top-2 margin is below that can flip (one did, at a
+# margin of 0.006, when group tile 4 moved to tensor cores).
+CHUNKED_LOGPROB_TOL = 0.05
+
+
 def test_chunked_prefill_and_preemption_on_gpu(tmp_path):
-    """Chunking (8-token budget) and preemption (a 16-block pool) give the tokens of one
-    unconstrained run: the same kernels, so the same bits."""
+    """Chunking (8-token budget) and preemption (a 16-block pool) give the greedy tokens of one
+    unconstrained run, and its logprobs within CHUNKED_LOGPROB_TOL; tokens may part only at a
+    step where the unconstrained run's top-2 margin is within that tolerance."""
     build_checkpoint(str(tmp_path), "LlamaForCausalLM", seed=4, dtype=torch.float16, **GPU_TINY)
     prompts = prompts_for(320)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
     free = LLM(model=str(tmp_path), device="cuda", dtype="float16", **TINY_POOL)
-    expected = [o.outputs[0].token_ids for o in free.generate(prompts, params, use_tqdm=False)]
+    expected = [o.outputs[0] for o in free.generate(prompts, params, use_tqdm=False)]
+    del free
     llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", max_num_batched_tokens=8,
               max_num_seqs=4, block_size=8, num_gpu_blocks_override=16, max_model_len=128)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.stats().num_preemptions > 0
+    compared = 0
+    for i, (want, got) in enumerate(zip(expected, outs)):
+        assert len(got.token_ids) == NEW_TOKENS
+        for step, (token, want_lp, got_lp) in enumerate(
+                zip(want.token_ids, want.logprobs, got.logprobs)):
+            if got.token_ids[step] != token:
+                top2 = sorted((lp.logprob for lp in want_lp.values()), reverse=True)[:2]
+                assert top2[0] - top2[1] < CHUNKED_LOGPROB_TOL, (
+                    f"prompt {i} step {step}: chunked run chose {got.token_ids[step]}, the "
+                    f"unconstrained run {token} by a margin of {top2[0] - top2[1]:.4f}")
+                break
+            assert abs(got_lp[token].logprob - want_lp[token].logprob) < CHUNKED_LOGPROB_TOL, (
+                f"prompt {i} step {step}: logprob {got_lp[token].logprob:.4f} chunked, "
+                f"{want_lp[token].logprob:.4f} unconstrained")
+            compared += 1
+    # A near-tie ends one prompt's comparison; most steps must still have been compared.
+    assert compared >= 0.75 * NEW_TOKENS * len(prompts)
 
 
 def test_qwen3_0_6b_shape_matches_transformers_in_bf16(tmp_path):
