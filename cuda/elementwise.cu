@@ -296,27 +296,56 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
   T* residual = p.residual != nullptr ? static_cast<T*>(p.residual) + row * p.hidden : nullptr;
   auto reduce = [&](float v) { return kBlock ? block_sum(v, scratch) : group_sum(v, group); };
 
+  // Every load is issued before the first store and before the reduction: a store may alias a
+  // later load as far as the compiler knows, and the weights wait on nothing, so interleaving
+  // them would turn the row into one memory round trip per chunk (measured 5.5 us per norm at
+  // 256 x 1024 on an H100). The scalar path (unaligned rows, C = 1) loads its weights late:
+  // 32 more floats would spill.
+  constexpr bool kWeightsEarly = C > 1;
+  const T* weight = kind == NormKind::kLayerNormNoWeight ? nullptr : static_cast<const T*>(p.weight);
+  const T* bias = kind == NormKind::kLayerNorm ? static_cast<const T*>(p.bias) : nullptr;
   float x[kChunks][C];
-  float sum = 0.0f;
+  float w[kChunks][C];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int u = lane + i * group;
     if (active && u < chunks) {
       load_chunk<T, C>(in + u * C, x[i]);
-      if (residual != nullptr) {
-        float r[C];
-        load_chunk<T, C>(residual + u * C, r);
-        // The residual stream is stored in T; normalise the stored (rounded) sum, as HF does.
-#pragma unroll
-        for (int j = 0; j < C; ++j) x[i][j] = round_to<T>(x[i][j] + r[j]);
-        store_chunk<T, C>(residual + u * C, x[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < C; ++j) sum += rms ? x[i][j] * x[i][j] : x[i][j];
     } else {
 #pragma unroll
       for (int j = 0; j < C; ++j) x[i][j] = 0.0f;
     }
+  }
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int u = lane + i * group;
+    if (kWeightsEarly && weight != nullptr && active && u < chunks) {
+      load_chunk<T, C>(weight + u * C, w[i]);
+    }
+  }
+  if (residual != nullptr) {
+    float r[kChunks][C];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int u = lane + i * group;
+      if (active && u < chunks) load_chunk<T, C>(residual + u * C, r[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int u = lane + i * group;
+      if (active && u < chunks) {
+        // The residual stream is stored in T; normalise the stored (rounded) sum, as HF does.
+#pragma unroll
+        for (int j = 0; j < C; ++j) x[i][j] = round_to<T>(x[i][j] + r[i][j]);
+        store_chunk<T, C>(residual + u * C, x[i]);
+      }
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+#pragma unroll
+    for (int j = 0; j < C; ++j) sum += rms ? x[i][j] * x[i][j] : x[i][j];
   }
   sum = reduce(sum);
   const float inv_hidden = 1.0f / float(p.hidden);
@@ -338,8 +367,6 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
   }
   if (!active) return;
 
-  const T* weight = kind == NormKind::kLayerNormNoWeight ? nullptr : static_cast<const T*>(p.weight);
-  const T* bias = kind == NormKind::kLayerNorm ? static_cast<const T*>(p.bias) : nullptr;
   const float weight_offset = kind == NormKind::kRMSNormPlusOne ? 1.0f : 0.0f;
   T* out = static_cast<T*>(p.out) + start;
 #pragma unroll
@@ -350,10 +377,9 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
 #pragma unroll
     for (int j = 0; j < C; ++j) y[j] = (x[i][j] - mean) * inv_std;
     if (weight != nullptr) {
-      float w[C];
-      load_chunk<T, C>(weight + u * C, w);
+      if constexpr (!kWeightsEarly) load_chunk<T, C>(weight + u * C, w[i]);
 #pragma unroll
-      for (int j = 0; j < C; ++j) y[j] *= w[j] + weight_offset;  // Gemma's 1 + w in fp32
+      for (int j = 0; j < C; ++j) y[j] *= w[i][j] + weight_offset;  // Gemma's 1 + w in fp32
     }
     if (bias != nullptr) {
       float b[C];
@@ -774,7 +800,9 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
   }
   g.total = int(total);
   if (g.total == 0) return;
-  const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, 256);
+  // One item per thread where a token has up to 512 (Llama-3-8B: 448): a thread's second item
+  // would load only after its first item's stores, one more memory round trip per token.
+  const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, 512);
   const auto s = static_cast<gpu::Stream>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
