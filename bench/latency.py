@@ -100,6 +100,7 @@ def main(argv=None) -> None:
             "schedule_ms_per_step": per_step("schedule_seconds"),
             "execute_ms_per_step": per_step("execute_seconds"),
             "output_ms_per_step": per_step("output_seconds"),
+            "device_wait_ms_per_step": per_step("device_wait_seconds"),
             "enforce_eager": args.enforce_eager, "commit": commit(),
         })
         print(line, flush=True)

@@ -187,6 +187,9 @@ def main() -> None:
         "schedule_s": round(stats.schedule_seconds, 3),
         "execute_s": round(stats.execute_seconds, 3),
         "step_output_s": round(stats.output_seconds, 3),
+        "device_wait_s": round(stats.device_wait_seconds, 3),
+        "graph_captures": stats.graph_captures,
+        "graph_capture_s": round(stats.graph_capture_seconds, 3),
         "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
                           - stats.output_seconds, 3),
         **profile_report,

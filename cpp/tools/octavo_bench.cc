@@ -400,6 +400,9 @@ int run(const Options& options) {
                     ", \"schedule_s\": " + fixed(stats.schedule_seconds, 3) +
                     ", \"execute_s\": " + fixed(stats.execute_seconds, 3) +
                     ", \"step_output_s\": " + fixed(stats.output_seconds, 3) +
+                    ", \"device_wait_s\": " + fixed(stats.device_wait_seconds, 3) +
+                    ", \"graph_captures\": " + std::to_string(stats.graph_captures) +
+                    ", \"graph_capture_s\": " + fixed(stats.graph_capture_seconds, 3) +
                     ", \"ttft_ms\": " + stats_json(ttft) + ", \"tpot_ms\": " + stats_json(tpot) +
                     ", \"kv_blocks\": " + std::to_string(resolved.num_kv_blocks) +
                     ", \"block_size\": " + std::to_string(resolved.block_size) +
@@ -435,7 +438,9 @@ int run(const Options& options) {
               << " total tok/s\n"
               << "  " << stats.num_steps << " steps: schedule " << fixed(stats.schedule_seconds, 2)
               << " s, execute " << fixed(stats.execute_seconds, 2) << " s, output "
-              << fixed(stats.output_seconds, 2) << " s\n"
+              << fixed(stats.output_seconds, 2) << " s (device wait "
+              << fixed(stats.device_wait_seconds, 2) << " s; " << stats.graph_captures
+              << " graph captures, " << fixed(stats.graph_capture_seconds, 2) << " s)\n"
               << "  TTFT ms: " << stats_text(ttft) << "\n"
               << "  TPOT ms: " << stats_text(tpot) << "\n"
               << "  KV pool " << grouped(resolved.num_kv_blocks) << " blocks x "

@@ -67,7 +67,12 @@ def test_graph_table_widths_match_eager(model_dir):
     lengths = [230, 250, 500, 700, 20]
     prompts = [rng.integers(3, 300, size=n).tolist() for n in lengths]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
-    eager, _, _ = run(model_dir, True, prompts, params)
+    eager, _, eager_llm = run(model_dir, True, prompts, params)
     graph, _, llm = run(model_dir, False, prompts, params)
     assert_same_outputs(eager, graph)
-    assert llm.engine.stats().num_free_kv_blocks == llm.engine.stats().num_kv_blocks
+    stats = llm.engine.stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    # One graph per (batch bucket, table width) met: the widths 16, 32 and 64 at least.
+    assert stats.graph_captures >= 3 and stats.graph_capture_seconds > 0
+    assert eager_llm.engine.stats().graph_captures == 0
+    assert 0 < stats.device_wait_seconds < stats.execute_seconds

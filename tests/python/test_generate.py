@@ -99,6 +99,18 @@ def test_prefix_cache_hits_give_same_tokens(tiny_checkpoints):
     assert hits >= 3 * 48 - 3 * 16, f"only {hits} prompt tokens came from the prefix cache"
 
 
+def test_stats_split_the_execute_time(tiny_checkpoints):
+    """The executor's share of a step splits into the wait for the device and host work; the CPU
+    backend has no graphs to capture."""
+    directory, _ = tiny_checkpoints["LlamaForCausalLM"]
+    llm = LLM(model=directory, dtype="float32")
+    llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats.num_steps == NEW_TOKENS
+    assert 0 <= stats.device_wait_seconds <= stats.execute_seconds
+    assert stats.graph_captures == 0 and stats.graph_capture_seconds == 0
+
+
 def test_prefix_caching_off_still_matches(tiny_checkpoints, hf_reference):
     directory, _ = tiny_checkpoints["Qwen2ForCausalLM"]
     llm = LLM(model=directory, dtype="float32", enable_prefix_caching=False)

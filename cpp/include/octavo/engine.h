@@ -45,6 +45,11 @@ struct EngineStats {
   double schedule_seconds = 0.0;
   double execute_seconds = 0.0;
   double output_seconds = 0.0;
+  // Within execute_seconds: the wait for the device's results (the rest is host work: uploads,
+  // launches, graph captures), and the decode graphs captured so far and the time that took.
+  double device_wait_seconds = 0.0;
+  uint64_t graph_captures = 0;
+  double graph_capture_seconds = 0.0;
 };
 
 class Engine {

@@ -775,6 +775,10 @@ EngineStats Engine::stats() const {
   s.num_evictable_kv_blocks = m.kv_cache->block_pool().num_evictable_blocks();
   s.prefix_cache_queries = m.kv_cache->prefix_cache_stats().queries;
   s.prefix_cache_hits = m.kv_cache->prefix_cache_stats().hits;
+  const Executor::Timings& t = m.executor->timings();
+  s.device_wait_seconds = t.device_wait_seconds;
+  s.graph_captures = t.graph_captures;
+  s.graph_capture_seconds = t.graph_capture_seconds;
   return s;
 }
 

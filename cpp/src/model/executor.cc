@@ -1,6 +1,7 @@
 #include "model/executor.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -80,6 +81,10 @@ T* carve(std::byte*& cursor, size_t count) {
   T* out = reinterpret_cast<T*>(cursor);
   cursor += (count * sizeof(T) + kAlign - 1) / kAlign * kAlign;
   return out;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 }  // namespace
@@ -320,6 +325,12 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
 const void* Executor::weight(const std::string& name) const {
   auto it = weights_.find(name);
   return it == weights_.end() ? nullptr : it->second.data();
+}
+
+void Executor::synchronize() {
+  const auto start = std::chrono::steady_clock::now();
+  backend_.synchronize();
+  timings_.device_wait_seconds += seconds_since(start);
 }
 
 Executor::GraphKey Executor::graph_key_of(const StepBatch& b) const {
@@ -697,6 +708,7 @@ StepResult Executor::execute(const StepBatch& batch) {
       // The first step of a bucket runs eagerly (and creates the GEMM plans), then is captured.
       forward(shape);
       compute_logits(identity_rows_.as<int32_t>(), bucket);
+      const auto capture_start = std::chrono::steady_clock::now();
       backend_.begin_capture();
       try {
         forward(shape);
@@ -709,6 +721,8 @@ StepResult Executor::execute(const StepBatch& batch) {
         throw;
       }
       graphs_[graph_key] = backend_.end_capture();
+      ++timings_.graph_captures;
+      timings_.graph_capture_seconds += seconds_since(capture_start);
     }
     sample(batch, result, /*logits_ready=*/true);
   }
@@ -805,7 +819,7 @@ void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_re
   // One download brings back every sampled id and logprob.
   sampled_host_.resize(layout.bytes());
   backend_.download(sampled_host_.data(), out, layout.bytes());
-  backend_.synchronize();
+  synchronize();
   unpack_row_results(sampled_host_, layout, result.sampled, result.sampled_logprob,
                      result.top_ids, result.top_logprobs);
 }
@@ -839,7 +853,7 @@ void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
   }
   prompt_logprobs_host_.resize(layout.bytes());
   backend_.download(prompt_logprobs_host_.data(), out, layout.bytes());
-  backend_.synchronize();
+  synchronize();
   unpack_row_results(prompt_logprobs_host_, layout, result.prompt_logprob, result.prompt_rank,
                      result.prompt_top_ids, result.prompt_top_logprobs);
 }

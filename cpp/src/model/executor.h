@@ -86,6 +86,14 @@ class Executor {
 
   StepResult execute(const StepBatch& batch);
 
+  /// Where execute() waits rather than works, summed over its calls (wall clock).
+  struct Timings {
+    double device_wait_seconds = 0.0;    // blocked on the device for the step's results
+    uint64_t graph_captures = 0;         // decode graphs captured (one per new bucket and width)
+    double graph_capture_seconds = 0.0;  // capturing and instantiating them
+  };
+  const Timings& timings() const { return timings_; }
+
   /// Penalty slots in the token-count table (one per sequence that can run at once).
   int num_penalty_slots() const { return limits_.max_num_seqs; }
   static constexpr int kMaxTopLogprobs = 20;
@@ -151,6 +159,8 @@ class Executor {
   /// Samples the step's rows; logits_ready: a graph already computed logits for rows [0, S).
   void sample(const StepBatch& batch, StepResult& result, bool logits_ready);
   void prompt_logprobs(const StepBatch& batch, StepResult& result);
+  /// backend_.synchronize(), timed into timings_.device_wait_seconds.
+  void synchronize();
   void run_layer(int layer_index, const ForwardShape& shape, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
@@ -178,6 +188,7 @@ class Executor {
 
   DeviceBuffer identity_rows_;  // [max_num_seqs] int32 0, 1, 2, ...: a graph's logit rows
   std::vector<int> graph_buckets_;          // padded batch sizes decode graphs are captured for
+  Timings timings_;
   std::unordered_map<GraphKey, int, GraphKeyHash> graphs_;  // -> the backend's graph id
   int max_blocks_ = 0;       // blocks of a max_model_len sequence: the widest graph table
   size_t table_offset_ = 0;  // graph steps' block tables: a fixed place at the end of step_inputs_

@@ -184,7 +184,10 @@ void bind_engine(nb::module_& m) {
       .def_ro("num_steps", &EngineStats::num_steps)
       .def_ro("schedule_seconds", &EngineStats::schedule_seconds)
       .def_ro("execute_seconds", &EngineStats::execute_seconds)
-      .def_ro("output_seconds", &EngineStats::output_seconds);
+      .def_ro("output_seconds", &EngineStats::output_seconds)
+      .def_ro("device_wait_seconds", &EngineStats::device_wait_seconds)
+      .def_ro("graph_captures", &EngineStats::graph_captures)
+      .def_ro("graph_capture_seconds", &EngineStats::graph_capture_seconds);
 
   nb::class_<Engine>(m, "Engine", "The synchronous engine: add_request, step, abort.")
       .def(nb::new_(&make_engine), nb::arg("spec"), nb::arg("config"), nb::arg("weights"))
