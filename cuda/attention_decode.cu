@@ -305,9 +305,10 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
   const float inv_softcap = use_softcap ? 1.0f / p.softcap : 0.0f;
   const bool use_alibi = p.alibi_slopes != nullptr;
   if constexpr (kTensorCores) {
-    // S = Q K^T and O += P V as m16n8 MMAs: rows are the tile's query heads (8 of the 16 rows; the
-    // others stay zero and are never stored), columns each warp's quarter of a tile's keys. A
-    // thread owns row lane / 4 and, per 8-key block, keys 2 (lane % 4) and 2 (lane % 4) + 1.
+    // S = Q K^T and O += P V as m16n8 MMAs: rows are the tile's query heads (kGroupTile of the 16
+    // rows; the others stay zero and are never stored), columns each warp's quarter of a tile's
+    // keys. A thread owns row lane / 4 and, per 8-key block, keys 2 (lane % 4) and
+    // 2 (lane % 4) + 1.
     constexpr int kWarpTokens = kTileTokens / kWarps;
     constexpr int kTokenBlocks = kWarpTokens / 8;
     constexpr int kKSteps = kHeadDim / 16;
