@@ -31,9 +31,11 @@
 // Speed. Bound by HBM bandwidth: the K/V bytes dominate (q, outputs and partials are <1% at the
 // benchmark shapes), and cp.async keeps up to 2 tiles (32 KiB at head dim 128) in flight per CTA,
 // 4 CTAs per SM. On CUDA cores the issue cost grows with the group tile: at head dim 128 the
-// instance of 4 reaches 0.95 of copy bandwidth (batch 64 x 4096, 32/8 heads; H100), the pair
-// instance 1.00 (256 x 1024, 16/8 heads), while 8 heads per CTA were issue-bound at 0.41-0.49;
-// on tensor cores a key costs a few instructions per KV head and GQA 5-8 reach 0.89-0.96.
+// instance of 4 reached 0.95 of copy bandwidth (batch 64 x 4096, 32/8 heads; H100), the pair
+// instance 1.00 (256 x 1024, 16/8 heads), while 8 heads per CTA were issue-bound at 0.41-0.49.
+// On tensor cores (group tiles 4 and 8 at head dims 64 and 128) a key costs a few instructions
+// per KV head: GQA 4 reaches 0.94-0.96 on those shapes and 0.64-0.90 on small and uneven
+// batches, where its CUDA-core path read 0.49-0.86; GQA 5-8 reach 0.89-0.96.
 //
 // Portability: the CUDA-core path uses compat.h only; the tensor-core path is NVIDIA PTX (sm_80+,
 // cuda/mma_sync.h, as the prefill kernel), so a HIP build needs an MFMA twin of it.
