@@ -77,3 +77,25 @@ def test_graph_table_widths_match_eager(model_dir):
     assert stats.graph_captures >= 1 and stats.graph_capture_seconds > 0
     assert eager_llm.engine.stats().graph_captures == 0
     assert 0 < stats.device_wait_seconds < stats.execute_seconds
+
+
+def test_graph_width_grows_mid_generation(model_dir):
+    """The batch's widest row crosses a graph width while decoding: 240 + 40 tokens cross 256
+    (16 -> 32 blocks of 16), 490 + 40 cross 512 (32 -> 64). Each step replays the graph of its
+    width, whose columns past the rows' blocks are zeroed; tokens and logprobs stay eager's."""
+    rng = np.random.default_rng(11)
+    batches = [[rng.integers(3, 300, size=n).tolist() for n in lengths]
+               for lengths in ((240, 20), (490, 20))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    outputs, captures = {}, {}
+    for enforce_eager in (True, False):
+        llm = LLM(model=model_dir, device="cuda", num_gpu_blocks_override=1024, max_num_seqs=48,
+                  enforce_eager=enforce_eager)
+        outputs[enforce_eager] = [llm.generate(prompts, params, use_tqdm=False)
+                                  for prompts in batches]
+        captures[enforce_eager] = llm.engine.stats().graph_captures
+    for eager, graph in zip(outputs[True], outputs[False]):
+        assert_same_outputs(eager, graph)
+    # Batch bucket 2 at widths 16, 32 and 64: one graph each.
+    assert captures[False] >= 3 and captures[True] == 0
+
