@@ -1,6 +1,7 @@
-"""Paged attention kernels over a grid of shapes, against the ceilings measured in the same run.
+"""The kernels of a step over a grid of shapes, against the ceilings measured in the same run.
 
-    python bench/kernels.py [--quick] [--sections decode,nano-run,prefill,gemv] [--result-json FILE]
+    python bench/kernels.py [--quick] [--sections decode,nano-run,prefill,gemv,layer-ops]
+                            [--result-json FILE]
 
 Decode (one query token per request): time, GB/s of K/V read and the fraction of the copy
 bandwidth, for full batches, small batches with long contexts, a batch of uneven lengths and
@@ -10,6 +11,8 @@ Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
 read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
+Layer ops (the row-wise kernels between the GEMMs: residual add + RMSNorm, rotary + KV cache write,
+SiLU-GLU) at the workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
 bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are
 replayed from a CUDA graph, so the host's per-call work never shows in the time (decode; prefill
 kernels take milliseconds and are timed back to back). One JSON line per shape; --result-json
@@ -50,7 +53,15 @@ QUICK_GEMV = [(1, 1024, 1024)]
 QUICK_DECODE = [(4, 1024, None, 32), (6, 512, [100, 512, 37, 300, 512, 1], 32),
                 (4, 1024, None, 64)]
 QUICK_PREFILL = [(2, 512)]
-SECTIONS = ("decode", "nano-run", "prefill", "gemv")
+# A layer's row-wise ops, per model: hidden size, query / KV heads (head dim 128), MLP width, and
+# whether rotary carries a QK norm.
+LAYER_MODELS = {"qwen3-0.6b": (1024, 16, 8, 3072, True),
+                "llama-3.1-8b": (4096, 32, 8, 14336, False)}
+LAYER_OPS = ("norm", "rotary_write_kv", "activation")
+# (rows, model): nano's running batch, llama8b's, and the latency workload's single row.
+LAYER_OP_SHAPES = [(256, "qwen3-0.6b"), (512, "llama-3.1-8b"), (1, "llama-3.1-8b")]
+QUICK_LAYER_OPS = [(4, "qwen3-0.6b")]
+SECTIONS = ("decode", "nano-run", "prefill", "gemv", "layer-ops")
 
 
 def graph_seconds(fn, repeats: int = 20) -> float:
@@ -266,6 +277,67 @@ def gemv(m: int, n: int, k: int, copy_bandwidth: float) -> dict:
             "cublas_us": round(cublas * 1e6, 2), "vs_cublas": round(cublas / ours, 3)}
 
 
+def layer_op_call(op: str, rows: int, model: str, device: str = "cuda", dtype=DTYPE):
+    """A call of one of `model`'s row-wise layer ops over `rows` tokens (through octavo._C.ops, so
+    on the CPU it runs the reference), and the bytes that call must move on a GPU (bf16)."""
+    from octavo import _C
+
+    hidden, heads, kv_heads, inter, qk_norm = LAYER_MODELS[model]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, device=device, generator=gen).to(dtype)
+
+    def stream():  # read at call time: a graph captures on its own stream
+        return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+
+    element = 2
+    if op == "norm":  # residual add + RMSNorm, as every sub-block opens
+        x, residual, weight = rand(rows, hidden), rand(rows, hidden), rand(hidden)
+        out = torch.empty_like(x)
+
+        def call():
+            _C.ops.norm(x, out, weight, None, residual, stream=stream())
+
+        # x and the residual in, the residual and out back, the weight once
+        return call, (4 * rows + 1) * hidden * element
+    if op == "rotary_write_kv":  # in place in the fused [q | k | v] row, k and v into the cache
+        d = HEAD_DIM
+        width = (heads + 2 * kv_heads) * d
+        qkv = rand(rows, width)
+        cache = torch.zeros(((rows + BLOCK - 1) // BLOCK, 2, kv_heads, BLOCK, d), dtype=dtype,
+                            device=device)
+        slots = torch.arange(rows, dtype=torch.int64, device=device)
+        positions = torch.arange(rows, dtype=torch.int32, device=device) + 100
+        cos_sin = torch.randn((rows + 100, d), device=device, generator=gen)
+        norms = dict(q_norm_weight=rand(d), k_norm_weight=rand(d)) if qk_norm else {}
+
+        def call():
+            _C.ops.rotary_write_kv(qkv, qkv, qkv, positions, cos_sin, cache, slots, heads,
+                                   kv_heads, d, BLOCK, q_stride=width, k_stride=width,
+                                   v_stride=width, k_offset=heads * d,
+                                   v_offset=(heads + kv_heads) * d, stream=stream(), **norms)
+
+        # q, k, v in; q and k back; k and v into the cache; a float32 cos | sin row per token
+        return call, rows * ((2 * heads + 5 * kv_heads) * d * element + d * 4)
+    if op == "activation":  # SiLU(gate) * up
+        x, out = rand(rows, 2 * inter), torch.empty((rows, inter), dtype=dtype, device=device)
+
+        def call():
+            _C.ops.activation(x, out, 0, stream=stream())
+
+        return call, 3 * rows * inter * element
+    raise ValueError(f"unknown layer op {op!r}; choose from {', '.join(LAYER_OPS)}")
+
+
+def layer_op(op: str, rows: int, model: str, copy_bandwidth: float) -> dict:
+    call, moved = layer_op_call(op, rows, model)
+    seconds = graph_seconds(call)
+    return {"kernel": op, "model": model, "rows": rows, "us": round(seconds * 1e6, 2),
+            "GBps": round(moved / seconds / 1e9, 1),
+            "fraction_of_copy": round(moved / seconds / copy_bandwidth, 3)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
@@ -294,6 +366,9 @@ def main(argv=None) -> None:
         "prefill": [lambda s=s: prefill(*s, matmul)
                     for s in (QUICK_PREFILL if args.quick else PREFILL_SHAPES)],
         "gemv": [lambda s=s: gemv(*s, copy) for s in (QUICK_GEMV if args.quick else GEMV_SHAPES)],
+        "layer-ops": [lambda op=op, s=s: layer_op(op, *s, copy)
+                      for s in (QUICK_LAYER_OPS if args.quick else LAYER_OP_SHAPES)
+                      for op in LAYER_OPS],
     }
     lines = []
     for section in sections:
