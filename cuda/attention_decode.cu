@@ -16,13 +16,13 @@
 // kStages-deep pipeline (every 16-byte chunk fetched by exactly one thread, rows of one page
 // contiguous, so the loads are coalesced whatever the head dim). Compute reads the tile back from
 // shared memory in one of two ways:
-// - CUDA cores (group tiles 1, 2, 4, and 8 at head dims 80, 96, 256): a "row group" of kLanes
+// - CUDA cores (group tiles 1 and 2, and 4 and 8 at head dims 80, 96, 256): a "row group" of kLanes
 //   lanes owns one token row at a time, lane i holding dims [8i, 8i+8) of q (for every head of the
 //   group tile, pre-scaled, fp32) and of the output accumulators. A score is 8 FMAs per lane and a
 //   butterfly over the row group; online softmax in fp32 per row group (rescaled only when the
 //   running max grows); row groups merge at the end (shuffles within a warp, shared memory across
 //   warps).
-// - Tensor cores (group tile 8 at head dims 64 and 128): the group's heads are the rows of
+// - Tensor cores (group tiles 4 and 8 at head dims 64 and 128): the group's heads are the rows of
 //   m16n8k16 MMAs for S = Q K^T and m16n8k8 MMAs for O += P V, each warp taking a quarter of every
 //   tile's keys with its own online softmax; tiles are stored XOR-swizzled for ldmatrix, and P
 //   goes in as two 16-bit parts (high + low) so the weights keep ~fp32 precision.

@@ -1,5 +1,6 @@
-"""bench/kernels.py's command line on any machine: a section name it does not know is refused
-before anything needs a GPU (the timings themselves are tests/gpu/test_bench_kernels.py's)."""
+"""bench/kernels.py on any machine: its command line refuses an unknown section before anything
+needs a GPU, and its layer-ops calls run on the CPU reference (the timings themselves are
+tests/gpu/test_bench_kernels.py's)."""
 
 import os
 import subprocess

@@ -45,8 +45,9 @@ struct EngineStats {
   double schedule_seconds = 0.0;
   double execute_seconds = 0.0;
   double output_seconds = 0.0;
-  // Within execute_seconds: the wait for the device's results (the rest is host work: uploads,
-  // launches, graph captures), and the decode graphs captured so far and the time that took.
+  // Within execute_seconds: the wait for the device's results, and the decode graphs captured so
+  // far and the time that took. The rest is host time: uploads, launches and captures; on eager
+  // steps launches can block on a busy device, so there the wait undercounts the device's time.
   double device_wait_seconds = 0.0;
   uint64_t graph_captures = 0;
   double graph_capture_seconds = 0.0;
