@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,8 @@ class CudaBackend final : public Backend {
     cudaFreeHost(pinned_upload_);
     cudaFreeHost(pinned_download_);
     cudaEventDestroy(upload_done_);
+    for (const PendingDownload& d : pending_downloads_) cudaEventDestroy(d.done);
+    for (cudaEvent_t event : spare_events_) cudaEventDestroy(event);
     cudaStreamDestroy(stream_);
   }
 
@@ -111,24 +114,43 @@ class CudaBackend final : public Backend {
   }
 
   void download(void* host, const void* device, size_t bytes) override {
-    if (bytes == 0) return;
-    if (bytes > kPinnedBytes) {
-      check(cudaStreamSynchronize(stream_), "download sync");
-      check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "download");
-      return;
-    }
-    check(cudaMemcpyAsync(pinned_download_, device, bytes, cudaMemcpyDeviceToHost, stream_),
-          "download");
-    pending_download_ = {host, bytes};
+    download_async(host, device, bytes);
   }
 
   void synchronize() override {
     check(cudaStreamSynchronize(stream_), "synchronize");
-    if (pending_download_.host) {
-      std::memcpy(pending_download_.host, pinned_download_, pending_download_.bytes);
-      pending_download_ = {};
-    }
+    finish_downloads(next_ticket_);
   }
+
+  // Downloads fill the pinned buffer front to back, each with its own event, so the results of
+  // one step can land while the next step's work is already queued behind them. One that would
+  // run past the end first finishes every pending download (their regions free up) and starts
+  // again at the front.
+  uint64_t download_async(void* host, const void* device, size_t bytes) override {
+    const uint64_t ticket = ++next_ticket_;
+    if (bytes == 0) return ticket;
+    if (bytes > kPinnedBytes) {
+      check(cudaStreamSynchronize(stream_), "download sync");
+      finish_downloads(ticket - 1);
+      check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "download");
+      return ticket;
+    }
+    size_t offset = (download_cursor_ + 15) / 16 * 16;
+    if (offset + bytes > kPinnedBytes) {
+      finish_downloads(ticket - 1);
+      offset = 0;
+    }
+    PendingDownload pending{ticket, host, offset, bytes, take_event()};
+    check(cudaMemcpyAsync(static_cast<std::byte*>(pinned_download_) + offset, device, bytes,
+                          cudaMemcpyDeviceToHost, stream_),
+          "download");
+    check(cudaEventRecord(pending.done, stream_), "download event");
+    pending_downloads_.push_back(pending);
+    download_cursor_ = offset + bytes;
+    return ticket;
+  }
+
+  void wait_download(uint64_t ticket) override { finish_downloads(ticket); }
 
   std::optional<MemoryInfo> memory_info() const override {
     size_t free = 0, total = 0;
@@ -230,9 +252,38 @@ class CudaBackend final : public Backend {
   void* pinned_download_ = nullptr;
   cudaEvent_t upload_done_ = nullptr;
   struct PendingDownload {
-    void* host = nullptr;
-    size_t bytes = 0;
-  } pending_download_;
+    uint64_t ticket;
+    void* host;
+    size_t offset;  // in pinned_download_
+    size_t bytes;
+    cudaEvent_t done;
+  };
+  std::deque<PendingDownload> pending_downloads_;  // in ticket order
+  std::vector<cudaEvent_t> spare_events_;
+  uint64_t next_ticket_ = 0;
+  size_t download_cursor_ = 0;  // where the next download lands in pinned_download_
+
+  cudaEvent_t take_event() {
+    if (spare_events_.empty()) {
+      cudaEvent_t event = nullptr;
+      check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "event create");
+      return event;
+    }
+    cudaEvent_t event = spare_events_.back();
+    spare_events_.pop_back();
+    return event;
+  }
+
+  /// Waits for the pending downloads up to `ticket`, oldest first, and copies each out.
+  void finish_downloads(uint64_t ticket) {
+    while (!pending_downloads_.empty() && pending_downloads_.front().ticket <= ticket) {
+      const PendingDownload d = pending_downloads_.front();
+      check(cudaEventSynchronize(d.done), "download wait");
+      std::memcpy(d.host, static_cast<const std::byte*>(pinned_download_) + d.offset, d.bytes);
+      pending_downloads_.pop_front();
+      spare_events_.push_back(d.done);
+    }
+  }
   void* gemm_workspace_ = nullptr;
   std::unique_ptr<GemmRunner> gemm_;
   void* decode_workspace_ = nullptr;

@@ -234,7 +234,8 @@ __global__ void embedding_kernel(const EmbeddingParams p, RowGeometry geo) {
   const int chunks = p.hidden / C;
   const int64_t hidden = p.hidden;
   T* out = static_cast<T*>(p.out) + t * hidden;
-  const int32_t id = p.token_ids[t];
+  int32_t id = p.token_ids[t];
+  if (id < 0 && p.deferred_token_ids != nullptr) id = p.deferred_token_ids[-int64_t{id} - 1];
   bool valid = id >= 0 && id < p.vocab_size;
   const T* position_row = nullptr;
   if (p.positions != nullptr) {

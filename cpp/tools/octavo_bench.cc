@@ -64,6 +64,7 @@ constexpr const char* kUsage = R"(usage: octavo_bench (--model DIR | --random-mo
   --num-kv-blocks N         fix the KV pool size (default: from memory)
   --gpu-memory-utilization F  (default 0.9)
   --enforce-eager           no CUDA graphs
+  --no-async-scheduling     wait for each step's tokens before scheduling the next
   --json                    print one JSON object instead of the report
 )";
 
@@ -88,6 +89,7 @@ struct Options {
   int num_kv_blocks = 0;
   float gpu_memory_utilization = 0.9f;
   bool enforce_eager = false;
+  bool async_scheduling = true;
   bool json = false;
 };
 
@@ -164,6 +166,8 @@ Options parse_args(int argc, char** argv) {
       if (end == text.c_str() || *end != '\0') usage_error(flag + " is '" + text + "'; expected a number");
     } else if (flag == "--enforce-eager") {
       o.enforce_eager = true;
+    } else if (flag == "--no-async-scheduling") {
+      o.async_scheduling = false;
     } else if (flag == "--json") {
       o.json = true;
     } else {
@@ -274,6 +278,7 @@ int run(const Options& options) {
   config.num_kv_blocks = options.num_kv_blocks;
   config.gpu_memory_utilization = options.gpu_memory_utilization;
   config.enforce_eager = options.enforce_eager;
+  config.async_scheduling = options.async_scheduling;
 
   // Lengths do not depend on the model; the longest request sets max_model_len as in
   // throughput.py.
@@ -402,6 +407,7 @@ int run(const Options& options) {
                     ", \"step_output_s\": " + fixed(stats.output_seconds, 3) +
                     ", \"device_wait_s\": " + fixed(stats.device_wait_seconds, 3) +
                     ", \"graph_captures\": " + std::to_string(stats.graph_captures) +
+                    ", \"async_steps\": " + std::to_string(stats.async_steps) +
                     ", \"graph_capture_s\": " + fixed(stats.graph_capture_seconds, 3) +
                     ", \"ttft_ms\": " + stats_json(ttft) + ", \"tpot_ms\": " + stats_json(tpot) +
                     ", \"kv_blocks\": " + std::to_string(resolved.num_kv_blocks) +
@@ -419,6 +425,7 @@ int run(const Options& options) {
                     ", \"max_num_seqs\": " + std::to_string(resolved.max_num_seqs) +
                     ", \"max_num_batched_tokens\": " + std::to_string(resolved.max_num_batched_tokens) +
                     ", \"enforce_eager\": " + (resolved.enforce_eager ? "true" : "false") +
+                    ", \"async_scheduling\": " + (resolved.async_scheduling ? "true" : "false") +
                     ", \"seed\": " + std::to_string(options.seed) +
                     ", \"load_s\": " + fixed(load_seconds, 3) +
                     ", \"random_weights_s\": " + fixed(weights_seconds, 3) +
@@ -436,7 +443,8 @@ int run(const Options& options) {
               << "  wall " << fixed(wall, 2) << " s: " << grouped(double(output_tokens) / wall)
               << " output tok/s, " << grouped(double(prompt_tokens + output_tokens) / wall)
               << " total tok/s\n"
-              << "  " << stats.num_steps << " steps: schedule " << fixed(stats.schedule_seconds, 2)
+              << "  " << stats.num_steps << " steps (" << stats.async_steps
+              << " launched behind the one before): schedule " << fixed(stats.schedule_seconds, 2)
               << " s, execute " << fixed(stats.execute_seconds, 2) << " s, output "
               << fixed(stats.output_seconds, 2) << " s (device wait "
               << fixed(stats.device_wait_seconds, 2) << " s; " << stats.graph_captures

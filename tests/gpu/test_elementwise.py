@@ -141,6 +141,29 @@ def test_embedding(dtype, hidden, learned_positions):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_embedding_deferred_ids_match_the_reference(dtype):
+    """Async scheduling's deferred ids (-1 - i reads deferred_token_ids[i], the previous step's
+    sampled tokens on the device) against the CPU reference, a flagged row (outside the
+    vocabulary) included: bit-exact copies."""
+    rng = seed_of("deferred", dtype)
+    vocab, hidden, num_tokens = 1000, 128, 300
+    table, table_np = rand((vocab, hidden), dtype)
+    deferred = rng.integers(0, vocab, 256).astype(np.int32)
+    deferred[17] = -5  # a row the sampler flagged
+    ids = rng.integers(0, vocab, num_tokens).astype(np.int32)
+    pick = rng.random(num_tokens) < 0.7
+    ids[pick] = -1 - rng.integers(0, len(deferred), int(pick.sum())).astype(np.int32)
+    ids[0] = -18
+    ref = np.full((num_tokens, hidden), -3.0, np.float32)
+    _C.ops.embedding(ids, table_np, ref, 1.0, deferred_token_ids=deferred)
+    out = poisoned((num_tokens, hidden), dtype)
+    _C.ops.embedding(cuda_i32(ids), table.cuda(), out, 1.0, deferred_token_ids=cuda_i32(deferred))
+    got = to_np(out)
+    np.testing.assert_array_equal(got[0], 0.0)
+    assert_same_bits(got, ref, "embedding with deferred ids")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 def test_embedding_invalid_ids_give_zero_rows(dtype):
     """The GPU cannot throw on a bad id without a sync: it writes a zero row and reads nothing."""
     vocab, hidden = 50, 64

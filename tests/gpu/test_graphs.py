@@ -99,3 +99,24 @@ def test_graph_width_grows_mid_generation(model_dir):
     # Batch bucket 2 at widths 16, 32 and 64: one graph each.
     assert captures[False] >= 3 and captures[True] == 0
 
+
+
+def test_async_scheduling_matches_waiting_for_each_step(model_dir):
+    """Async scheduling (the default) replays step N + 1's graph while step N's tokens are still
+    on their way to the host, its rows reading their input tokens on the device: the tokens and
+    logprobs are those of the engine that waits for every step."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 300, size=int(rng.integers(1, 200))).tolist() for _ in range(20)]
+    params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 60)), ignore_eos=True,
+                             logprobs=0) for _ in range(20)]
+    params[3] = SamplingParams(temperature=0, max_tokens=60, logprobs=0, repetition_penalty=1.2)
+    outputs, stats = {}, {}
+    for async_scheduling in (False, True):
+        llm = LLM(model=model_dir, device="cuda", num_gpu_blocks_override=1024, max_num_seqs=48,
+                  async_scheduling=async_scheduling)
+        outputs[async_scheduling] = llm.generate(prompts, params, use_tqdm=False)
+        stats[async_scheduling] = llm.engine.stats()
+    assert_same_outputs(outputs[False], outputs[True])
+    assert stats[False].async_steps == 0
+    assert stats[True].async_steps > stats[True].num_steps // 2
+    assert stats[True].num_free_kv_blocks == stats[True].num_kv_blocks

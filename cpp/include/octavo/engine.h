@@ -42,6 +42,7 @@ struct EngineStats {
   // packing the batch on the host; the executor (uploads, kernels, and the wait for the sampled
   // tokens); turning the results into outputs on the host.
   uint64_t num_steps = 0;
+  uint64_t async_steps = 0;          // steps launched while the step before them still ran
   double schedule_seconds = 0.0;
   double execute_seconds = 0.0;
   double output_seconds = 0.0;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -44,8 +45,18 @@ class Backend {
   /// Host -> device and device -> host copies, ordered with the ops on this backend's stream.
   virtual void upload(void* device, const void* host, size_t bytes) = 0;
   virtual void download(void* host, const void* device, size_t bytes) = 0;
-  /// Blocks until every op issued so far has finished.
+  /// Blocks until every op issued so far has finished (and every download has landed).
   virtual void synchronize() = 0;
+  /// A download that does not wait for later work: the copy is queued behind the ops issued so
+  /// far and the call returns a ticket; the bytes are in `host` once wait_download(ticket) returns,
+  /// which waits for that copy (and the downloads before it) only, not for ops issued after it.
+  /// Backends whose ops complete on return copy at once.
+  virtual uint64_t download_async(void* host, const void* device, size_t bytes) {
+    download(host, device, bytes);
+    synchronize();
+    return 0;
+  }
+  virtual void wait_download(uint64_t ticket) { (void)ticket; }
   /// Device memory now (GPU backends); nullopt where memory is the host's (CPU).
   virtual std::optional<MemoryInfo> memory_info() const { return std::nullopt; }
   /// Allocates the scratch the ops need for steps up to `limits` (attention splits, sampling),

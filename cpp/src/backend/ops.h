@@ -61,7 +61,11 @@ struct CopyBlocksParams {
 /// out[t, :] = table[token_ids[t], :] * scale  (+ positions[position_ids[t] + position_offset, :]
 /// when `positions` is set: learned absolute positions).
 struct EmbeddingParams {
-  const int32_t* token_ids;     // [num_tokens]; each in [0, vocab_size)
+  const int32_t* token_ids;     // [num_tokens]; each in [0, vocab_size), or deferred (below)
+  // A token id -1 - i reads deferred_token_ids[i] instead: a token the previous step sampled on
+  // the device, which the host has not seen yet. nullptr: no deferred ids. A deferred id outside
+  // the vocabulary (a row the sampler flagged) gives a zero row on every backend.
+  const int32_t* deferred_token_ids;
   const void* table;            // [vocab_size, hidden], weight_dtype
   const int32_t* position_ids;  // [num_tokens]; read only when `positions` is set
   const void* positions;        // [num_positions, hidden], weight_dtype, or nullptr

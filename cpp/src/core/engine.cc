@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <string>
@@ -70,12 +71,39 @@ struct Engine::Impl {
   EngineStats counters;
   StepBatch batch;
 
-  // Who each sampled row of the step belongs to: the request, and the fork index (0: the request
-  // itself; i > 0: the i-th sequence to fork from it after this step).
+  // Who each sampled row of the step being packed belongs to: the request, and the fork index
+  // (0: the request itself; i > 0: the i-th sequence to fork from it after this step).
   std::vector<std::pair<RequestState*, int>> sample_owners;
   // Who the step's prompt-logprob rows belong to, in row order: (request, number of rows).
   std::vector<std::pair<RequestState*, int>> prompt_logprob_owners;
   std::vector<int32_t> free_penalty_slots;
+
+  // A step on the device whose results are not yet read. Its owners are named by id: a request
+  // may be aborted (or end on its previous token) while the step runs.
+  struct SampleOwner {
+    RequestId id;
+    int fork_index;
+    int placeholder;  // index in token_ids of the deferred id standing for this row's token, or -1
+  };
+  struct LaunchedStep {
+    std::vector<SampleOwner> sample_owners;
+    std::vector<std::pair<RequestId, int>> prompt_logprob_owners;
+    int num_top_logprobs = 0;
+    int num_prompt_top_logprobs = 0;
+    // Every sampled row is a lone sequence's own (no fork, beam or penalty counts): the next
+    // step can be scheduled and launched before this one's tokens reach the host.
+    bool plain = false;
+  };
+  std::deque<LaunchedStep> launched;  // oldest first; at most Executor::kMaxInFlight
+
+  /// Schedules, packs and launches one step; false when there is nothing to run.
+  bool launch_step();
+  /// Waits for the oldest launched step and turns its results into outputs.
+  void collect_step(std::vector<RequestOutput>& outputs);
+  RequestState* find(RequestId id) {
+    auto it = requests.find(id);
+    return it == requests.end() ? nullptr : it->second.get();
+  }
 
   // A beam-search request: its live beams (RequestStates, in rank order) and the beams that
   // ended in EOS, kept as token lists only (their KV is not needed again).
@@ -108,8 +136,10 @@ struct Engine::Impl {
   void advance_beams(RequestId group_id, std::vector<RequestOutput>& outputs);
   double beam_score(int num_output_tokens, int32_t last_token, double cumulative_logprob,
                     const BeamGroup& group) const;
-  /// Appends a sampled token to a sequence, checks its stop conditions, and returns its output.
-  RequestOutput append_token(RequestState& r, const StepResult& result, int row, int top);
+  /// Appends a sampled token to a sequence (in place of its deferred id at `placeholder`, when
+  /// >= 0), checks its stop conditions, and returns its output.
+  RequestOutput append_token(RequestState& r, const StepResult& result, int row, int top,
+                             int placeholder);
   bool is_eos(int32_t token) const {
     const auto& eos = config.eos_token_ids;
     return std::find(eos.begin(), eos.end(), token) != eos.end();
@@ -412,16 +442,26 @@ RequestState* Engine::Impl::fork(RequestState& parent, int index) {
 }
 
 RequestOutput Engine::Impl::append_token(RequestState& r, const StepResult& result, int row,
-                                         int top) {
+                                         int top, int placeholder) {
   RequestOutput out;
   out.id = r.id;
   out.group_id = r.group_id;
   out.index = r.index;
   const int32_t token = result.sampled[row];
   const float logprob = result.sampled_logprob[row];
+  // The deferred id keeps the token's place until its step is collected; the step launched
+  // after it may have appended its own behind it.
+  if (placeholder >= 0 && (placeholder >= r.num_tokens() || r.token_ids[placeholder] >= 0)) {
+    throw Error("internal: request " + num(r.id) + " lost its pending token");
+  }
   if (token < 0 || token >= spec.vocab_size) {
     // The GPU sampler flags rows whose logits hold NaN or inf instead of throwing mid-step:
-    // this sequence ends, the rest of the batch goes on.
+    // this sequence ends, the rest of the batch goes on. A step in flight may have computed KV
+    // at the deferred position from a zero row; none of it is kept (nor published to the cache).
+    if (placeholder >= 0) {
+      r.token_ids.resize(size_t(placeholder));
+      r.num_computed_tokens = std::min(r.num_computed_tokens, r.num_tokens());
+    }
     out.finished = true;
     out.finish_reason = r.finish_reason = FinishReason::kAbort;
     out.error = "the model produced non-finite logits (NaN or inf) for this request";
@@ -429,7 +469,12 @@ RequestOutput Engine::Impl::append_token(RequestState& r, const StepResult& resu
     r.status = RequestStatus::kFinished;
     return out;
   }
-  r.token_ids.push_back(token);
+  if (placeholder >= 0) {
+    r.token_ids[placeholder] = token;
+  } else {
+    r.token_ids.push_back(token);
+  }
+  const int length = placeholder >= 0 ? placeholder + 1 : r.num_tokens();
   r.cumulative_logprob += logprob;
   ++counters.generation_tokens;
   out.new_token_ids.push_back(token);
@@ -454,7 +499,7 @@ RequestOutput Engine::Impl::append_token(RequestState& r, const StepResult& resu
     r.stop_token_id = token;
   } else if (!r.params.ignore_eos && is_eos(token)) {
     r.finish_reason = FinishReason::kStop;
-  } else if (r.num_tokens() >= r.max_num_tokens) {
+  } else if (length >= r.max_num_tokens) {
     r.finish_reason = FinishReason::kLength;
   }
   if (r.finish_reason != FinishReason::kNone) {
@@ -585,36 +630,75 @@ void Engine::Impl::advance_beams(RequestId group_id, std::vector<RequestOutput>&
   beam_groups.erase(group_id);
 }
 
-std::vector<RequestOutput> Engine::step() {
-  Impl& m = *impl_;
-  std::vector<RequestOutput> outputs = std::move(m.pending_outputs);
-  m.pending_outputs.clear();
-
+bool Engine::Impl::launch_step() {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
-  SchedulerOutput scheduled = m.scheduler->schedule();
-  m.counters.num_preemptions += scheduled.preempted.size();
-  for (RequestState* preempted : scheduled.preempted) m.release_penalty_slot(*preempted);
-  if (scheduled.empty()) return outputs;
+  SchedulerOutput scheduled = scheduler->schedule();
+  counters.num_preemptions += scheduled.preempted.size();
+  for (RequestState* preempted : scheduled.preempted) release_penalty_slot(*preempted);
+  if (scheduled.empty()) return false;
 
-  m.build_batch(scheduled);
+  build_batch(scheduled);
   const Clock::time_point packed = Clock::now();
-  StepResult result = m.executor->execute(m.batch);
-  const Clock::time_point executed = Clock::now();
-  m.scheduler->on_step_done(scheduled);
-
+  executor->launch(batch);
+  scheduler->on_step_done(scheduled);
   for (const ScheduledRequest& s : scheduled.scheduled) {
     const RequestState& r = *s.request;
-    m.counters.prompt_tokens += std::max(0, std::min(r.num_prompt_tokens, r.num_computed_tokens) -
-                                                (r.num_computed_tokens - s.num_new_tokens));
+    counters.prompt_tokens += std::max(0, std::min(r.num_prompt_tokens, r.num_computed_tokens) -
+                                              (r.num_computed_tokens - s.num_new_tokens));
   }
+
+  LaunchedStep step;
+  step.num_top_logprobs = batch.num_top_logprobs;
+  step.num_prompt_top_logprobs = batch.num_prompt_top_logprobs;
+  step.plain = std::all_of(sample_owners.begin(), sample_owners.end(), [](const auto& owner) {
+    const RequestState& r = *owner.first;
+    return owner.second == 0 && r.num_pending_forks == 0 && r.beam_group == 0 &&
+           !r.params.has_penalties();
+  });
+  const bool defer = config.async_scheduling && step.plain;
+  for (size_t row = 0; row < sample_owners.size(); ++row) {
+    auto [request, fork_index] = sample_owners[row];
+    int placeholder = -1;
+    if (defer) {
+      // The next step reads this row's token on the device; until this step is collected the
+      // sequence ends in its deferred id, so the scheduler sees its true length.
+      request->token_ids.push_back(-1 - int32_t(row));
+      placeholder = request->num_tokens() - 1;
+    }
+    step.sample_owners.push_back(SampleOwner{request->id, fork_index, placeholder});
+  }
+  for (auto [request, count] : prompt_logprob_owners) {
+    step.prompt_logprob_owners.emplace_back(request->id, count);
+  }
+  sample_owners.clear();
+  prompt_logprob_owners.clear();
+  launched.push_back(std::move(step));
+  const Clock::time_point done = Clock::now();
+  counters.schedule_seconds += std::chrono::duration<double>(packed - start).count();
+  counters.execute_seconds += std::chrono::duration<double>(done - packed).count();
+  return true;
+}
+
+void Engine::Impl::collect_step(std::vector<RequestOutput>& outputs) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  const LaunchedStep step = std::move(launched.front());
+  launched.pop_front();
+  const StepResult result = executor->collect();
+  const Clock::time_point collected = Clock::now();
 
   // Prompt logprobs go out with the request's sampled token when it samples this step, else alone.
   std::unordered_map<RequestState*, std::vector<TokenLogprobs>> prompt_logprobs;
   {
-    const int top = m.batch.num_prompt_top_logprobs;
+    const int top = step.num_prompt_top_logprobs;
     size_t row = 0;
-    for (auto [request, count] : m.prompt_logprob_owners) {
+    for (auto [id, count] : step.prompt_logprob_owners) {
+      RequestState* request = find(id);
+      if (request == nullptr) {  // aborted while its step ran
+        row += size_t(count);
+        continue;
+      }
       std::vector<TokenLogprobs>& entries = prompt_logprobs[request];
       const int asked = *request->params.prompt_logprobs;
       for (int i = 0; i < count; ++i, ++row) {
@@ -630,20 +714,24 @@ std::vector<RequestOutput> Engine::step() {
     }
   }
 
-  const int top = m.batch.num_top_logprobs;
-  // Forks come after their parent's own row; they copy the parent before its token is appended.
-  std::vector<std::pair<RequestState*, int>> owners = std::move(m.sample_owners);
-  std::vector<RequestState*> forked(owners.size(), nullptr);
+  const int top = step.num_top_logprobs;
+  // A row whose sequence is gone (aborted, or ended on the token before while this step ran) is
+  // dropped. Forks come after their parent's own row; they copy the parent before its token is
+  // appended.
+  const std::vector<SampleOwner>& owners = step.sample_owners;
+  std::vector<RequestState*> sequence(owners.size(), nullptr);
   for (size_t row = 0; row < owners.size(); ++row) {
-    auto [request, fork_index] = owners[row];
-    if (fork_index > 0) forked[row] = m.fork(*request, fork_index);
+    RequestState* request = find(owners[row].id);
+    if (request == nullptr) continue;
+    sequence[row] = owners[row].fork_index > 0 ? fork(*request, owners[row].fork_index) : request;
   }
   std::vector<RequestId> beam_groups_to_advance;
   for (size_t row = 0; row < owners.size(); ++row) {
-    RequestState& r = forked[row] ? *forked[row] : *owners[row].first;
+    if (sequence[row] == nullptr) continue;
+    RequestState& r = *sequence[row];
     if (r.beam_group != 0) {
       const int32_t sampled = result.sampled[row];
-      if (sampled < 0 || sampled >= m.spec.vocab_size) {
+      if (sampled < 0 || sampled >= spec.vocab_size) {
         RequestOutput out;
         out.id = out.group_id = r.beam_group;
         out.finished = true;
@@ -662,9 +750,9 @@ std::vector<RequestOutput> Engine::step() {
       beam_groups_to_advance.push_back(r.beam_group);
       continue;
     }
-    if (owners[row].second == 0) r.num_pending_forks = 0;
-    RequestOutput out = m.append_token(r, result, int(row), top);
-    if (owners[row].second == 0) {
+    if (owners[row].fork_index == 0) r.num_pending_forks = 0;
+    RequestOutput out = append_token(r, result, int(row), top, owners[row].placeholder);
+    if (owners[row].fork_index == 0) {
       auto it = prompt_logprobs.find(&r);
       if (it != prompt_logprobs.end()) {
         out.new_prompt_logprobs = std::move(it->second);
@@ -681,10 +769,9 @@ std::vector<RequestOutput> Engine::step() {
     out.new_prompt_logprobs = std::move(entries);
     outputs.push_back(std::move(out));
   }
-  m.prompt_logprob_owners.clear();
 
   // A beam row with non-finite logits ends its whole group.
-  for (auto it = m.beam_groups.begin(); it != m.beam_groups.end();) {
+  for (auto it = beam_groups.begin(); it != beam_groups.end();) {
     const bool failed = std::any_of(it->second.live.begin(), it->second.live.end(),
                                     [](const RequestState* beam) { return beam->finished(); });
     if (!failed) {
@@ -692,26 +779,39 @@ std::vector<RequestOutput> Engine::step() {
       continue;
     }
     std::vector<RequestState*> live = it->second.live;
-    for (RequestState* beam : live) m.drop(beam->id);
-    it = m.beam_groups.erase(it);
+    for (RequestState* beam : live) drop(beam->id);
+    it = beam_groups.erase(it);
   }
   std::sort(beam_groups_to_advance.begin(), beam_groups_to_advance.end());
   beam_groups_to_advance.erase(
       std::unique(beam_groups_to_advance.begin(), beam_groups_to_advance.end()),
       beam_groups_to_advance.end());
   for (RequestId group : beam_groups_to_advance) {
-    if (m.beam_groups.count(group)) m.advance_beams(group, outputs);
+    if (beam_groups.count(group)) advance_beams(group, outputs);
   }
 
   for (RequestOutput& out : outputs) {
     // Finished sequences leave (ids already gone, abort echoes and beam results, are ignored).
-    if (out.finished) m.drop(out.id);
+    if (out.finished) drop(out.id);
   }
   const Clock::time_point done = Clock::now();
-  ++m.counters.num_steps;
-  m.counters.schedule_seconds += std::chrono::duration<double>(packed - start).count();
-  m.counters.execute_seconds += std::chrono::duration<double>(executed - packed).count();
-  m.counters.output_seconds += std::chrono::duration<double>(done - executed).count();
+  ++counters.num_steps;
+  counters.execute_seconds += std::chrono::duration<double>(collected - start).count();
+  counters.output_seconds += std::chrono::duration<double>(done - collected).count();
+}
+
+std::vector<RequestOutput> Engine::step() {
+  Impl& m = *impl_;
+  std::vector<RequestOutput> outputs = std::move(m.pending_outputs);
+  m.pending_outputs.clear();
+  if (m.launched.empty() && !m.launch_step()) return outputs;
+  // While the oldest step runs, the next one is scheduled and queued behind it, its sampled
+  // rows' tokens read on the device; the host then reads the oldest step's results.
+  if (m.config.async_scheduling && m.launched.size() == 1 && m.launched.front().plain &&
+      m.launch_step()) {
+    ++m.counters.async_steps;
+  }
+  m.collect_step(outputs);
   return outputs;
 }
 
@@ -762,7 +862,8 @@ void Engine::abort(RequestId id, bool whole_group) {
 }
 
 bool Engine::has_unfinished() const {
-  return impl_->scheduler->has_unfinished() || !impl_->pending_outputs.empty();
+  return impl_->scheduler->has_unfinished() || !impl_->pending_outputs.empty() ||
+         !impl_->launched.empty();
 }
 
 EngineStats Engine::stats() const {

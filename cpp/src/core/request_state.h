@@ -17,7 +17,9 @@ struct RequestState {
   RequestId group_id = 0;      // the request's first sequence; its forks share it
   int index = 0;               // sequence index in the group
   int num_pending_forks = 0;   // n - 1 until the prompt's first token is sampled, then 0
-  std::vector<int32_t> token_ids;  // prompt, then every output token
+  // Prompt, then every output token. With async scheduling the last may be a deferred id
+  // (has_pending_token) while the step that samples it runs.
+  std::vector<int32_t> token_ids;
   int num_prompt_tokens = 0;
   SamplingParams params;
   uint64_t seed = 0;               // resolved: the params' or one derived from the engine's
@@ -49,6 +51,8 @@ struct RequestState {
   bool beam_ready = false;
 
   int num_tokens() const { return int(token_ids.size()); }
+  /// The last token is a deferred id (-1 - row): sampled by the step in flight, not yet read.
+  bool has_pending_token() const { return !token_ids.empty() && token_ids.back() < 0; }
   int num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
   bool finished() const { return status == RequestStatus::kFinished; }
   /// Every prompt position still needs its logits: the prefix cache cannot skip any.

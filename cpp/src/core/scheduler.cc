@@ -56,7 +56,10 @@ SchedulerOutput Scheduler::schedule() {
   for (size_t i = 0; i < running_.size() && token_budget > 0;) {
     RequestState* request = running_[i];
     const int num_new = std::min(request->num_tokens() - request->num_computed_tokens, token_budget);
-    if (num_new <= 0) {  // nothing to compute: a beam waiting for its siblings
+    // Nothing to compute: a beam waiting for its siblings, or a sequence whose pending token
+    // (sampled by the step in flight) is its last.
+    if (num_new <= 0 ||
+        (request->has_pending_token() && request->num_tokens() >= request->max_num_tokens)) {
       ++i;
       continue;
     }
@@ -86,6 +89,8 @@ SchedulerOutput Scheduler::schedule() {
   if (out.preempted.empty()) {
     while (!waiting_.empty() && token_budget > 0) {
       RequestState* request = waiting_.front();
+      // A preempted sequence waits for the token its last step sampled before it recomputes.
+      if (request->has_pending_token()) break;
       // A request that will fork counts as all its sequences against the cap.
       int sequences = int(running_.size());
       for (const RequestState* r : running_) sequences += r->num_pending_forks;

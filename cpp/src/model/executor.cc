@@ -327,10 +327,15 @@ const void* Executor::weight(const std::string& name) const {
   return it == weights_.end() ? nullptr : it->second.data();
 }
 
-void Executor::synchronize() {
-  const auto start = std::chrono::steady_clock::now();
-  backend_.synchronize();
-  timings_.device_wait_seconds += seconds_since(start);
+void Executor::check_deferred_tokens(const StepBatch& b) const {
+  for (int32_t t = 0; t < b.num_tokens(); ++t) {
+    const int32_t id = b.token_ids[size_t(t)];
+    if (id < 0 && -int64_t{id} > deferrable_rows_) {
+      throw InvalidArgument("step token " + std::to_string(t) + " defers to sampled row " +
+                            std::to_string(-int64_t{id} - 1) + " of the previous step, which " +
+                            "sampled " + std::to_string(deferrable_rows_) + " rows");
+    }
+  }
 }
 
 Executor::GraphKey Executor::graph_key_of(const StepBatch& b) const {
@@ -659,9 +664,41 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
 }
 
 StepResult Executor::execute(const StepBatch& batch) {
+  if (!in_flight_.empty()) throw Error("internal: execute() with a step still in flight");
+  launch(batch);
+  return collect();
+}
+
+StepResult Executor::collect() {
+  if (in_flight_.empty()) throw Error("internal: collect() with no step launched");
+  const PendingResults pending = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  const auto start = std::chrono::steady_clock::now();
+  backend_.wait_download(pending.ticket);
+  timings_.device_wait_seconds += seconds_since(start);
   StepResult result;
+  unpack_row_results(pending.sampled_host, RowResults{pending.num_samples, pending.num_top},
+                     result.sampled, result.sampled_logprob, result.top_ids, result.top_logprobs);
+  unpack_row_results(pending.prompt_host,
+                     RowResults{pending.num_prompt_rows, pending.num_prompt_top},
+                     result.prompt_logprob, result.prompt_rank, result.prompt_top_ids,
+                     result.prompt_top_logprobs);
+  return result;
+}
+
+void Executor::launch(const StepBatch& batch) {
+  if (int(in_flight_.size()) >= kMaxInFlight) {
+    throw Error("internal: launch() with " + std::to_string(in_flight_.size()) +
+                " steps in flight; collect one first");
+  }
+  PendingResults pending;
   const int T = batch.num_tokens(), S = batch.num_samples();
-  if (T == 0) return result;
+  if (T == 0) {
+    in_flight_.push_back(std::move(pending));
+    deferrable_rows_ = 0;
+    return;
+  }
+  check_deferred_tokens(batch);
   const GraphKey graph_key = graph_key_of(batch);
   upload_step(batch, graph_key);
 
@@ -693,7 +730,7 @@ StepResult Executor::execute(const StepBatch& batch) {
   if (graph_key.batch == 0) {
     forward(ForwardShape{T, batch.num_requests(), batch.block_table_width, batch.max_query_len,
                          batch.max_context_len});
-    if (S > 0) sample(batch, result, /*logits_ready=*/false);
+    if (S > 0) sample(batch, pending, /*logits_ready=*/false);
   } else {
     // A decode step: the forward and the LM head over the padded bucket, as one graph; the
     // sampling (which varies with the requests' settings) runs after it on rows [0, S).
@@ -724,16 +761,18 @@ StepResult Executor::execute(const StepBatch& batch) {
       ++timings_.graph_captures;
       timings_.graph_capture_seconds += seconds_since(capture_start);
     }
-    sample(batch, result, /*logits_ready=*/true);
+    sample(batch, pending, /*logits_ready=*/true);
   }
-  if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, result);
-  return result;
+  if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, pending);
+  in_flight_.push_back(std::move(pending));
+  deferrable_rows_ = S;
 }
 
 void Executor::forward(const ForwardShape& f) {
   const int T = f.num_tokens;
   EmbeddingParams e{};
   e.token_ids = d_token_ids_;
+  e.deferred_token_ids = sampled_.as<int32_t>();  // the previous step's sampled ids come first
   e.table = embed_tokens_;
   e.position_ids = d_positions_;
   e.positions = embed_positions_;
@@ -775,7 +814,7 @@ void Executor::compute_logits(const int32_t* rows, int num_rows) {
        spec_.hidden_size, /*accumulate=*/false, /*fp32_out=*/true, lm_head_b_);
 }
 
-void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_ready) {
+void Executor::sample(const StepBatch& batch, PendingResults& pending, bool logits_ready) {
   const int S = batch.num_samples();
   if (!logits_ready) compute_logits(d_sample_rows_, S);
 
@@ -817,14 +856,13 @@ void Executor::sample(const StepBatch& batch, StepResult& result, bool logits_re
   backend_.sample(sp);
 
   // One download brings back every sampled id and logprob.
-  sampled_host_.resize(layout.bytes());
-  backend_.download(sampled_host_.data(), out, layout.bytes());
-  synchronize();
-  unpack_row_results(sampled_host_, layout, result.sampled, result.sampled_logprob,
-                     result.top_ids, result.top_logprobs);
+  pending.num_samples = layout.rows;
+  pending.num_top = layout.top;
+  pending.sampled_host.resize(layout.bytes());
+  pending.ticket = backend_.download_async(pending.sampled_host.data(), out, layout.bytes());
 }
 
-void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
+void Executor::prompt_logprobs(const StepBatch& batch, PendingResults& pending) {
   const int P = batch.num_prompt_logprob_rows();
   const int top = std::clamp(batch.num_prompt_top_logprobs, 0, kMaxTopLogprobs);
   const RowResults layout{size_t(P), size_t(top)};
@@ -851,11 +889,10 @@ void Executor::prompt_logprobs(const StepBatch& batch, StepResult& result) {
     t.final_softcap = spec_.final_logit_softcap;
     backend_.token_logprobs(t);
   }
-  prompt_logprobs_host_.resize(layout.bytes());
-  backend_.download(prompt_logprobs_host_.data(), out, layout.bytes());
-  synchronize();
-  unpack_row_results(prompt_logprobs_host_, layout, result.prompt_logprob, result.prompt_rank,
-                     result.prompt_top_ids, result.prompt_top_logprobs);
+  pending.num_prompt_rows = layout.rows;
+  pending.num_prompt_top = layout.top;
+  pending.prompt_host.resize(layout.bytes());
+  pending.ticket = backend_.download_async(pending.prompt_host.data(), out, layout.bytes());
 }
 
 }  // namespace octavo

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -84,7 +85,18 @@ class Executor {
   /// Allocates the KV pool: `num_blocks` blocks in every layer. Call once, before execute().
   void allocate_kv_cache(int num_blocks);
 
+  /// Queues the step on the device and returns without waiting for it. A token id -1 - i in
+  /// batch.token_ids stands for the token the previous launch sampled in row i, read on the
+  /// device (the host need not have it yet). At most kMaxInFlight steps may be launched and not
+  /// yet collected.
+  void launch(const StepBatch& batch);
+  /// Waits for the oldest launched step's results (that step's download only, not the steps
+  /// launched after it) and returns them.
+  StepResult collect();
+  /// launch(), then collect(): the step's own results when nothing else is in flight.
   StepResult execute(const StepBatch& batch);
+  int num_in_flight() const { return int(in_flight_.size()); }
+  static constexpr int kMaxInFlight = 2;
 
   /// Where execute() waits rather than works, summed over its calls (wall clock).
   struct Timings {
@@ -156,11 +168,20 @@ class Executor {
   void update_token_counts(const StepBatch& batch);
   /// Final norm and LM head for `rows` query rows (device indices) into logits_.
   void compute_logits(const int32_t* rows, int num_rows);
-  /// Samples the step's rows; logits_ready: a graph already computed logits for rows [0, S).
-  void sample(const StepBatch& batch, StepResult& result, bool logits_ready);
-  void prompt_logprobs(const StepBatch& batch, StepResult& result);
-  /// backend_.synchronize(), timed into timings_.device_wait_seconds.
-  void synchronize();
+  /// A launched step's results on their way to the host.
+  struct PendingResults {
+    size_t num_samples = 0, num_top = 0;
+    size_t num_prompt_rows = 0, num_prompt_top = 0;
+    std::vector<std::byte> sampled_host;  // sampled ids, logprobs and top-N, as sampled_ holds them
+    std::vector<std::byte> prompt_host;   // as prompt_logprobs_ holds them
+    uint64_t ticket = 0;                  // the backend download that brings the last of them
+  };
+  /// Queues the sampling of the step's rows and their download; logits_ready: a graph already
+  /// computed logits for rows [0, S).
+  void sample(const StepBatch& batch, PendingResults& pending, bool logits_ready);
+  void prompt_logprobs(const StepBatch& batch, PendingResults& pending);
+  /// Throws unless every deferred token id names a row the previous launch sampled.
+  void check_deferred_tokens(const StepBatch& batch) const;
   void run_layer(int layer_index, const ForwardShape& shape, bool first);
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
@@ -200,7 +221,8 @@ class Executor {
   // Step inputs: one device buffer, one upload per step; the pointers below point into it.
   DeviceBuffer step_inputs_;
   std::vector<std::byte> step_staging_;
-  std::vector<std::byte> sampled_host_;  // the step's sampled ids and logprobs, downloaded once
+  std::deque<PendingResults> in_flight_;  // launched, not yet collected, oldest first
+  int32_t deferrable_rows_ = 0;  // rows the last launch sampled: what a deferred token may name
   int32_t* d_token_ids_ = nullptr;
   int32_t* d_positions_ = nullptr;
   int64_t* d_slot_mapping_ = nullptr;
@@ -235,7 +257,6 @@ class Executor {
   DeviceBuffer token_counts_;   // [max_num_seqs, vocab] int32: the penalty slots
   DeviceBuffer count_entries_;  // [kCountEntryChunk] TokenCountEntry, uploaded in chunks
   DeviceBuffer prompt_logprobs_;  // [T] logprob, [T] rank, [T, top] ids and logprobs
-  std::vector<std::byte> prompt_logprobs_host_;
   static constexpr int kCountEntryChunk = 16384;
 };
 

@@ -123,6 +123,7 @@ void bind_engine(nb::module_& m) {
       .def_rw("gpu_memory_utilization", &EngineConfig::gpu_memory_utilization)
       .def_rw("seed", &EngineConfig::seed)
       .def_rw("enforce_eager", &EngineConfig::enforce_eager)
+      .def_rw("async_scheduling", &EngineConfig::async_scheduling)
       .def_rw("eos_token_ids", &EngineConfig::eos_token_ids);
 
   nb::class_<SamplingParams>(m, "SamplingParams")
@@ -187,6 +188,7 @@ void bind_engine(nb::module_& m) {
       .def_ro("output_seconds", &EngineStats::output_seconds)
       .def_ro("device_wait_seconds", &EngineStats::device_wait_seconds)
       .def_ro("graph_captures", &EngineStats::graph_captures)
+      .def_ro("async_steps", &EngineStats::async_steps)
       .def_ro("graph_capture_seconds", &EngineStats::graph_capture_seconds);
 
   nb::class_<Engine>(m, "Engine", "The synchronous engine: add_request, step, abort.")

@@ -69,7 +69,8 @@ int64_t strided_extent(int64_t offset, int64_t num_tokens, int64_t stride, int64
 }
 
 void embedding(AnyArray token_ids, AnyArray table, AnyArray out, float scale, OptArray positions,
-               OptArray position_ids, int position_offset, uintptr_t stream) {
+               OptArray position_ids, int position_offset, OptArray deferred_token_ids,
+               uintptr_t stream) {
   const char* op = "embedding";
   const bool cuda = positions ? same_device_is_cuda(op, token_ids, table, out, *positions)
                               : same_device_is_cuda(op, token_ids, table, out);
@@ -102,6 +103,22 @@ void embedding(AnyArray token_ids, AnyArray table, AnyArray out, float scale, Op
     p.position_ids = static_cast<const int32_t*>(position_ids->data());
     p.num_positions = int32_t(positions->shape(0));
     p.position_offset = position_offset;
+  }
+  if (deferred_token_ids) {
+    require_int(*deferred_token_ids, 32, op, "deferred_token_ids");
+    same_device_is_cuda(op, token_ids, *deferred_token_ids);  // throws when they differ
+    p.deferred_token_ids = static_cast<const int32_t*>(deferred_token_ids->data());
+    if (!cuda) {
+      // Deferred ids index this array; the executor checks them when it packs a step.
+      for (int32_t t = 0; t < p.num_tokens; ++t) {
+        if (p.token_ids[t] < 0 && -int64_t{p.token_ids[t]} > int64_t(deferred_token_ids->size())) {
+          throw InvalidArgument("embedding: token id " + std::to_string(p.token_ids[t]) +
+                                " defers to entry " + std::to_string(-int64_t{p.token_ids[t]} - 1) +
+                                " of " + std::to_string(deferred_token_ids->size()) +
+                                " deferred_token_ids");
+        }
+      }
+    }
   }
   if (cuda) return OCTAVO_ON_CUDA(embedding(p, as_stream(stream)));
   octavo::cpu::embedding(p);
@@ -424,9 +441,12 @@ void bind_ops_elementwise(nb::module_& ops) {
   using nb::arg;
   ops.def("embedding", &embedding, arg("token_ids"), arg("table"), arg("out"), arg("scale") = 1.0f,
           arg("positions").none() = nb::none(), arg("position_ids").none() = nb::none(),
-          arg("position_offset") = 0, arg("stream") = 0,
+          arg("position_offset") = 0, arg("deferred_token_ids").none() = nb::none(),
+          arg("stream") = 0,
           "out[t] = table[token_ids[t]] * scale (+ positions[position_ids[t] + position_offset]).\n"
-          "token_ids, position_ids: int32. On the GPU an out-of-range index gives a zero row.");
+          "token_ids, position_ids: int32. On the GPU an out-of-range index gives a zero row.\n"
+          "With deferred_token_ids, an id -1 - i stands for deferred_token_ids[i] (one outside\n"
+          "the vocabulary gives a zero row on every device).");
   ops.def("norm", &norm, arg("x"), arg("out"), arg("weight").none() = nb::none(),
           arg("bias").none() = nb::none(), arg("residual").none() = nb::none(), arg("kind") = 0,
           arg("eps") = 1e-6f, arg("hidden") = 0, arg("row_stride") = 0, arg("rows_per_group") = 0,

@@ -1,7 +1,9 @@
 // CPU reference for the row-wise ops: embedding, norm, rotary, activation, gather_rows.
 // Each parallelises over rows (tokens) with OpenMP; per-row statistics (norm mean and variance)
 // accumulate in double so the reference is at least as accurate as any fp32 GPU reduction.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -58,14 +60,23 @@ int64_t norm_row_start(const NormParams& p, int32_t row) {
 }  // namespace
 
 void embedding(const EmbeddingParams& p) {
+  constexpr int32_t kZeroRow = std::numeric_limits<int32_t>::min();
   require_fp32_activations(p.act_dtype, "embedding");
   require_valid_dtype(p.weight_dtype, "embedding", "weight");
   require_non_negative(p.num_tokens, "embedding", "num_tokens");
   require_non_negative(p.hidden, "embedding", "hidden");
+  // A deferred id reads the previous step's sampled token; one the sampler flagged (outside the
+  // vocabulary) belongs to a sequence that ends, and gets a zero row as on the GPU.
+  auto token_of = [&](int32_t t) -> int32_t {
+    const int32_t id = p.token_ids[t];
+    if (id >= 0 || p.deferred_token_ids == nullptr) return id;
+    const int32_t deferred = p.deferred_token_ids[-int64_t{id} - 1];
+    return deferred >= 0 && deferred < p.vocab_size ? deferred : kZeroRow;
+  };
   // Validate every index before writing anything, so a bad batch leaves `out` untouched.
   for (int32_t t = 0; t < p.num_tokens; ++t) {
-    const int32_t id = p.token_ids[t];
-    if (id < 0 || id >= p.vocab_size) {
+    const int32_t id = token_of(t);
+    if (id != kZeroRow && (id < 0 || id >= p.vocab_size)) {
       throw InvalidArgument("embedding: token id " + str(id) + " (token " + str(t) +
                             ") is outside the vocabulary of " + str(p.vocab_size) + " tokens");
     }
@@ -87,7 +98,12 @@ void embedding(const EmbeddingParams& p) {
 #pragma omp for schedule(static)
     for (int32_t t = 0; t < p.num_tokens; ++t) {
       float* row = out + t * hidden;
-      load_row(p.table, p.weight_dtype, int64_t{p.token_ids[t]} * hidden, hidden, row);
+      const int32_t id = token_of(t);
+      if (id == kZeroRow) {
+        std::fill(row, row + hidden, 0.0f);
+        continue;
+      }
+      load_row(p.table, p.weight_dtype, int64_t{id} * hidden, hidden, row);
       for (int64_t i = 0; i < hidden; ++i) row[i] *= p.scale;
       if (p.positions != nullptr) {
         const int64_t position = int64_t{p.position_ids[t]} + p.position_offset;

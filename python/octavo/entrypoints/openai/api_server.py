@@ -115,6 +115,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="on the CPU, bytes given to the KV pool (default 4 GiB)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="never replay CUDA graphs for decode steps")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="launch each step while the one before it runs (default on)")
     engine.add_argument("--seed", type=int, default=0,
                         help="seeds requests that bring no seed of their own (default 0)")
     return parser
@@ -141,7 +143,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         device=default_device() if args.device == "auto" else args.device, enforce_eager=args.enforce_eager,
-        trust_remote_code=args.trust_remote_code)
+        async_scheduling=args.async_scheduling, trust_remote_code=args.trust_remote_code)
 
 
 def _read_chat_template(value: Optional[str]) -> Optional[str]:
