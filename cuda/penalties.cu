@@ -53,7 +53,10 @@ __global__ void __launch_bounds__(kThreads) reset_count_rows_kernel(const TokenC
 __global__ void __launch_bounds__(kThreads) add_token_counts_kernel(const TokenCountParams p) {
   const int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x;
   if (i >= p.num_entries) return;
-  const TokenCountEntry e = p.entries[i];
+  TokenCountEntry e = p.entries[i];
+  if (e.token < 0 && p.deferred_token_ids != nullptr) {
+    e.token = p.deferred_token_ids[-int64_t{e.token} - 1];
+  }
   if (e.slot < 0 || e.slot >= p.num_slots || e.token < 0 || e.token >= p.vocab_size) return;
   atomicAdd(p.counts + int64_t{e.slot} * p.vocab_size + e.token, e.add);
 }

@@ -118,5 +118,7 @@ def test_async_scheduling_matches_waiting_for_each_step(model_dir):
         stats[async_scheduling] = llm.engine.stats()
     assert_same_outputs(outputs[False], outputs[True])
     assert stats[False].async_steps == 0
-    assert stats[True].async_steps > stats[True].num_steps // 2
+    # Penalty counts read deferred tokens on the device too: every step but the first overlaps.
+    assert stats[True].async_steps > stats[True].num_steps // 2, (
+        stats[True].async_steps, stats[True].num_steps)
     assert stats[True].num_free_kv_blocks == stats[True].num_kv_blocks

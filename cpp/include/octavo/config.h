@@ -40,7 +40,7 @@ struct EngineConfig {
   /// Schedule and launch step N + 1 while step N runs (vLLM's async_scheduling): the next step's
   /// decode rows read their input tokens on the device, and the host reads step N's results
   /// while N + 1 computes. A sequence that ends on a stop token costs one extra row of compute.
-  /// Steps whose rows fork (n > 1), run beams or count penalties wait for their tokens first.
+  /// Steps whose rows fork (n > 1) or run beams wait for their tokens first.
   bool async_scheduling = true;
   std::vector<int32_t> eos_token_ids;  // EOS ids of the model (generation config)
 };

@@ -283,6 +283,9 @@ struct TokenCountParams {
   int32_t* counts;                 // [num_slots, vocab_size]
   const int32_t* reset_slots;      // [num_resets]
   const TokenCountEntry* entries;  // [num_entries]
+  // An entry's token -1 - i reads deferred_token_ids[i] (the previous step's sampled ids, as in
+  // EmbeddingParams); one outside the vocabulary (a flagged row) adds nothing. nullptr: none.
+  const int32_t* deferred_token_ids;
   int32_t num_resets;
   int32_t num_entries;
   int32_t num_slots;

@@ -90,8 +90,8 @@ struct Engine::Impl {
     std::vector<std::pair<RequestId, int>> prompt_logprob_owners;
     int num_top_logprobs = 0;
     int num_prompt_top_logprobs = 0;
-    // Every sampled row is a lone sequence's own (no fork, beam or penalty counts): the next
-    // step can be scheduled and launched before this one's tokens reach the host.
+    // Every sampled row is a lone sequence's own (no fork or beam): the next step can be
+    // scheduled and launched before this one's tokens reach the host.
     bool plain = false;
   };
   std::deque<LaunchedStep> launched;  // oldest first; at most Executor::kMaxInFlight
@@ -400,6 +400,7 @@ void Engine::Impl::add_penalty_counts(RequestState& r) {
       batch.count_entries.push_back(TokenCountEntry{r.penalty_slot, token, kPromptTokenBit});
     }
   }
+  // A deferred id (the token the step in flight samples) is counted on the device.
   for (int i = r.penalty_counted_outputs; i < r.num_output_tokens(); ++i) {
     batch.count_entries.push_back(
         TokenCountEntry{r.penalty_slot, r.token_ids[r.num_prompt_tokens + i], 1});
@@ -653,8 +654,7 @@ bool Engine::Impl::launch_step() {
   step.num_prompt_top_logprobs = batch.num_prompt_top_logprobs;
   step.plain = std::all_of(sample_owners.begin(), sample_owners.end(), [](const auto& owner) {
     const RequestState& r = *owner.first;
-    return owner.second == 0 && r.num_pending_forks == 0 && r.beam_group == 0 &&
-           !r.params.has_penalties();
+    return owner.second == 0 && r.num_pending_forks == 0 && r.beam_group == 0;
   });
   const bool defer = config.async_scheduling && step.plain;
   for (size_t row = 0; row < sample_owners.size(); ++row) {

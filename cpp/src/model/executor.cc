@@ -328,13 +328,17 @@ const void* Executor::weight(const std::string& name) const {
 }
 
 void Executor::check_deferred_tokens(const StepBatch& b) const {
-  for (int32_t t = 0; t < b.num_tokens(); ++t) {
-    const int32_t id = b.token_ids[size_t(t)];
+  auto check = [&](int32_t id, const char* what, size_t index) {
     if (id < 0 && -int64_t{id} > deferrable_rows_) {
-      throw InvalidArgument("step token " + std::to_string(t) + " defers to sampled row " +
-                            std::to_string(-int64_t{id} - 1) + " of the previous step, which " +
-                            "sampled " + std::to_string(deferrable_rows_) + " rows");
+      throw InvalidArgument(std::string(what) + " " + std::to_string(index) +
+                            " defers to sampled row " + std::to_string(-int64_t{id} - 1) +
+                            " of the previous step, which sampled " +
+                            std::to_string(deferrable_rows_) + " rows");
     }
+  };
+  for (size_t t = 0; t < b.token_ids.size(); ++t) check(b.token_ids[t], "step token", t);
+  for (size_t i = 0; i < b.count_entries.size(); ++i) {
+    check(b.count_entries[i].token, "token-count entry", i);
   }
 }
 
@@ -481,6 +485,7 @@ void Executor::update_token_counts(const StepBatch& b) {
   p.reset_slots = d_count_resets_;
   p.num_resets = int32_t(b.count_resets.size());
   p.entries = count_entries_.as<TokenCountEntry>();
+  p.deferred_token_ids = sampled_.as<int32_t>();  // this step has not sampled yet
   p.num_slots = num_penalty_slots();
   p.vocab_size = spec_.vocab_size;
   // Rebuilding a slot uploads a whole prompt's tokens: rare, so chunks through a fixed buffer

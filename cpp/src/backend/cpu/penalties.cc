@@ -30,7 +30,11 @@ void update_token_counts(const TokenCountParams& p) {
     std::fill_n(p.counts + int64_t(slot) * p.vocab_size, p.vocab_size, 0);
   }
   for (int32_t i = 0; i < p.num_entries; ++i) {
-    const TokenCountEntry& e = p.entries[i];
+    TokenCountEntry e = p.entries[i];
+    if (e.token < 0 && p.deferred_token_ids != nullptr) {
+      e.token = p.deferred_token_ids[-int64_t{e.token} - 1];
+      if (e.token < 0 || e.token >= p.vocab_size) continue;  // a flagged row: its sequence ends
+    }
     if (e.slot < 0 || e.slot >= p.num_slots || e.token < 0 || e.token >= p.vocab_size) {
       throw InvalidArgument("update_token_counts: entry " + str(i) + " (slot " + str(e.slot) +
                             ", token " + str(e.token) + ") is outside the table of " +
