@@ -167,3 +167,13 @@ def test_deferred_token_ids_read_the_previous_steps_samples():
     with pytest.raises(ValueError, match="defers to entry 3 of 3"):
         _C.ops.embedding(np.array([-4], np.int32), table, out[:1], 1.0,
                          deferred_token_ids=deferred)
+
+
+def test_server_flag_turns_async_scheduling_off():
+    pytest.importorskip("fastapi")
+    from octavo.entrypoints.openai import api_server
+
+    parser = api_server.make_arg_parser()
+    assert api_server.engine_args_from_cli(parser.parse_args(["--model", "m"])).async_scheduling
+    off = parser.parse_args(["--model", "m", "--no-async-scheduling"])
+    assert api_server.engine_args_from_cli(off).async_scheduling is False
