@@ -706,7 +706,22 @@ void Executor::launch(const StepBatch& batch) {
   check_deferred_tokens(batch);
   const GraphKey graph_key = graph_key_of(batch);
   upload_step(batch, graph_key);
+  try {
+    enqueue_step(batch, graph_key, pending);
+  } catch (...) {
+    // Downloads already queued land in `pending`'s buffers: let them finish before it goes.
+    try {
+      backend_.synchronize();
+    } catch (...) {
+    }
+    throw;
+  }
+  in_flight_.push_back(std::move(pending));  // moving keeps the buffers the downloads write
+  deferrable_rows_ = S;
+}
 
+void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingResults& pending) {
+  const int T = batch.num_tokens(), S = batch.num_samples();
   if (!batch.block_copies.empty()) {
     CopyBlocksParams c{};
     c.num_blocks = kv_shape_.num_blocks;
@@ -746,31 +761,35 @@ void Executor::launch(const StepBatch& batch) {
     auto graph = graphs_.find(graph_key);
     if (graph != graphs_.end()) {
       backend_.replay(graph->second);
+      sample(batch, pending, /*logits_ready=*/true);
     } else {
-      // The first step of a bucket runs eagerly (and creates the GEMM plans), then is captured.
+      // The first step of a bucket runs eagerly (and creates the GEMM plans); once all its work
+      // is queued, the host records the graph while the device runs it.
       forward(shape);
       compute_logits(identity_rows_.as<int32_t>(), bucket);
-      const auto capture_start = std::chrono::steady_clock::now();
-      backend_.begin_capture();
-      try {
-        forward(shape);
-        compute_logits(identity_rows_.as<int32_t>(), bucket);
-      } catch (...) {
-        try {
-          backend_.end_capture();
-        } catch (...) {
-        }
-        throw;
-      }
-      graphs_[graph_key] = backend_.end_capture();
-      ++timings_.graph_captures;
-      timings_.graph_capture_seconds += seconds_since(capture_start);
+      sample(batch, pending, /*logits_ready=*/true);
+      capture(graph_key, shape);
     }
-    sample(batch, pending, /*logits_ready=*/true);
   }
   if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, pending);
-  in_flight_.push_back(std::move(pending));
-  deferrable_rows_ = S;
+}
+
+void Executor::capture(GraphKey graph_key, const ForwardShape& shape) {
+  const auto capture_start = std::chrono::steady_clock::now();
+  backend_.begin_capture();
+  try {
+    forward(shape);
+    compute_logits(identity_rows_.as<int32_t>(), shape.num_requests);
+  } catch (...) {
+    try {
+      backend_.end_capture();
+    } catch (...) {
+    }
+    throw;
+  }
+  graphs_[graph_key] = backend_.end_capture();
+  ++timings_.graph_captures;
+  timings_.graph_capture_seconds += seconds_since(capture_start);
 }
 
 void Executor::forward(const ForwardShape& f) {

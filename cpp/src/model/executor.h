@@ -180,6 +180,11 @@ class Executor {
   /// computed logits for rows [0, S).
   void sample(const StepBatch& batch, PendingResults& pending, bool logits_ready);
   void prompt_logprobs(const StepBatch& batch, PendingResults& pending);
+  /// Queues everything launch() runs after the upload: block copies, token counts, the forward
+  /// (eager or a graph's replay), sampling and prompt logprobs with their downloads.
+  void enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingResults& pending);
+  /// Records the decode graph of `graph_key` (its forward and LM head at `shape`), timed.
+  void capture(GraphKey graph_key, const ForwardShape& shape);
   /// Throws unless every deferred token id names a row the previous launch sampled.
   void check_deferred_tokens(const StepBatch& batch) const;
   void run_layer(int layer_index, const ForwardShape& shape, bool first);
