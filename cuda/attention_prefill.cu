@@ -477,4 +477,28 @@ void paged_attention_prefill(const AttentionParams& params, StreamHandle stream)
   }
 }
 
+bool splits_decode_prefix(const AttentionParams& p) {
+  return p.max_query_len > 1 && p.num_decode_prefix >= kMinDecodePrefix &&
+         p.num_decode_prefix < p.num_requests;
+}
+
+DecodePrefixSplit split_decode_prefix(const AttentionParams& p) {
+  const int32_t n = p.num_decode_prefix;
+  DecodePrefixSplit split{p, p};
+  split.decode.num_requests = split.decode.num_tokens = n;
+  split.decode.max_query_len = 1;
+  split.decode.num_decode_prefix = 0;
+  // The rest keep their absolute query rows (query_start's values); only the per-request arrays
+  // move past the prefix.
+  AttentionParams& rest = split.prefill;
+  rest.query_start += n;
+  rest.context_lens += n;
+  rest.block_tables += int64_t{n} * p.max_blocks_per_request;
+  rest.num_requests -= n;
+  rest.num_tokens -= n;
+  rest.request_order = nullptr;
+  rest.num_decode_prefix = 0;
+  return split;
+}
+
 }  // namespace octavo::cuda

@@ -220,18 +220,27 @@ class CudaBackend final : public Backend {
 
   void paged_attention(const AttentionParams& p) override {
     // Decode-only steps take the split-K kernel; anything with a prompt chunk takes the
-    // tensor-core kernel, which handles single-token requests in the same launch.
+    // tensor-core kernel, which handles single-token requests in the same launch unless they
+    // lead the batch in numbers (splits_decode_prefix).
     if (p.max_query_len == 1 && p.num_tokens == p.num_requests) {
-      const size_t needed = decode_workspace_bytes(p);
-      if (needed > decode_workspace_bytes_) {
-        throw InvalidArgument("paged_attention: the step needs " + mib(needed) +
-                              " of decode workspace; " + mib(decode_workspace_bytes_) +
-                              " was reserved for the engine's limits");
-      }
-      paged_attention_decode(p, decode_workspace_, stream_);
+      decode(p);
+    } else if (splits_decode_prefix(p)) {
+      const DecodePrefixSplit split = split_decode_prefix(p);
+      decode(split.decode);
+      paged_attention_prefill(split.prefill, stream_);
     } else {
       paged_attention_prefill(p, stream_);
     }
+  }
+
+  void decode(const AttentionParams& p) {
+    const size_t needed = decode_workspace_bytes(p);
+    if (needed > decode_workspace_bytes_) {
+      throw InvalidArgument("paged_attention: the step needs " + mib(needed) +
+                            " of decode workspace; " + mib(decode_workspace_bytes_) +
+                            " was reserved for the engine's limits");
+    }
+    paged_attention_decode(p, decode_workspace_, stream_);
   }
 
   void sample(const SampleParams& p) override {

@@ -57,6 +57,19 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
 // cuda/attention_prefill.cu: any query lengths (prompt chunks and decodes mixed), tensor cores.
 void paged_attention_prefill(const AttentionParams& params, StreamHandle stream);
 
+// A batch with prompt chunks whose first params.num_decode_prefix requests have one query token
+// each runs those through the decode kernel (which reads each K/V block once per KV head, split
+// along the sequence) and the rest through the prefill kernel, once the prefix has at least
+// kMinDecodePrefix requests; fewer ride along in the prefill kernel's grid, where they cost less
+// than a second launch. split_decode_prefix gives the two launches' parameters.
+inline constexpr int kMinDecodePrefix = 16;
+struct DecodePrefixSplit {
+  AttentionParams decode;   // requests [0, n): rows [0, n)
+  AttentionParams prefill;  // requests [n, num_requests), rows as query_start says
+};
+bool splits_decode_prefix(const AttentionParams& params);
+DecodePrefixSplit split_decode_prefix(const AttentionParams& params);
+
 // cuda/sampling.cu: `workspace` of sample_workspace_bytes() bytes.
 size_t sample_workspace_bytes(const SampleParams& params);
 void sample(const SampleParams& params, void* workspace, StreamHandle stream);

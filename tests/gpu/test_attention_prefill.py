@@ -85,7 +85,8 @@ def _make_case(seed, q_lens, context_lens, num_heads, num_kv_heads, head_dim, bl
 
 
 def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, softcap=0.0,
-         alibi=False, max_query_len=None, fused_qkv=False):
+         alibi=False, max_query_len=None, fused_qkv=False, request_order=None,
+         num_decode_prefix=0, workspace=None):
     """(gpu output as fp32 numpy, CPU reference). fused_qkv: q is the first num_heads * head_dim
     columns of a [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] buffer whose K and V
     columns are NaN (q_stride > the row; the kernel must read only q's columns)."""
@@ -108,7 +109,12 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
 
     expected = np.zeros((num_tokens, num_heads * head_dim), dtype=np.float32)
     _C.ops.paged_attention(q.numpy(), case["cache"].numpy(), expected, case["query_start"],
-                           case["context_lens"], case["block_tables"], slopes, *scalars, **options)
+                           case["context_lens"], case["block_tables"], slopes, *scalars, **options,
+                           request_order=request_order, num_decode_prefix=num_decode_prefix)
+    if request_order is not None:
+        request_order = torch.from_numpy(request_order).cuda()
+    options.update(request_order=request_order, num_decode_prefix=num_decode_prefix,
+                   workspace=workspace)
 
     out = torch.full((num_tokens, num_heads * head_dim), float("nan"), dtype=dtype, device="cuda")
     _C.ops.paged_attention(
@@ -186,6 +192,45 @@ def test_prefill_head_dims_gqa_block_sizes(head_dim, heads, block_size):
     got, expected = _run(data, num_heads, num_kv_heads, head_dim, block_size, dtype)
     assert_close_to_reference(got, expected, TOLERANCES[dtype],
                               f"hd{head_dim} heads{heads} bs{block_size}", "token")
+
+
+# Mixed steps whose leading requests decode (as the scheduler packs them: running requests first):
+# from kMinDecodePrefix (16) of them on, CUDA sends them through the decode kernel and the rest
+# through the prefill kernel. (name, decodes, chunks as (q_len, context_len), heads, kv heads,
+# head dim, block size, options)
+DECODE_PREFIX_CASES = [
+    ("gqa4_hd128", 40, [(300, 300), (37, 900)], 32, 8, 128, 16, {}),
+    ("gqa2_hd128", 100, [(64, 64), (1, 5), (200, 1200)], 16, 8, 128, 16, {}),
+    ("gqa8_hd64", 16, [(90, 90)], 64, 8, 64, 32, {}),
+    ("gqa1_hd256_window", 20, [(150, 400)], 4, 4, 256, 16, {"window": 100}),
+    ("gqa3_hd80_alibi_softcap", 24, [(33, 33), (70, 2000)], 12, 4, 80, 16,
+     {"alibi": True, "softcap": 10.0}),
+    ("below_the_threshold", 15, [(50, 50)], 8, 2, 128, 16, {}),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_PREFIX_CASES, ids=[c[0] for c in DECODE_PREFIX_CASES])
+def test_decode_prefix_through_the_decode_kernel(case):
+    name, decodes, chunks, num_heads, num_kv_heads, head_dim, block_size, options = case
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    decode_contexts = rng.integers(1, 3000, decodes).tolist()
+    q_lens = [1] * decodes + [q for q, _ in chunks]
+    context_lens = decode_contexts + [c for _, c in chunks]
+    dtype = torch.bfloat16
+    data = _make_case(zlib.crc32(name.encode()) + 1, q_lens, context_lens, num_heads, num_kv_heads,
+                      head_dim, block_size, dtype)
+    window = options.get("window", 0)
+    # The decode part reads its rows longest context first; any permutation of the prefix gives
+    # the same result.
+    order = np.concatenate([np.argsort(-np.asarray(decode_contexts), kind="stable"),
+                            np.arange(decodes, len(q_lens))]).astype(np.int32)
+    workspace_bytes = _C.ops.decode_workspace_bytes(decodes, num_heads, num_kv_heads, head_dim,
+                                                    block_size, max(context_lens), window)
+    extra = dict(num_decode_prefix=decodes,
+                 workspace=torch.empty(max(workspace_bytes, 16), dtype=torch.uint8, device="cuda"))
+    got, expected = _run(data, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                         request_order=order, **options, **extra)
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], name, "token")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

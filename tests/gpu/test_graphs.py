@@ -122,3 +122,40 @@ def test_async_scheduling_matches_waiting_for_each_step(model_dir):
     assert stats[True].async_steps > stats[True].num_steps // 2, (
         stats[True].async_steps, stats[True].num_steps)
     assert stats[True].num_free_kv_blocks == stats[True].num_kv_blocks
+
+
+def test_mixed_steps_send_their_decode_rows_through_the_decode_kernel(model_dir):
+    """Steps that decode 40 requests while three long prompts are prefilled in chunks: the
+    decode rows lead the batch, so they take the decode kernel and the chunks the prefill kernel
+    (AttentionParams.num_decode_prefix). Tokens and logprobs are those of the same requests
+    prefilled together and then decoded in steps of their own."""
+    from octavo.engine_core import EngineArgs, create_engine, to_cpp_sampling_params
+
+    rng = np.random.default_rng(9)
+    short = [rng.integers(3, 300, size=int(rng.integers(2, 40))).tolist() for _ in range(40)]
+    long = [rng.integers(3, 300, size=n).tolist() for n in (300, 410, 520)]
+    params = to_cpp_sampling_params(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                   logprobs=0))
+
+    def run(budget, stagger):
+        engine, _, _ = create_engine(EngineArgs(
+            model=model_dir, device="cuda", num_gpu_blocks_override=1024, max_num_seqs=64,
+            max_num_batched_tokens=budget))
+        ids = [engine.add_request(p, params) for p in short]
+        tokens, logprobs, steps = {}, {}, 0
+        if not stagger:
+            ids += [engine.add_request(p, params) for p in long]
+        while engine.has_unfinished():
+            if stagger and steps == 3:
+                ids += [engine.add_request(p, params) for p in long]
+            for out in engine.step():
+                tokens.setdefault(out.id, []).extend(out.new_token_ids)
+                logprobs.setdefault(out.id, []).extend(lp.logprob for lp in out.new_logprobs)
+            steps += 1
+        return [tokens[i] for i in ids], [logprobs[i] for i in ids]
+
+    together_tokens, together_logprobs = run(budget=4096, stagger=False)
+    mixed_tokens, mixed_logprobs = run(budget=128, stagger=True)  # 40 decodes + an 88-token chunk
+    assert mixed_tokens == together_tokens
+    for got, expected in zip(mixed_logprobs, together_logprobs):
+        np.testing.assert_allclose(got, expected, atol=2e-2)

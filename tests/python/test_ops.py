@@ -45,6 +45,21 @@ def _decode_batch(rng, context_lens, heads=4, kv_heads=2, head_dim=8, block=4):
             block, 0.3)
 
 
+def test_paged_attention_decode_prefix_is_a_launch_hint_checked_against_the_rows():
+    args = list(_decode_batch(np.random.default_rng(2), [5, 17, 9]))
+    args[3] = np.array([0, 1, 2, 6], dtype=np.int32)  # the third request: a 4-token chunk
+    args[0] = np.random.default_rng(3).standard_normal((6, 4 * 8)).astype(np.float32)
+    args[2] = np.zeros_like(args[0])
+    _C.ops.paged_attention(*args)
+    plain = args[2].copy()
+    _C.ops.paged_attention(*args, num_decode_prefix=2)
+    np.testing.assert_array_equal(args[2], plain)
+    with pytest.raises(ValueError, match="request 2 of the decode prefix of 3"):
+        _C.ops.paged_attention(*args, num_decode_prefix=3)
+    with pytest.raises(ValueError, match="num_decode_prefix 4 is outside"):
+        _C.ops.paged_attention(*args, num_decode_prefix=4)
+
+
 def test_paged_attention_request_order_is_a_launch_hint_checked_as_a_permutation():
     args = _decode_batch(np.random.default_rng(1), [5, 17, 9])
     _C.ops.paged_attention(*args)

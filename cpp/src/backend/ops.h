@@ -230,6 +230,9 @@ struct AttentionParams {
   DType act_dtype;
   DType cache_dtype;
   const int32_t* request_order = nullptr;  // [num_requests] or nullptr (index order)
+  // The first num_decode_prefix requests have one query token each (rows 0 .. n - 1); a GPU
+  // backend may run them through its decode kernel. 0: unknown. Never changes the result.
+  int32_t num_decode_prefix = 0;
 };
 
 /// GLU: out[t, i] = act(in[t, i]) * in[t, inter + i] for in [num_tokens, 2 * inter] (gate | up).

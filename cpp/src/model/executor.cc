@@ -327,6 +327,12 @@ const void* Executor::weight(const std::string& name) const {
   return it == weights_.end() ? nullptr : it->second.data();
 }
 
+int32_t Executor::decode_prefix(const StepBatch& b) {
+  int32_t r = 0;
+  while (r < b.num_requests() && b.query_start[size_t(r) + 1] == r + 1) ++r;
+  return r;
+}
+
 void Executor::check_deferred_tokens(const StepBatch& b) const {
   auto check = [&](int32_t id, const char* what, size_t index) {
     if (id < 0 && -int64_t{id} > deferrable_rows_) {
@@ -431,11 +437,13 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   } else {
     stage(block_tables, b.block_tables);
   }
-  if (b.max_query_len == 1) {
-    // Decode attention starts the longest contexts first; graph padding rows (empty) go last.
+  // Decode attention starts the longest contexts first; graph padding rows (empty) go last. In
+  // a step with prompt chunks only its leading single-token requests take the decode kernel.
+  const int decoding = b.max_query_len == 1 ? R : decode_prefix(b);
+  if (decoding > 0) {
     const int rows = graph ? graph_key.batch : R;
     for (int r = 0; r < rows; ++r) request_order[r] = r;
-    std::stable_sort(request_order, request_order + R, [&](int32_t x, int32_t y) {
+    std::stable_sort(request_order, request_order + decoding, [&](int32_t x, int32_t y) {
       return b.context_lens[size_t(x)] > b.context_lens[size_t(y)];
     });
   }
@@ -618,7 +626,8 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   a.out = attn_out_.data();
   a.query_start = d_query_start_;
   a.context_lens = d_context_lens_;
-  a.request_order = f.max_query_len == 1 ? d_request_order_ : nullptr;
+  a.request_order = f.max_query_len == 1 || f.num_decode_prefix > 0 ? d_request_order_ : nullptr;
+  a.num_decode_prefix = f.num_decode_prefix;
   a.block_tables = d_block_tables_;
   a.alibi_slopes = spec_.positions == PositionKind::kAlibi ? alibi_slopes_.as<float>() : nullptr;
   a.num_requests = f.num_requests;
@@ -749,7 +758,7 @@ void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingR
 
   if (graph_key.batch == 0) {
     forward(ForwardShape{T, batch.num_requests(), batch.block_table_width, batch.max_query_len,
-                         batch.max_context_len});
+                         batch.max_context_len, decode_prefix(batch)});
     if (S > 0) sample(batch, pending, /*logits_ready=*/false);
   } else {
     // A decode step: the forward and the LM head over the padded bucket, as one graph; the

@@ -145,6 +145,7 @@ class Executor {
     int32_t block_table_width;
     int32_t max_query_len;
     int32_t max_context_len;
+    int32_t num_decode_prefix = 0;  // leading requests with one query token (AttentionParams)
   };
   /// A decode graph's padded sizes: requests, and block-table width (a power of two of blocks,
   /// which also bounds the context the attention plan is made for).
@@ -185,6 +186,8 @@ class Executor {
   void enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingResults& pending);
   /// Records the decode graph of `graph_key` (its forward and LM head at `shape`), timed.
   void capture(GraphKey graph_key, const ForwardShape& shape);
+  /// How many requests lead the batch with one query token each (rows 0, 1, ...).
+  static int32_t decode_prefix(const StepBatch& batch);
   /// Throws unless every deferred token id names a row the previous launch sampled.
   void check_deferred_tokens(const StepBatch& batch) const;
   void run_layer(int layer_index, const ForwardShape& shape, bool first);

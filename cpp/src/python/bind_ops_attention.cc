@@ -49,7 +49,7 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
                      int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
                      int sliding_window, float softcap, uintptr_t stream, int max_query_len,
                      int max_context_len, OptArray workspace, int64_t q_stride,
-                     OptArray request_order) {
+                     OptArray request_order, int num_decode_prefix) {
   const bool cuda =
       same_device_is_cuda("paged_attention", q, cache_layer, out, query_start, context_lens,
                           block_tables);
@@ -89,6 +89,11 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
     require_size(*request_order, p.num_requests, "request_order");
     p.request_order = static_cast<const int32_t*>(request_order->data());
   }
+  if (num_decode_prefix < 0 || num_decode_prefix > p.num_requests) {
+    throw InvalidArgument("paged_attention: num_decode_prefix " + str(num_decode_prefix) +
+                          " is outside [0, " + str(p.num_requests) + "] requests");
+  }
+  p.num_decode_prefix = num_decode_prefix;
   p.q = q.data();
   p.layer_cache = cache_layer.data();
   p.out = out.data();
@@ -120,6 +125,13 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
     // The host arrays give the per-step maxima when the caller did not pass them.
     const int32_t* starts = p.query_start;
     const int32_t* contexts = p.context_lens;
+    for (int32_t r = 0; r < p.num_decode_prefix; ++r) {
+      if (starts[r + 1] - starts[r] != 1 || starts[r] != r) {
+        throw InvalidArgument("paged_attention: request " + str(r) + " of the decode prefix of " +
+                              str(p.num_decode_prefix) + " does not have one query token at row " +
+                              str(r));
+      }
+    }
     if (max_query_len < 0) {
       max_query_len = 0;
       for (int32_t r = 0; r < p.num_requests; ++r) {
@@ -146,22 +158,29 @@ void paged_attention(AnyArray q, AnyArray cache_layer, AnyArray out, AnyArray qu
   p.max_query_len = max_query_len;
   p.max_context_len = max_context_len;
   const auto cuda_stream = octavo::python::as_stream(stream);
-  if (max_query_len != 1) {
-    octavo::cuda::paged_attention_prefill(p, cuda_stream);
-    return;
-  }
-  const size_t needed = octavo::cuda::decode_workspace_bytes(p);
-  void* workspace_data = nullptr;
-  if (needed > 0) {
-    if (!workspace || !on_cuda(*workspace) || workspace->nbytes() < needed) {
-      throw InvalidArgument("paged_attention: this decode batch needs a CUDA workspace of " +
-                            str(int64_t(needed)) +
-                            " bytes (octavo._C.ops.decode_workspace_bytes); got " +
-                            (workspace ? str(int64_t(workspace->nbytes())) + " bytes" : "none"));
+  auto decode = [&](const octavo::AttentionParams& d) {
+    const size_t needed = octavo::cuda::decode_workspace_bytes(d);
+    void* workspace_data = nullptr;
+    if (needed > 0) {
+      if (!workspace || !on_cuda(*workspace) || workspace->nbytes() < needed) {
+        throw InvalidArgument("paged_attention: this decode batch needs a CUDA workspace of " +
+                              str(int64_t(needed)) +
+                              " bytes (octavo._C.ops.decode_workspace_bytes); got " +
+                              (workspace ? str(int64_t(workspace->nbytes())) + " bytes" : "none"));
+      }
+      workspace_data = workspace->data();
     }
-    workspace_data = workspace->data();
+    octavo::cuda::paged_attention_decode(d, workspace_data, cuda_stream);
+  };
+  if (max_query_len == 1) {
+    decode(p);
+  } else if (octavo::cuda::splits_decode_prefix(p)) {
+    const octavo::cuda::DecodePrefixSplit split = octavo::cuda::split_decode_prefix(p);
+    decode(split.decode);
+    octavo::cuda::paged_attention_prefill(split.prefill, cuda_stream);
+  } else {
+    octavo::cuda::paged_attention_prefill(p, cuda_stream);
   }
-  octavo::cuda::paged_attention_decode(p, workspace_data, cuda_stream);
 #else
   (void)stream;
   (void)workspace;
@@ -199,7 +218,7 @@ void bind_ops_attention(nb::module_& ops) {
           arg("block_size"), arg("scale"), arg("sliding_window") = 0, arg("softcap") = 0.0f,
           arg("stream") = 0, arg("max_query_len") = -1, arg("max_context_len") = -1,
           arg("workspace").none() = nb::none(), arg("q_stride") = 0,
-          arg("request_order").none() = nb::none(),
+          arg("request_order").none() = nb::none(), arg("num_decode_prefix") = 0,
           "Paged attention (AttentionParams): out[t] = softmax(q[t] K^T * scale) V over the\n"
           "cached keys of t's request. q: [num_tokens, num_heads * head_dim] rows q_stride apart\n"
           "(default: contiguous); cache_layer: one layer's [num_blocks, 2, num_kv_heads,\n"
@@ -210,7 +229,10 @@ void bind_ops_attention(nb::module_& ops) {
           "buffer of decode_workspace_bytes(...) bytes) when that is > 0; larger runs prefill.\n"
           "request_order: optional int32 permutation of the requests, the order a decode launch\n"
           "starts them in (longest context first packs uneven batches); never changes the\n"
-          "result. The CPU checks it is a permutation; on CUDA that is the caller's promise.");
+          "result. The CPU checks it is a permutation; on CUDA that is the caller's promise.\n"
+          "num_decode_prefix: the first n requests have one query token each (rows 0 .. n-1);\n"
+          "in a batch with prompt chunks CUDA runs them through the decode kernel (from\n"
+          "kMinDecodePrefix = 16 on) and needs `workspace` for them. Never changes the result.");
   ops.def("decode_workspace_bytes", &decode_workspace_bytes, arg("num_requests"),
           arg("num_heads"), arg("num_kv_heads"), arg("head_dim"), arg("block_size"),
           arg("max_context_len"), arg("sliding_window") = 0,
