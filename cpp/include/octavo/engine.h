@@ -39,8 +39,9 @@ struct EngineStats {
   uint64_t prompt_tokens = 0;        // prompt tokens computed (cache hits excluded)
   uint64_t generation_tokens = 0;
   // Where step() spends its time (wall clock, summed over steps that ran a batch): scheduling and
-  // packing the batch on the host; the executor (uploads, kernels, and the wait for the sampled
-  // tokens); turning the results into outputs on the host.
+  // packing the batch on the host; the executor (uploads and launches, and the wait for the
+  // sampled tokens); turning the results into outputs on the host. With async scheduling the
+  // host parts of one step overlap the device's work on the step before.
   uint64_t num_steps = 0;
   uint64_t async_steps = 0;          // steps launched while the step before them still ran
   double schedule_seconds = 0.0;

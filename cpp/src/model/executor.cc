@@ -677,12 +677,6 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   }
 }
 
-StepResult Executor::execute(const StepBatch& batch) {
-  if (!in_flight_.empty()) throw Error("internal: execute() with a step still in flight");
-  launch(batch);
-  return collect();
-}
-
 StepResult Executor::collect() {
   if (in_flight_.empty()) throw Error("internal: collect() with no step launched");
   const PendingResults pending = std::move(in_flight_.front());

@@ -82,7 +82,7 @@ class Executor {
   Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype, const ExecutorLimits& limits,
            int block_size, const std::vector<HostTensor>& weights);
 
-  /// Allocates the KV pool: `num_blocks` blocks in every layer. Call once, before execute().
+  /// Allocates the KV pool: `num_blocks` blocks in every layer. Call once, before launch().
   void allocate_kv_cache(int num_blocks);
 
   /// Queues the step on the device and returns without waiting for it. A token id -1 - i in
@@ -93,12 +93,9 @@ class Executor {
   /// Waits for the oldest launched step's results (that step's download only, not the steps
   /// launched after it) and returns them.
   StepResult collect();
-  /// launch(), then collect(): the step's own results when nothing else is in flight.
-  StepResult execute(const StepBatch& batch);
-  int num_in_flight() const { return int(in_flight_.size()); }
   static constexpr int kMaxInFlight = 2;
 
-  /// Where execute() waits rather than works, summed over its calls (wall clock).
+  /// Where collect() waits rather than works, and graph captures, summed (wall clock).
   struct Timings {
     double device_wait_seconds = 0.0;    // blocked on the device for the step's results
     uint64_t graph_captures = 0;         // decode graphs captured (one per new bucket and width)
