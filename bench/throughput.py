@@ -187,6 +187,7 @@ def main() -> None:
         # Where the wall time went: the C++ step (host scheduling, executor incl. the GPU wait,
         # host outputs) and Python around it (detokenization, stop strings, bookkeeping).
         "steps": stats.num_steps,
+        "async_steps": stats.async_steps,
         "schedule_s": round(stats.schedule_seconds, 3),
         "execute_s": round(stats.execute_seconds, 3),
         "step_output_s": round(stats.output_seconds, 3),
