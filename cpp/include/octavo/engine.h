@@ -74,9 +74,13 @@ class Engine {
   RequestId add_request(std::vector<int32_t> prompt_token_ids, const SamplingParams& params);
 
   /// One scheduling step. Returns an entry for every request that gained tokens or finished.
+  /// With config().async_scheduling the call first launches the next step (when the step in
+  /// flight allows it), then returns the results of the step before: a step may be on the device
+  /// between calls, and has_unfinished() stays true until it has been read.
   std::vector<RequestOutput> step();
 
-  /// Finishes a request with reason kAbort; its output appears in the next step(). With
+  /// Finishes a request with reason kAbort; its output appears in the next step(), and a token
+  /// the device was computing for it is dropped. With
   /// whole_group, every sequence forked from it (n > 1) ends too; otherwise only the sequence
   /// `id`. Unknown or already-finished ids are ignored.
   void abort(RequestId id, bool whole_group = true);
