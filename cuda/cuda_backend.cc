@@ -233,16 +233,6 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void decode(const AttentionParams& p) {
-    const size_t needed = decode_workspace_bytes(p);
-    if (needed > decode_workspace_bytes_) {
-      throw InvalidArgument("paged_attention: the step needs " + mib(needed) +
-                            " of decode workspace; " + mib(decode_workspace_bytes_) +
-                            " was reserved for the engine's limits");
-    }
-    paged_attention_decode(p, decode_workspace_, stream_);
-  }
-
   void sample(const SampleParams& p) override {
     const size_t needed = sample_workspace_bytes(p);
     if (needed > sample_workspace_bytes_) {
@@ -281,6 +271,17 @@ class CudaBackend final : public Backend {
     cudaEvent_t event = spare_events_.back();
     spare_events_.pop_back();
     return event;
+  }
+
+  /// The decode kernel in the workspace reserved for the engine's limits.
+  void decode(const AttentionParams& p) {
+    const size_t needed = decode_workspace_bytes(p);
+    if (needed > decode_workspace_bytes_) {
+      throw InvalidArgument("paged_attention: the step needs " + mib(needed) +
+                            " of decode workspace; " + mib(decode_workspace_bytes_) +
+                            " was reserved for the engine's limits");
+    }
+    paged_attention_decode(p, decode_workspace_, stream_);
   }
 
   /// Waits for the pending downloads up to `ticket`, oldest first, and copies each out.

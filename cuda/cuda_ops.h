@@ -60,8 +60,9 @@ void paged_attention_prefill(const AttentionParams& params, StreamHandle stream)
 // A batch with prompt chunks whose first params.num_decode_prefix requests have one query token
 // each runs those through the decode kernel (which reads each K/V block once per KV head, split
 // along the sequence) and the rest through the prefill kernel, once the prefix has at least
-// kMinDecodePrefix requests; fewer ride along in the prefill kernel's grid, where they cost less
-// than a second launch. split_decode_prefix gives the two launches' parameters.
+// kMinDecodePrefix requests; fewer stay in the prefill kernel's grid rather than pay for a second
+// launch (16 is a guess, not a measured crossover). split_decode_prefix gives the two launches'
+// parameters.
 inline constexpr int kMinDecodePrefix = 16;
 struct DecodePrefixSplit {
   AttentionParams decode;   // requests [0, n): rows [0, n)

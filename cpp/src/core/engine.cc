@@ -660,9 +660,10 @@ bool Engine::Impl::launch_step() {
   for (size_t row = 0; row < sample_owners.size(); ++row) {
     auto [request, fork_index] = sample_owners[row];
     int placeholder = -1;
-    if (defer) {
-      // The next step reads this row's token on the device; until this step is collected the
-      // sequence ends in its deferred id, so the scheduler sees its true length.
+    // The next step reads this row's token on the device; until this step is collected the
+    // sequence ends in its deferred id, so the scheduler sees its true length. A token that ends
+    // the sequence by length gets none: with nothing left to compute it is not scheduled again.
+    if (defer && request->num_tokens() + 1 < request->max_num_tokens) {
       request->token_ids.push_back(-1 - int32_t(row));
       placeholder = request->num_tokens() - 1;
     }

@@ -56,10 +56,8 @@ SchedulerOutput Scheduler::schedule() {
   for (size_t i = 0; i < running_.size() && token_budget > 0;) {
     RequestState* request = running_[i];
     const int num_new = std::min(request->num_tokens() - request->num_computed_tokens, token_budget);
-    // Nothing to compute: a beam waiting for its siblings, or a sequence whose pending token
-    // (sampled by the step in flight) is its last.
-    if (num_new <= 0 ||
-        (request->has_pending_token() && request->num_tokens() >= request->max_num_tokens)) {
+    if (num_new <= 0) {  // nothing to compute: a beam waiting for its siblings, or a sequence
+                         // whose last token the step in flight samples
       ++i;
       continue;
     }

@@ -12,7 +12,7 @@
 //      preempted. A request that needs every prompt position's logits (prompt_logprobs) skips the
 //      prefix-cache lookup.
 // A running request with nothing to compute (a beam waiting for its siblings' candidates, or a
-// sequence whose last token, still being sampled, ends it by length) is skipped; if the head of the queue cannot get blocks in a step where nothing else runs, the
+// sequence whose last token the step in flight samples) is skipped; if the head of the queue cannot get blocks in a step where nothing else runs, the
 // most recently admitted such request is preempted to the back of the queue to make room.
 // Decode, prefill chunks and prefix-cache hits are one path: a request and its number of new tokens.
 #pragma once

@@ -364,7 +364,7 @@ Executor::GraphKey Executor::graph_key_of(const StepBatch& b) const {
           std::min(width, max_blocks_)};
 }
 
-void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
+void Executor::upload_step(const StepBatch& b, GraphKey graph_key, int32_t decoding) {
   const int32_t T = b.num_tokens(), R = b.num_requests(), S = b.num_samples();
   const size_t bias_entries = b.bias_token_ids.size();
   const int32_t P = b.num_prompt_logprob_rows();
@@ -437,9 +437,7 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key) {
   } else {
     stage(block_tables, b.block_tables);
   }
-  // Decode attention starts the longest contexts first; graph padding rows (empty) go last. In
-  // a step with prompt chunks only its leading single-token requests take the decode kernel.
-  const int decoding = b.max_query_len == 1 ? R : decode_prefix(b);
+  // Decode attention starts the longest contexts first; graph padding rows (empty) go last.
   if (decoding > 0) {
     const int rows = graph ? graph_key.batch : R;
     for (int r = 0; r < rows; ++r) request_order[r] = r;
@@ -708,9 +706,12 @@ void Executor::launch(const StepBatch& batch) {
   }
   check_deferred_tokens(batch);
   const GraphKey graph_key = graph_key_of(batch);
-  upload_step(batch, graph_key);
+  // The requests that take the decode kernel: all of a decode step's, else its leading
+  // single-token ones (AttentionParams::num_decode_prefix).
+  const int32_t decoding = batch.max_query_len == 1 ? batch.num_requests() : decode_prefix(batch);
+  upload_step(batch, graph_key, decoding);
   try {
-    enqueue_step(batch, graph_key, pending);
+    enqueue_step(batch, graph_key, batch.max_query_len == 1 ? 0 : decoding, pending);
   } catch (...) {
     // Downloads already queued land in `pending`'s buffers: let them finish before it goes.
     try {
@@ -723,7 +724,8 @@ void Executor::launch(const StepBatch& batch) {
   deferrable_rows_ = S;
 }
 
-void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingResults& pending) {
+void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key,
+                            int32_t num_decode_prefix, PendingResults& pending) {
   const int T = batch.num_tokens(), S = batch.num_samples();
   if (!batch.block_copies.empty()) {
     CopyBlocksParams c{};
@@ -752,7 +754,7 @@ void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingR
 
   if (graph_key.batch == 0) {
     forward(ForwardShape{T, batch.num_requests(), batch.block_table_width, batch.max_query_len,
-                         batch.max_context_len, decode_prefix(batch)});
+                         batch.max_context_len, num_decode_prefix});
     if (S > 0) sample(batch, pending, /*logits_ready=*/false);
   } else {
     // A decode step: the forward and the LM head over the padded bucket, as one graph; the

@@ -156,8 +156,9 @@ class Executor {
   };
   /// Uploads the step's inputs. With a graph key: in the fixed layout every graph reads, the
   /// requests padded to key.batch with empty ones (token 0 at position 0, no cache slot,
-  /// context 0), block-table rows key.table_width wide at the fixed table_offset_.
-  void upload_step(const StepBatch& batch, GraphKey graph);
+  /// context 0), block-table rows key.table_width wide at the fixed table_offset_. The first
+  /// `decoding` requests (those that take the decode kernel) get a longest-context-first order.
+  void upload_step(const StepBatch& batch, GraphKey graph, int32_t decoding);
   /// The graph a step can replay (the smallest bucket holding its requests, the smallest
   /// power-of-two width holding its block tables), or batch 0: the step runs eagerly (prefill,
   /// prompt logprobs, forks or beams whose rows are not one per request, no graph support).
@@ -180,7 +181,8 @@ class Executor {
   void prompt_logprobs(const StepBatch& batch, PendingResults& pending);
   /// Queues everything launch() runs after the upload: block copies, token counts, the forward
   /// (eager or a graph's replay), sampling and prompt logprobs with their downloads.
-  void enqueue_step(const StepBatch& batch, GraphKey graph_key, PendingResults& pending);
+  void enqueue_step(const StepBatch& batch, GraphKey graph_key, int32_t num_decode_prefix,
+                    PendingResults& pending);
   /// Records the decode graph of `graph_key` (its forward and LM head at `shape`), timed.
   void capture(GraphKey graph_key, const ForwardShape& shape);
   /// How many requests lead the batch with one query token each (rows 0, 1, ...).
