@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--result-json", default=None, help="append the JSON lines here")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             model=model_dir, device=args.device, dtype=args.dtype,
             max_model_len=args.input_len + args.output_len + 1,
             max_num_seqs=max(max(batch_sizes), 1), enable_prefix_caching=False,
-            enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling))
+            enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling))
     params = to_cpp_sampling_params(SamplingParams(temperature=0.0, max_tokens=args.output_len,
                                                    ignore_eos=True))
     rng = random.Random(args.seed)
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
             "output_ms_per_step": per_step("output_seconds"),
             "device_wait_ms_per_step": per_step("device_wait_seconds"),
             "enforce_eager": args.enforce_eager,
-            "async_scheduling": not args.no_async_scheduling, "commit": commit(),
+            "async_scheduling": bool(engine.config.async_scheduling), "commit": commit(),
         })
         print(line, flush=True)
         lines.append(line)

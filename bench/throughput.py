@@ -137,8 +137,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--no-detokenize", action="store_true",
                         help="token ids only (SamplingParams(detokenize=False))")
-    parser.add_argument("--no-async-scheduling", action="store_true",
-                        help="wait for each step's tokens before scheduling the next")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch each step while the one before it runs (default: on GPUs)")
     parser.add_argument("--profile", action="store_true",
                         help="also report GPU kernel time over the run (CUDA only)")
     args = parser.parse_args()
@@ -154,7 +154,7 @@ def main() -> None:
         llm = LLM(model=model_dir, device=args.device, dtype=args.dtype,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=max(i + o for i, o in lengths) + 1,
-                  async_scheduling=not args.no_async_scheduling)
+                  async_scheduling=args.async_scheduling)
         vocab = llm.model_spec["vocab_size"]
         token_rng = random.Random(args.seed + 1)
         prompts = [[token_rng.randrange(vocab) for _ in range(i)] for i, _ in lengths]

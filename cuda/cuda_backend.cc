@@ -178,6 +178,7 @@ class CudaBackend final : public Backend {
   }
 
   bool supports_graphs() const override { return true; }
+  bool queues_work() const override { return true; }
 
   void begin_capture() override {
     // Thread-local mode: other threads (Python's) may call CUDA meanwhile without breaking it.

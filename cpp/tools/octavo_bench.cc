@@ -64,7 +64,7 @@ constexpr const char* kUsage = R"(usage: octavo_bench (--model DIR | --random-mo
   --num-kv-blocks N         fix the KV pool size (default: from memory)
   --gpu-memory-utilization F  (default 0.9)
   --enforce-eager           no CUDA graphs
-  --no-async-scheduling     wait for each step's tokens before scheduling the next
+  --[no-]async-scheduling   launch each step while the one before it runs (default: on GPUs)
   --json                    print one JSON object instead of the report
 )";
 
@@ -89,7 +89,7 @@ struct Options {
   int num_kv_blocks = 0;
   float gpu_memory_utilization = 0.9f;
   bool enforce_eager = false;
-  bool async_scheduling = true;
+  std::optional<bool> async_scheduling;  // unset: the engine's default
   bool json = false;
 };
 
@@ -166,6 +166,8 @@ Options parse_args(int argc, char** argv) {
       if (end == text.c_str() || *end != '\0') usage_error(flag + " is '" + text + "'; expected a number");
     } else if (flag == "--enforce-eager") {
       o.enforce_eager = true;
+    } else if (flag == "--async-scheduling") {
+      o.async_scheduling = true;
     } else if (flag == "--no-async-scheduling") {
       o.async_scheduling = false;
     } else if (flag == "--json") {
@@ -425,7 +427,7 @@ int run(const Options& options) {
                     ", \"max_num_seqs\": " + std::to_string(resolved.max_num_seqs) +
                     ", \"max_num_batched_tokens\": " + std::to_string(resolved.max_num_batched_tokens) +
                     ", \"enforce_eager\": " + (resolved.enforce_eager ? "true" : "false") +
-                    ", \"async_scheduling\": " + (resolved.async_scheduling ? "true" : "false") +
+                    ", \"async_scheduling\": " + (resolved.async_scheduling == true ? "true" : "false") +
                     ", \"seed\": " + std::to_string(options.seed) +
                     ", \"load_s\": " + fixed(load_seconds, 3) +
                     ", \"random_weights_s\": " + fixed(weights_seconds, 3) +

@@ -41,8 +41,9 @@ class EngineArgs:
     enforce_eager: never replay CUDA graphs (by default decode steps replay a graph captured per
         padded batch size the first time one runs).
     async_scheduling: schedule and launch each step while the one before it runs, its decode
-        rows reading their input tokens on the device (default True); False waits for every
-        step's tokens first.
+        rows reading their input tokens on the device; False waits for every step's tokens
+        first. None (default): on for GPUs, off on the CPU (whose ops finish on return, so it
+        would only deliver tokens a step later).
     """
 
     model: str
@@ -59,7 +60,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "cpu"
     enforce_eager: bool = False
-    async_scheduling: bool = True
+    async_scheduling: Optional[bool] = None
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -166,7 +167,8 @@ def create_engine(args: EngineArgs, tokenizer=None, asynchronous: bool = False):
     engine_config.gpu_memory_utilization = float(args.gpu_memory_utilization)
     engine_config.seed = int(args.seed) & 0xFFFFFFFFFFFFFFFF
     engine_config.enforce_eager = bool(args.enforce_eager)
-    engine_config.async_scheduling = bool(args.async_scheduling)
+    if args.async_scheduling is not None:
+        engine_config.async_scheduling = bool(args.async_scheduling)
     engine_config.eos_token_ids = read_eos_token_ids(model_dir, config, tokenizer)
 
     weight_tuples = [(name, dtype, np.ascontiguousarray(array)) for name, array, dtype in weights()]

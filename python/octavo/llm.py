@@ -51,7 +51,7 @@ class LLM:
         seed: seeds requests that bring no seed of their own (default 0).
         device: "cpu", "cuda" or "cuda:N".
         enforce_eager: never replay CUDA graphs for decode steps.
-        async_scheduling: launch each step while the one before it runs (default True).
+        async_scheduling: launch each step while the one before it runs (default: on GPUs).
     The engine runs its steps on its own thread (octavo._C.AsyncEngine); `self.engine` is it.
     """
 

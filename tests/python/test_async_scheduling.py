@@ -169,11 +169,15 @@ def test_deferred_token_ids_read_the_previous_steps_samples():
                          deferred_token_ids=deferred)
 
 
-def test_server_flag_turns_async_scheduling_off():
+def test_server_flag_and_the_default_per_backend(llama_dir):
     pytest.importorskip("fastapi")
     from octavo.entrypoints.openai import api_server
 
     parser = api_server.make_arg_parser()
-    assert api_server.engine_args_from_cli(parser.parse_args(["--model", "m"])).async_scheduling
-    off = parser.parse_args(["--model", "m", "--no-async-scheduling"])
-    assert api_server.engine_args_from_cli(off).async_scheduling is False
+    args = lambda *flags: api_server.engine_args_from_cli(parser.parse_args(["--model", "m", *flags]))
+    assert args().async_scheduling is None
+    assert args("--async-scheduling").async_scheduling is True
+    assert args("--no-async-scheduling").async_scheduling is False
+    # Unset, it follows the backend: the CPU's ops finish on return, so it stays off there.
+    engine, _, _ = create_engine(EngineArgs(model=llama_dir, dtype="float32"))
+    assert engine.config.async_scheduling is False

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,8 +41,10 @@ struct EngineConfig {
   /// Schedule and launch step N + 1 while step N runs (vLLM's async_scheduling): the next step's
   /// decode rows read their input tokens on the device, and the host reads step N's results
   /// while N + 1 computes. A sequence that ends on a stop token costs one extra row of compute.
-  /// Steps whose rows fork (n > 1) or run beams wait for their tokens first.
-  bool async_scheduling = true;
+  /// Steps whose rows fork (n > 1) or run beams wait for their tokens first. Unset: on where the
+  /// backend queues its work (GPUs); the CPU backend computes each op on return, so there it
+  /// would only deliver every token a step later, and is off unless asked for.
+  std::optional<bool> async_scheduling;
   std::vector<int32_t> eos_token_ids;  // EOS ids of the model (generation config)
 };
 

@@ -57,6 +57,9 @@ class Backend {
     return 0;
   }
   virtual void wait_download(uint64_t ticket) { (void)ticket; }
+  /// Ops return before the device runs them (a stream): the host can prepare the next step
+  /// meanwhile. False where every op completes on return (the CPU).
+  virtual bool queues_work() const { return false; }
   /// Device memory now (GPU backends); nullopt where memory is the host's (CPU).
   virtual std::optional<MemoryInfo> memory_info() const { return std::nullopt; }
   /// Allocates the scratch the ops need for steps up to `limits` (attention splits, sampling),

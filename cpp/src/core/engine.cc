@@ -179,6 +179,7 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   }
   const DType dtype = resolve_dtype(c, weights);
   m.backend = make_backend(c.device);
+  if (!c.async_scheduling) c.async_scheduling = m.backend->queues_work();
   const std::optional<MemoryInfo> device_memory = m.backend->memory_info();
   resolve_step_limits(c, device_memory ? std::optional<size_t>(device_memory->total_bytes)
                                        : std::nullopt);
@@ -656,7 +657,7 @@ bool Engine::Impl::launch_step() {
     const RequestState& r = *owner.first;
     return owner.second == 0 && r.num_pending_forks == 0 && r.beam_group == 0;
   });
-  const bool defer = config.async_scheduling && step.plain;
+  const bool defer = config.async_scheduling == true && step.plain;
   for (size_t row = 0; row < sample_owners.size(); ++row) {
     auto [request, fork_index] = sample_owners[row];
     int placeholder = -1;
@@ -808,7 +809,7 @@ std::vector<RequestOutput> Engine::step() {
   if (m.launched.empty() && !m.launch_step()) return outputs;
   // While the oldest step runs, the next one is scheduled and queued behind it, its sampled
   // rows' tokens read on the device; the host then reads the oldest step's results.
-  if (m.config.async_scheduling && m.launched.size() == 1 && m.launched.front().plain &&
+  if (m.config.async_scheduling == true && m.launched.size() == 1 && m.launched.front().plain &&
       m.launch_step()) {
     ++m.counters.async_steps;
   }

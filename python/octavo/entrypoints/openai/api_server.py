@@ -115,8 +115,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="on the CPU, bytes given to the KV pool (default 4 GiB)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="never replay CUDA graphs for decode steps")
-    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                        help="launch each step while the one before it runs (default on)")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch each step while the one before it runs (default: on GPUs)")
     engine.add_argument("--seed", type=int, default=0,
                         help="seeds requests that bring no seed of their own (default 0)")
     return parser
