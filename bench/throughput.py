@@ -194,6 +194,8 @@ def main() -> None:
         "device_wait_s": round(stats.device_wait_seconds, 3),
         "graph_captures": stats.graph_captures,
         "graph_capture_s": round(stats.graph_capture_seconds, 3),
+        "startup_graph_captures": stats.startup_graph_captures,
+        "startup_graph_capture_s": round(stats.startup_graph_capture_seconds, 3),
         "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
                           - stats.output_seconds, 3),
         **profile_report,

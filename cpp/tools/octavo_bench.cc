@@ -411,6 +411,8 @@ int run(const Options& options) {
                     ", \"graph_captures\": " + std::to_string(stats.graph_captures) +
                     ", \"async_steps\": " + std::to_string(stats.async_steps) +
                     ", \"graph_capture_s\": " + fixed(stats.graph_capture_seconds, 3) +
+                    ", \"startup_graph_captures\": " + std::to_string(stats.startup_graph_captures) +
+                    ", \"startup_graph_capture_s\": " + fixed(stats.startup_graph_capture_seconds, 3) +
                     ", \"ttft_ms\": " + stats_json(ttft) + ", \"tpot_ms\": " + stats_json(tpot) +
                     ", \"kv_blocks\": " + std::to_string(resolved.num_kv_blocks) +
                     ", \"block_size\": " + std::to_string(resolved.block_size) +
@@ -450,7 +452,9 @@ int run(const Options& options) {
               << " s, execute " << fixed(stats.execute_seconds, 2) << " s, output "
               << fixed(stats.output_seconds, 2) << " s (device wait "
               << fixed(stats.device_wait_seconds, 2) << " s; " << stats.graph_captures
-              << " graph captures, " << fixed(stats.graph_capture_seconds, 2) << " s)\n"
+              << " graph captures, " << fixed(stats.graph_capture_seconds, 2) << " s; "
+              << stats.startup_graph_captures << " captured at start in "
+              << fixed(stats.startup_graph_capture_seconds, 2) << " s)\n"
               << "  TTFT ms: " << stats_text(ttft) << "\n"
               << "  TPOT ms: " << stats_text(tpot) << "\n"
               << "  KV pool " << grouped(resolved.num_kv_blocks) << " blocks x "

@@ -73,9 +73,9 @@ def test_graph_table_widths_match_eager(model_dir):
     assert_same_outputs(eager, graph)
     stats = llm.engine.stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
-    # One graph per (batch bucket, table width) met: 2 in this test on an H100 (2026-11-27).
-    assert stats.graph_captures >= 1 and stats.graph_capture_seconds > 0
-    assert eager_llm.engine.stats().graph_captures == 0
+    assert_captured_at_start(stats)
+    eager_stats = eager_llm.engine.stats()
+    assert eager_stats.graph_captures == 0 and eager_stats.startup_graph_captures == 0
     assert 0 < stats.device_wait_seconds < stats.execute_seconds
 
 
@@ -93,11 +93,45 @@ def test_graph_width_grows_mid_generation(model_dir):
                   enforce_eager=enforce_eager)
         outputs[enforce_eager] = [llm.generate(prompts, params, use_tqdm=False)
                                   for prompts in batches]
-        captures[enforce_eager] = llm.engine.stats().graph_captures
+        captures[enforce_eager] = llm.engine.stats()
     for eager, graph in zip(outputs[True], outputs[False]):
         assert_same_outputs(eager, graph)
-    # Batch bucket 2 at widths 16, 32 and 64: one graph each.
-    assert captures[False] >= 3 and captures[True] == 0
+    assert_captured_at_start(captures[False])
+    assert captures[True].startup_graph_captures == 0
+
+
+def test_contexts_past_the_startup_widths_capture_their_graph_mid_run(tmp_path):
+    """Graphs are captured at start for contexts up to 8192 tokens (block tables up to 512
+    blocks of 16); a decode whose context passes that records its width's graph (1024 blocks)
+    when it first meets it, and replays it: tokens and logprobs stay eager's."""
+    directory = str(tmp_path)
+    build_checkpoint(directory, "LlamaForCausalLM", dtype=torch.bfloat16, hidden_size=256,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                     intermediate_size=384, num_hidden_layers=2, initializer_range=0.25,
+                     max_position_embeddings=9000)
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in (8250, 30)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    outputs, stats = {}, {}
+    for enforce_eager in (True, False):
+        llm = LLM(model=directory, device="cuda", num_gpu_blocks_override=1200, max_num_seqs=4,
+                  enforce_eager=enforce_eager)
+        outputs[enforce_eager] = llm.generate(prompts, params, use_tqdm=False)
+        stats[enforce_eager] = llm.engine.stats()
+    assert_same_outputs(outputs[True], outputs[False])
+    # Buckets 1, 2, 4 at widths 16 ... 512 at start; bucket 2 at width 563 (a max_model_len
+    # table) mid-run.
+    assert stats[False].startup_graph_captures == 3 * 6
+    assert stats[False].graph_captures == 1 and stats[False].graph_capture_seconds > 0
+    assert stats[True].graph_captures == stats[True].startup_graph_captures == 0
+
+
+def assert_captured_at_start(stats):
+    """The fixture's engines (max_num_seqs 48, max_model_len 1024) capture batch buckets 1, 2, 4,
+    8, 16, ..., 48 at table widths 16, 32 and 64 blocks before their first step, and nothing
+    mid-run."""
+    assert stats.startup_graph_captures == 9 * 3 and stats.startup_graph_capture_seconds > 0
+    assert stats.graph_captures == 0 and stats.graph_capture_seconds == 0
 
 
 

@@ -47,12 +47,16 @@ struct EngineStats {
   double schedule_seconds = 0.0;
   double execute_seconds = 0.0;
   double output_seconds = 0.0;
-  // Within execute_seconds: the wait for the device's results, and the decode graphs captured so
-  // far and the time that took. The rest is host time: uploads, launches and captures; on eager
+  // Within execute_seconds: the wait for the device's results, and the decode graphs captured
+  // mid-run and the time that took. The rest is host time: uploads, launches and captures; on eager
   // steps launches can block on a busy device, so there the wait undercounts the device's time.
   double device_wait_seconds = 0.0;
   uint64_t graph_captures = 0;
   double graph_capture_seconds = 0.0;
+  // Before any step, in the constructor: the decode graphs captured (every batch bucket at the
+  // block-table widths of contexts up to 8192 tokens) and the time, warm-up passes included.
+  uint64_t startup_graph_captures = 0;
+  double startup_graph_capture_seconds = 0.0;
 };
 
 class Engine {

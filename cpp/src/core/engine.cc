@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -211,6 +212,7 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
                           "num_gpu_blocks_override)");
   }
   m.executor->allocate_kv_cache(c.num_kv_blocks);
+  m.executor->capture_graphs();
   for (int slot = m.executor->num_penalty_slots() - 1; slot >= 0; --slot) {
     m.free_penalty_slots.push_back(slot);
   }
@@ -219,6 +221,13 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
       SchedulerConfig{c.max_num_seqs, c.max_num_batched_tokens}, *m.kv_cache);
   m.batch.clear();
   log_engine_ready(m.spec, c, m.backend->name(), dtype);
+  const Executor::Timings& t = m.executor->timings();
+  if (t.startup_graph_captures > 0 && log_enabled(LogLevel::kInfo)) {
+    char seconds[32];
+    std::snprintf(seconds, sizeof seconds, "%.2f", t.startup_graph_capture_seconds);
+    log(LogLevel::kInfo, "captured " + num((long long)t.startup_graph_captures) +
+                             " decode graphs in " + seconds + " s");
+  }
 }
 
 Engine::~Engine() = default;
@@ -882,6 +891,8 @@ EngineStats Engine::stats() const {
   s.device_wait_seconds = t.device_wait_seconds;
   s.graph_captures = t.graph_captures;
   s.graph_capture_seconds = t.graph_capture_seconds;
+  s.startup_graph_captures = t.startup_graph_captures;
+  s.startup_graph_capture_seconds = t.startup_graph_capture_seconds;
   return s;
 }
 

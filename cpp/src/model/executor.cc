@@ -22,6 +22,9 @@ namespace {
 constexpr size_t kConvertChunkBytes = size_t{8} << 20;
 // The largest decode batch replayed from a graph (vLLM's largest capture size).
 constexpr int kMaxGraphBatch = 512;
+// Decode graphs for block tables up to this context are captured at start-up, wider ones when
+// first met (vLLM's max_seq_len_to_capture).
+constexpr int kStartupCaptureTokens = 8192;
 
 // Per-row results as the sampler and token_logprobs write them, in one device region downloaded
 // at once: [rows] 4-byte values (ids or logprobs), a second [rows] of 4-byte values, then
@@ -356,12 +359,58 @@ Executor::GraphKey Executor::graph_key_of(const StepBatch& b) const {
   for (int r = 0; r < b.num_samples(); ++r) {
     if (b.sample_rows[r] != r) return {};
   }
+  return {*std::lower_bound(graph_buckets_.begin(), graph_buckets_.end(), b.num_requests()),
+          graph_width(b.block_table_width)};
+}
+
+int Executor::graph_width(int table_width) const {
   // Widths from 16 blocks up in powers of two: few graphs per batch bucket, and an attention
   // plan made for at most twice the longest context rather than for max_model_len.
   int width = 16;
-  while (width < b.block_table_width) width *= 2;
-  return {*std::lower_bound(graph_buckets_.begin(), graph_buckets_.end(), b.num_requests()),
-          std::min(width, max_blocks_)};
+  while (width < table_width) width *= 2;
+  return std::min(width, max_blocks_);
+}
+
+void Executor::capture_graphs() {
+  if (graph_buckets_.empty()) return;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<int> widths{graph_width(1)};
+  while (widths.back() < max_blocks_ &&
+         int64_t(widths.back()) * kv_shape_.block_size < kStartupCaptureTokens) {
+    widths.push_back(graph_width(widths.back() + 1));
+  }
+  StepBatch padding_only;  // no requests: every row of the bucket is padding
+  padding_only.query_start = {0};
+  const uint64_t captures_before = timings_.graph_captures;
+  const double seconds_before = timings_.graph_capture_seconds;
+  backend_.set_gemm_tuning(true);
+  try {
+    for (int bucket : graph_buckets_) {
+      for (int width : widths) {
+        const GraphKey key{bucket, width};
+        const ForwardShape shape = graph_shape(key);
+        upload_step(padding_only, key, 0);
+        // Eagerly first: kernels load and GEMM shapes choose their algorithm outside the capture.
+        forward(shape);
+        compute_logits(identity_rows_.as<int32_t>(), bucket);
+        capture(key, shape);
+      }
+    }
+  } catch (...) {
+    backend_.set_gemm_tuning(false);
+    throw;
+  }
+  backend_.set_gemm_tuning(false);
+  backend_.synchronize();
+  timings_.startup_graph_captures += timings_.graph_captures - captures_before;
+  timings_.graph_captures = captures_before;
+  timings_.graph_capture_seconds = seconds_before;
+  timings_.startup_graph_capture_seconds += seconds_since(start);
+}
+
+Executor::ForwardShape Executor::graph_shape(GraphKey key) const {
+  return {key.batch, key.batch, key.table_width, 1,
+          std::min(limits_.max_model_len, key.table_width * kv_shape_.block_size)};
 }
 
 void Executor::upload_step(const StepBatch& b, GraphKey graph_key, int32_t decoding) {
@@ -438,7 +487,7 @@ void Executor::upload_step(const StepBatch& b, GraphKey graph_key, int32_t decod
     stage(block_tables, b.block_tables);
   }
   // Decode attention starts the longest contexts first; graph padding rows (empty) go last.
-  if (decoding > 0) {
+  if (decoding > 0 || graph) {
     const int rows = graph ? graph_key.batch : R;
     for (int r = 0; r < rows; ++r) request_order[r] = r;
     std::stable_sort(request_order, request_order + decoding, [&](int32_t x, int32_t y) {
@@ -760,9 +809,7 @@ void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key,
     // A decode step: the forward and the LM head over the padded bucket, as one graph; the
     // sampling (which varies with the requests' settings) runs after it on rows [0, S).
     const int bucket = graph_key.batch;
-    const ForwardShape shape{bucket, bucket, graph_key.table_width, 1,
-                             std::min(limits_.max_model_len,
-                                      graph_key.table_width * kv_shape_.block_size)};
+    const ForwardShape shape = graph_shape(graph_key);
     auto graph = graphs_.find(graph_key);
     if (graph != graphs_.end()) {
       backend_.replay(graph->second);

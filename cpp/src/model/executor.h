@@ -85,6 +85,12 @@ class Executor {
   /// Allocates the KV pool: `num_blocks` blocks in every layer. Call once, before launch().
   void allocate_kv_cache(int num_blocks);
 
+  /// Captures the decode graphs a run may replay so that none is recorded mid-run: every batch
+  /// bucket at every block-table width up to 8192 tokens of context (wider ones are captured
+  /// when first met), each after an eager pass of its own in which new GEMM shapes time their
+  /// candidate algorithms. Call once, after allocate_kv_cache(); without graphs it does nothing.
+  void capture_graphs();
+
   /// Queues the step on the device and returns without waiting for it. A token id -1 - i in
   /// batch.token_ids stands for the token the previous launch sampled in row i, read on the
   /// device (the host need not have it yet). At most kMaxInFlight steps may be launched and not
@@ -100,6 +106,8 @@ class Executor {
     double device_wait_seconds = 0.0;    // blocked on the device for the step's results
     uint64_t graph_captures = 0;         // decode graphs captured (one per new bucket and width)
     double graph_capture_seconds = 0.0;  // capturing and instantiating them
+    uint64_t startup_graph_captures = 0;         // by capture_graphs(), not counted above
+    double startup_graph_capture_seconds = 0.0;  // all of capture_graphs(), warm-up passes too
   };
   const Timings& timings() const { return timings_; }
 
@@ -163,6 +171,10 @@ class Executor {
   /// power-of-two width holding its block tables), or batch 0: the step runs eagerly (prefill,
   /// prompt logprobs, forks or beams whose rows are not one per request, no graph support).
   GraphKey graph_key_of(const StepBatch& batch) const;
+  /// The graph width (in blocks) that holds block tables `table_width` blocks wide.
+  int graph_width(int table_width) const;
+  /// The sizes a graph's forward runs at.
+  ForwardShape graph_shape(GraphKey key) const;
   void forward(const ForwardShape& shape);
   void update_token_counts(const StepBatch& batch);
   /// Final norm and LM head for `rows` query rows (device indices) into logits_.

@@ -189,7 +189,9 @@ void bind_engine(nb::module_& m) {
       .def_ro("device_wait_seconds", &EngineStats::device_wait_seconds)
       .def_ro("graph_captures", &EngineStats::graph_captures)
       .def_ro("async_steps", &EngineStats::async_steps)
-      .def_ro("graph_capture_seconds", &EngineStats::graph_capture_seconds);
+      .def_ro("graph_capture_seconds", &EngineStats::graph_capture_seconds)
+      .def_ro("startup_graph_captures", &EngineStats::startup_graph_captures)
+      .def_ro("startup_graph_capture_seconds", &EngineStats::startup_graph_capture_seconds);
 
   nb::class_<Engine>(m, "Engine", "The synchronous engine: add_request, step, abort.")
       .def(nb::new_(&make_engine), nb::arg("spec"), nb::arg("config"), nb::arg("weights"))
