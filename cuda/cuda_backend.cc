@@ -162,12 +162,16 @@ class CudaBackend final : public Backend {
     AttentionParams a{};
     a.num_requests = a.num_tokens = limits.max_num_seqs;
     a.num_heads = limits.num_heads;
-    a.num_kv_heads = limits.num_kv_heads;
     a.head_dim = limits.head_dim;
     a.max_query_len = 1;
     a.max_context_len = limits.max_model_len;
     a.block_size = 16;
-    decode_workspace_bytes_ = decode_workspace_bytes(a);
+    // Layers with fewer KV heads (larger query groups) split their keys more ways.
+    decode_workspace_bytes_ = 0;
+    for (int kv_heads : limits.kv_head_counts) {
+      a.num_kv_heads = kv_heads;
+      decode_workspace_bytes_ = std::max(decode_workspace_bytes_, decode_workspace_bytes(a));
+    }
     if (decode_workspace_bytes_) decode_workspace_ = allocate(decode_workspace_bytes_);
     SampleParams s{};
     s.num_rows = limits.max_num_seqs;

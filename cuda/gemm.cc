@@ -148,7 +148,7 @@ int GemmRunner::fastest(const Plan& plan, const GemmParams& p, const void* candi
   const auto* algos = static_cast<const cublasLtMatmulAlgo_t*>(candidates);
   const auto handle = static_cast<cublasLtHandle_t>(handle_);
   const auto stream = static_cast<cudaStream_t>(stream_pointer);
-  constexpr int kRepeats = 5;
+  constexpr int kRepeats = 3;
   cudaEvent_t start = nullptr, stop = nullptr;
   check_cuda(cudaEventCreate(&start), "event create");
   check_cuda(cudaEventCreate(&stop), "event create");

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <octavo/error.h>
 
@@ -20,7 +21,7 @@ struct BackendLimits {
   int max_num_seqs = 0;
   int max_model_len = 0;
   int num_heads = 0;
-  int num_kv_heads = 0;
+  std::vector<int> kv_head_counts;  // every count of KV heads some layer has
   int head_dim = 0;
   int vocab_size = 0;
   int max_top_logprobs = 0;

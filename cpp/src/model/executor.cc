@@ -211,7 +211,12 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   backend_limits.max_num_seqs = limits_.max_num_seqs;
   backend_limits.max_model_len = limits_.max_model_len;
   backend_limits.num_heads = spec_.num_heads;
-  backend_limits.num_kv_heads = spec_.max_kv_heads();
+  for (int l = 0; l < spec_.num_layers; ++l) {
+    std::vector<int>& counts = backend_limits.kv_head_counts;
+    if (std::find(counts.begin(), counts.end(), spec_.kv_heads_of(l)) == counts.end()) {
+      counts.push_back(spec_.kv_heads_of(l));
+    }
+  }
   backend_limits.head_dim = spec_.head_dim;
   backend_limits.vocab_size = spec_.vocab_size;
   backend_limits.max_top_logprobs = kMaxTopLogprobs;
@@ -390,9 +395,13 @@ void Executor::capture_graphs() {
         const GraphKey key{bucket, width};
         const ForwardShape shape = graph_shape(key);
         upload_step(padding_only, key, 0);
-        // Eagerly first: kernels load and GEMM shapes choose their algorithm outside the capture.
-        forward(shape);
-        compute_logits(identity_rows_.as<int32_t>(), bucket);
+        if (width == widths.front()) {
+          // The bucket's GEMM shapes choose their algorithms in an eager pass: a capture cannot
+          // time them. (Kernels a capture meets first load inside it, as drivers from CUDA 12.3
+          // allow.)
+          forward(shape);
+          compute_logits(identity_rows_.as<int32_t>(), bucket);
+        }
         capture(key, shape);
       }
     }

@@ -87,7 +87,7 @@ class Executor {
 
   /// Captures the decode graphs a run may replay so that none is recorded mid-run: every batch
   /// bucket at every block-table width up to 8192 tokens of context (wider ones are captured
-  /// when first met), each after an eager pass of its own in which new GEMM shapes time their
+  /// when first met), after an eager pass per bucket in which its GEMM shapes time their
   /// candidate algorithms. Call once, after allocate_kv_cache(); without graphs it does nothing.
   void capture_graphs();
 
