@@ -213,7 +213,6 @@ class CudaBackend final : public Backend {
   void embedding(const EmbeddingParams& p) override { cuda::embedding(p, stream_); }
   void norm(const NormParams& p) override { cuda::norm(p, stream_); }
   void gemm(const GemmParams& p) override { gemm_->run(p, stream_); }
-  void set_gemm_tuning(bool on) override { gemm_->set_tuning(on); }
   void rotary(const RotaryParams& p) override { cuda::rotary(p, stream_); }
   void write_kv(const WriteKVParams& p) override { cuda::write_kv(p, stream_); }
   void rotary_write_kv(const RotaryParams& r, const WriteKVParams& w) override {

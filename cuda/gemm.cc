@@ -10,7 +10,6 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
-#include <limits>
 #include <string>
 
 #include <octavo/error.h>
@@ -19,12 +18,6 @@
 
 namespace octavo::cuda {
 namespace {
-
-void check_cuda(cudaError_t error, const char* what) {
-  if (error != cudaSuccess) {
-    throw BackendError(std::string("CUDA ") + what + " failed: " + cudaGetErrorString(error));
-  }
-}
 
 void check(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
@@ -54,21 +47,6 @@ struct Descriptors {
   }
 };
 
-// out = in . weight^T (+ bias) (+ out) with `algo`, queued on `stream`.
-cublasStatus_t matmul(cublasLtHandle_t handle, const Descriptors& d,
-                      const cublasLtMatmulAlgo_t& algo, const GemmParams& p, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream) {
-  const float alpha = 1.0f, beta = p.accumulate ? 1.0f : 0.0f;
-  if (p.bias_f32 || p.bias) {
-    const void* bias = p.bias_f32 ? static_cast<const void*>(p.bias_f32) : p.bias;
-    const cublasStatus_t status =
-        cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
-    if (status != CUBLAS_STATUS_SUCCESS) return status;
-  }
-  return cublasLtMatmul(handle, d.op, &alpha, p.weight, d.a, p.in, d.b, &beta, p.out, d.c, p.out,
-                        d.c, &algo, workspace, workspace_bytes, stream);
-}
-
 }  // namespace
 
 struct GemmRunner::Plan {
@@ -86,7 +64,7 @@ GemmRunner::~GemmRunner() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-const GemmRunner::Plan& GemmRunner::plan(const GemmParams& p, void* stream) {
+const GemmRunner::Plan& GemmRunner::plan(const GemmParams& p) {
   const int bias_kind = p.bias_f32 ? 2 : p.bias ? 1 : 0;
   const Key key{p.m, p.n, p.k, p.in_stride, p.out_stride, bias_kind, p.accumulate,
                 uint8_t(p.act_dtype), uint8_t(p.out_dtype)};
@@ -123,64 +101,19 @@ const GemmRunner::Plan& GemmRunner::plan(const GemmParams& p, void* stream) {
   check(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                              &workspace_bytes_, sizeof workspace_bytes_),
         "set workspace");
-  // Tuning times the heuristic's leading candidates: its first choice is often a large tile
-  // that leaves most SMs idle at decode batch sizes.
-  constexpr int kCandidates = 8;
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      static_cast<cublasLtHandle_t>(handle_), d.op, d.a, d.b, d.c, d.c, preference,
-      tuning_ ? kCandidates : 1, results, &found);
+      static_cast<cublasLtHandle_t>(handle_), d.op, d.a, d.b, d.c, d.c, preference, 1, &result,
+      &found);
   cublasLtMatmulPreferenceDestroy(preference);
   check(status, "heuristic");
   if (found == 0) {
     throw BackendError("cuBLASLt has no algorithm for gemm m=" + std::to_string(p.m) +
                        " n=" + std::to_string(p.n) + " k=" + std::to_string(p.k));
   }
-  cublasLtMatmulAlgo_t algos[kCandidates];
-  for (int i = 0; i < found; ++i) algos[i] = results[i].algo;
-  plan->algo = algos[found > 1 ? fastest(*plan, p, algos, found, stream) : 0];
+  plan->algo = result.algo;
   return *plans_.emplace(key, std::move(plan)).first->second;
-}
-
-int GemmRunner::fastest(const Plan& plan, const GemmParams& p, const void* candidates, int count,
-                        void* stream_pointer) {
-  const auto* algos = static_cast<const cublasLtMatmulAlgo_t*>(candidates);
-  const auto handle = static_cast<cublasLtHandle_t>(handle_);
-  const auto stream = static_cast<cudaStream_t>(stream_pointer);
-  constexpr int kRepeats = 3;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  check_cuda(cudaEventCreate(&start), "event create");
-  check_cuda(cudaEventCreate(&stop), "event create");
-  int best = 0;
-  float best_ms = std::numeric_limits<float>::infinity();
-  for (int i = 0; i < count; ++i) {
-    // A candidate that fails to launch (resources the heuristic did not foresee) is skipped;
-    // the first run warms it up untimed.
-    if (matmul(handle, plan.descriptors, algos[i], p, workspace_, workspace_bytes_, stream) !=
-        CUBLAS_STATUS_SUCCESS) {
-      continue;
-    }
-    cudaEventRecord(start, stream);
-    for (int r = 0; r < kRepeats; ++r) {
-      matmul(handle, plan.descriptors, algos[i], p, workspace_, workspace_bytes_, stream);
-    }
-    cudaEventRecord(stop, stream);
-    float ms = 0.0f;
-    if (cudaEventSynchronize(stop) != cudaSuccess ||
-        cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
-      continue;
-    }
-    if (ms < best_ms) {
-      best = i;
-      best_ms = ms;
-    }
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  // A launch that failed asynchronously would otherwise surface in the next op's check.
-  check_cuda(cudaGetLastError(), "gemm tuning");
-  return best;
 }
 
 void GemmRunner::run(const GemmParams& p, void* stream) {
@@ -196,9 +129,18 @@ void GemmRunner::run(const GemmParams& p, void* stream) {
     throw InvalidArgument("gemm: the output must be in the activation dtype or float32");
   }
   if (gemv_supports(p)) return gemv(p, stream);
-  const Plan& plan = this->plan(p, stream);
-  check(matmul(static_cast<cublasLtHandle_t>(handle_), plan.descriptors, plan.algo, p, workspace_,
-               workspace_bytes_, static_cast<cudaStream_t>(stream)),
+  const Plan& plan = this->plan(p);
+  const float alpha = 1.0f, beta = p.accumulate ? 1.0f : 0.0f;
+  if (p.bias_f32 || p.bias) {
+    const void* bias = p.bias_f32 ? static_cast<const void*>(p.bias_f32) : p.bias;
+    check(cublasLtMatmulDescSetAttribute(plan.descriptors.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                         &bias, sizeof bias),
+          "set bias");
+  }
+  check(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), plan.descriptors.op, &alpha,
+                       p.weight, plan.descriptors.a, p.in, plan.descriptors.b, &beta, p.out,
+                       plan.descriptors.c, p.out, plan.descriptors.c, &plan.algo, workspace_,
+                       workspace_bytes_, static_cast<cudaStream_t>(stream)),
         "matmul");
 }
 

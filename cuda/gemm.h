@@ -23,25 +23,15 @@ class GemmRunner {
   /// cuBLASLt's heuristic for an algorithm; later calls reuse it.
   void run(const GemmParams& params, void* stream);
 
-  /// While on, the first call of each shape times cuBLASLt's leading candidate algorithms on the
-  /// call's own buffers and keeps the fastest. Such a call synchronizes the stream, and where it
-  /// accumulates its output is not the sum: for warm-up passes whose results are discarded (the
-  /// decode graphs' shapes at start-up). Off (the default), the heuristic's first choice is kept.
-  void set_tuning(bool on) { tuning_ = on; }
-
  private:
   struct Plan;
   // m, n, k, strides, bias (0 none, 1 weight dtype, 2 fp32), accumulate, act and out dtypes.
   using Key = std::tuple<int, int, int, int64_t, int64_t, int, bool, uint8_t, uint8_t>;
-  const Plan& plan(const GemmParams& params, void* stream);
-  /// The index of the fastest of `algos` on the call's buffers (the first where none runs).
-  int fastest(const Plan& plan, const GemmParams& params, const void* algos, int count,
-              void* stream);
+  const Plan& plan(const GemmParams& params);
 
   void* handle_ = nullptr;  // cublasLtHandle_t
   void* workspace_;
   size_t workspace_bytes_;
-  bool tuning_ = false;
   std::map<Key, std::unique_ptr<Plan>> plans_;
 };
 

@@ -78,10 +78,6 @@ class Backend {
     (void)graph;
     throw Error(name() + " has no graph capture");
   }
-  /// While on, the first gemm() of each shape may try several algorithms and keep the fastest;
-  /// such a call may synchronize, and where it accumulates its output is not the sum. For
-  /// warm-up passes whose results are discarded. Backends with one algorithm ignore it.
-  virtual void set_gemm_tuning(bool on) { (void)on; }
 
   // The ops (contracts in ops.h).
   virtual void copy_blocks(const CopyBlocksParams& p) = 0;

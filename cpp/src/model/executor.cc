@@ -388,28 +388,20 @@ void Executor::capture_graphs() {
   padding_only.query_start = {0};
   const uint64_t captures_before = timings_.graph_captures;
   const double seconds_before = timings_.graph_capture_seconds;
-  backend_.set_gemm_tuning(true);
-  try {
-    for (int bucket : graph_buckets_) {
-      for (int width : widths) {
-        const GraphKey key{bucket, width};
-        const ForwardShape shape = graph_shape(key);
-        upload_step(padding_only, key, 0);
-        if (width == widths.front()) {
-          // The bucket's GEMM shapes choose their algorithms in an eager pass: a capture cannot
-          // time them. (Kernels a capture meets first load inside it, as drivers from CUDA 12.3
-          // allow.)
-          forward(shape);
-          compute_logits(identity_rows_.as<int32_t>(), bucket);
-        }
-        capture(key, shape);
+  for (int bucket : graph_buckets_) {
+    for (int width : widths) {
+      const GraphKey key{bucket, width};
+      const ForwardShape shape = graph_shape(key);
+      upload_step(padding_only, key, 0);
+      if (width == widths.front()) {
+        // An eager pass per bucket makes its GEMM plans (cuBLASLt's heuristic) outside a
+        // capture. Kernels a capture meets first load inside it, as drivers from CUDA 12.3 allow.
+        forward(shape);
+        compute_logits(identity_rows_.as<int32_t>(), bucket);
       }
+      capture(key, shape);
     }
-  } catch (...) {
-    backend_.set_gemm_tuning(false);
-    throw;
   }
-  backend_.set_gemm_tuning(false);
   backend_.synchronize();
   timings_.startup_graph_captures += timings_.graph_captures - captures_before;
   timings_.graph_captures = captures_before;

@@ -87,8 +87,8 @@ class Executor {
 
   /// Captures the decode graphs a run may replay so that none is recorded mid-run: every batch
   /// bucket at every block-table width up to 8192 tokens of context (wider ones are captured
-  /// when first met), after an eager pass per bucket in which its GEMM shapes time their
-  /// candidate algorithms. Call once, after allocate_kv_cache(); without graphs it does nothing.
+  /// when first met), after an eager pass per bucket that makes its GEMM plans. Call once, after
+  /// allocate_kv_cache(); without graphs it does nothing.
   void capture_graphs();
 
   /// Queues the step on the device and returns without waiting for it. A token id -1 - i in
