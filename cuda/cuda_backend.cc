@@ -193,12 +193,22 @@ class CudaBackend final : public Backend {
     cudaGraph_t graph = nullptr;
     check(cudaStreamEndCapture(stream_, &graph), "end capture");
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t error = cudaGraphInstantiate(&exec, graph, 0);
+    cudaError_t error = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
+    if (error == cudaSuccess) {
+      graphs_.push_back(exec);
+      // Its device-side resources now rather than at its first replay, mid-run.
+      error = cudaGraphUpload(exec, stream_);
+    }
+    if (error == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // not sticky: the context stays usable
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      throw OutOfMemory("cuda: a decode graph needs more device memory than is free (" +
+                        mib(free) + "); lower gpu_memory_utilization, or pass enforce_eager to "
+                        "run without graphs");
+    }
     check(error, "graph instantiate");
-    graphs_.push_back(exec);
-    // Its device-side resources now rather than at its first replay, mid-run.
-    check(cudaGraphUpload(exec, stream_), "graph upload");
     return int(graphs_.size()) - 1;
   }
 

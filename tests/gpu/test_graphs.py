@@ -126,6 +126,17 @@ def test_contexts_past_the_startup_widths_capture_their_graph_mid_run(tmp_path):
     assert stats[True].graph_captures == stats[True].startup_graph_captures == 0
 
 
+def test_the_whole_card_leaves_room_for_the_graphs(model_dir):
+    """gpu_memory_utilization=1.0: the KV pool is sized around the graphs captured after it (an
+    estimate of their memory is set aside), so their capture does not run out of memory."""
+    llm = LLM(model=model_dir, device="cuda", gpu_memory_utilization=1.0, max_num_seqs=48)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8]
+    assert_captured_at_start(llm.engine.stats())
+    del llm
+
+
 def assert_captured_at_start(stats):
     """The fixture's engines (max_num_seqs 48, max_model_len 1024) capture batch buckets 1, 2, 4,
     8, 16, ..., 48 at table widths 16, 32 and 64 blocks before their first step, and nothing

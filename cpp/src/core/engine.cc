@@ -191,13 +191,14 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
 
   // The KV pool takes what is left: on a GPU, the allowed share of the card minus everything
   // allocated so far (weights, step buffers and scratch sized for the largest step, so this is
-  // the peak of any step); on the CPU, a fixed budget.
+  // the peak of any step) and the decode graphs about to be captured; on the CPU, a fixed budget.
   const size_t block_bytes = Executor::kv_block_bytes(spec, c.block_size, dtype);
   if (c.num_kv_blocks <= 0) {
     size_t kv_bytes = c.cpu_kv_cache_bytes;
     if (std::optional<MemoryInfo> memory = m.backend->memory_info()) {
       const double allowed = double(memory->total_bytes) * c.gpu_memory_utilization;
-      const double used = double(memory->total_bytes - memory->free_bytes);
+      const double used = double(memory->total_bytes - memory->free_bytes) +
+                          double(m.executor->startup_graph_bytes());
       kv_bytes = allowed > used ? size_t(allowed - used) : 0;
     }
     c.num_kv_blocks = int(std::min<size_t>(kv_bytes / block_bytes, 1 << 24));

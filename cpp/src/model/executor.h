@@ -90,6 +90,9 @@ class Executor {
   /// when first met), after an eager pass per bucket that makes its GEMM plans. Call once, after
   /// allocate_kv_cache(); without graphs it does nothing.
   void capture_graphs();
+  /// Device memory capture_graphs() will take (an estimate; 0 without graphs), so that the KV
+  /// pool can be sized around it.
+  size_t startup_graph_bytes() const;
 
   /// Queues the step on the device and returns without waiting for it. A token id -1 - i in
   /// batch.token_ids stands for the token the previous launch sampled in row i, read on the
@@ -173,6 +176,8 @@ class Executor {
   GraphKey graph_key_of(const StepBatch& batch) const;
   /// The graph width (in blocks) that holds block tables `table_width` blocks wide.
   int graph_width(int table_width) const;
+  /// The table widths capture_graphs() records for every bucket.
+  std::vector<int> startup_widths() const;
   /// The sizes a graph's forward runs at.
   ForwardShape graph_shape(GraphKey key) const;
   void forward(const ForwardShape& shape);
