@@ -51,6 +51,7 @@
 
 #include "compat.h"
 #include "cuda_ops.h"
+#include "launch.h"
 #include "mma_sync.h"
 
 namespace octavo::cuda {
@@ -219,6 +220,8 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 template <typename T, int kHeadDim, int kGroupTile>
 __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
     decode_kernel(const DecodeArgs a) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   using Geo = Geometry<kHeadDim>;
   constexpr bool kTensorCores = uses_tensor_cores(kGroupTile, kHeadDim);
   constexpr int kLanes = Geo::kLanes;
@@ -618,6 +621,8 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
 /// w_s = exp(max_s - max over splits). Requests that fit one split were written directly.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_reduce_kernel(const DecodeArgs a) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   const int head = blockIdx.x;
   const int request = blockIdx.y;
   const int num_valid = split_range(a, request, 0).num_valid_splits;
@@ -819,7 +824,7 @@ void check_params(const AttentionParams& p) {
 template <typename T, int kHeadDim, int kGroupTile>
 void launch(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
   const dim3 grid(args.p.num_kv_heads * plan.group_tiles, plan.num_splits, args.p.num_requests);
-  decode_kernel<T, kHeadDim, kGroupTile><<<grid, kThreads, 0, stream>>>(args);
+  launch_overlapped(decode_kernel<T, kHeadDim, kGroupTile>, grid, dim3(kThreads), 0, stream, args);
 }
 
 template <typename T, int kHeadDim>
@@ -862,28 +867,45 @@ void check_launch(const char* op) {
 
 }  // namespace
 
-/// SMs of the current device, queried once per device.
-int current_sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
+namespace {
+
+/// `attribute` of the current device, queried once per device into `cache` (0: not yet known;
+/// every attribute asked for is positive).
+int cached_device_attribute(cudaDeviceAttr attribute, std::atomic<int>* cache, int cache_size,
+                            const char* what) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
     gpu::get_last_error();
     throw BackendError("cuda: no current CUDA device");
   }
-  if (device < kMaxDevices) {
-    const int known = cached[device].load(std::memory_order_relaxed);
+  if (device < cache_size) {
+    const int known = cache[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      count <= 0) {
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess || value <= 0) {
     gpu::get_last_error();
-    throw BackendError("cuda: cannot query the SM count of device " +
+    throw BackendError(std::string("cuda: cannot query ") + what + " of device " +
                        std::to_string(device));
   }
-  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
-  return count;
+  if (device < cache_size) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+constexpr int kMaxDevices = 64;
+
+}  // namespace
+
+int current_sm_count() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cached, kMaxDevices,
+                                 "the SM count");
+}
+
+bool current_device_overlaps_launches() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cached, kMaxDevices,
+                                 "the compute capability") >= 9;
 }
 
 /// An upper bound over every decode batch with at most params.num_requests requests and
@@ -943,9 +965,9 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
   if (plan.num_splits > 1) {
     const dim3 grid(params.num_heads, params.num_requests);
     if (params.act_dtype == DType::kBFloat16) {
-      decode_reduce_kernel<gpu::bf16><<<grid, kThreads, 0, cuda_stream>>>(args);
+      launch_overlapped(decode_reduce_kernel<gpu::bf16>, grid, dim3(kThreads), 0, cuda_stream, args);
     } else {
-      decode_reduce_kernel<gpu::fp16><<<grid, kThreads, 0, cuda_stream>>>(args);
+      launch_overlapped(decode_reduce_kernel<gpu::fp16>, grid, dim3(kThreads), 0, cuda_stream, args);
     }
     check_launch("paged_attention_decode (split reduction)");
   }

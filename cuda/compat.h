@@ -83,4 +83,31 @@ __device__ __forceinline__ Vec16 load_streaming(const Vec16* p) {
   return Vec16{{uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)}};
 #endif
 }
+
+// Programmatic dependent launch (sm_90+). A kernel launched by launch_overlapped() may be
+// scheduled while the kernel before it on the stream is still running, once that one has called
+// allow_next_launch() in every CTA. Before it reads anything an earlier kernel writes, or writes
+// anything an earlier kernel reads, it must call wait_for_previous_kernels(), and it must call
+// it on every path, early exits included: a kernel that finishes without waiting would let the
+// kernels after it start before the ones before it end. Reads of memory no kernel of the stream
+// writes (weights) may come before the wait. On other devices both calls do nothing.
+__device__ __forceinline__ void wait_for_previous_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/// Starts pulling the 128-byte line holding `p` into L2 (no register written, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+  (void)p;
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
 }  // namespace octavo::gpu

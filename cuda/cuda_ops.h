@@ -16,6 +16,9 @@ int device_count();
 
 /// Multiprocessors of the current device, queried once per device (throws BackendError).
 int current_sm_count();
+/// Whether the current device runs programmatic dependent launches (compute capability 9.0+),
+/// queried once per device (throws BackendError).
+bool current_device_overlaps_launches();
 
 /// "cuBLASLt <version>, CUDA runtime <version>", for build and log lines.
 std::string runtime_info();

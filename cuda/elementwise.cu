@@ -26,6 +26,7 @@
 
 #include "compat.h"
 #include "cuda_ops.h"
+#include "launch.h"
 
 namespace octavo::cuda {
 namespace {
@@ -396,6 +397,8 @@ __device__ __forceinline__ void norm_row(const NormParams& p, int64_t row, bool 
 // per block. No early exit: every lane takes part in the shuffles.
 template <typename T, int C>
 __global__ void __launch_bounds__(kNormWarpPathThreads) norm_group_kernel(const NormParams p, int group) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   const int rows_per_block = kNormWarpPathThreads / group;
   const int64_t row = int64_t{blockIdx.x} * rows_per_block + threadIdx.x / group;
   norm_row<T, C, false>(p, row, row < p.rows, threadIdx.x % group, group, nullptr);
@@ -404,6 +407,8 @@ __global__ void __launch_bounds__(kNormWarpPathThreads) norm_group_kernel(const 
 // Long rows: one thread block per row.
 template <typename T, int C>
 __global__ void __launch_bounds__(kNormMaxThreads) norm_block_kernel(const NormParams p) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   __shared__ float scratch[kNormMaxThreads / gpu::kWarpSize];
   norm_row<T, C, true>(p, blockIdx.x, true, threadIdx.x, blockDim.x, scratch);
 }
@@ -504,6 +509,8 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
 
 template <typename T, bool kVec, int kMode>
 __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, const RopeKVGeometry g) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   constexpr bool kRotate = kMode != kWriteOnly;
   constexpr bool kWrite = kMode != kRotaryOnly;
   constexpr int C = kVec ? kVecElems : 1;  // elements per copied chunk
@@ -622,6 +629,8 @@ constexpr int kActivationMaxBlocks = 1 << 16;
 
 template <typename T, int C, Activation A>
 __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const ActivationParams p) {
+  gpu::wait_for_previous_kernels();
+  gpu::allow_next_launch();
   constexpr bool kGlu = is_glu(A);
   const int64_t chunks_per_row = p.inter / C;
   const int64_t total = chunks_per_row * p.num_tokens;
@@ -809,7 +818,9 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
     using T = decltype(tag);
     const size_t inv_rms_bytes =
         r.q_norm_weight != nullptr ? size_t(r.num_heads + r.num_kv_heads) * sizeof(float) : 0;
-    auto launch = [&](auto kernel) { kernel<<<num_tokens, threads, inv_rms_bytes, s>>>(r, w, g); };
+    auto launch = [&](auto kernel) {
+      launch_overlapped(kernel, dim3(num_tokens), dim3(threads), inv_rms_bytes, s, r, w, g);
+    };
     if (vec) {
       if (mode == kRotaryOnly) launch(rope_kv_kernel<T, true, kRotaryOnly>);
       if (mode == kWriteOnly) launch(rope_kv_kernel<T, true, kWriteOnly>);
@@ -905,15 +916,15 @@ void norm(const NormParams& p, StreamHandle stream) {
       if (chunks <= gpu::kWarpSize * kChunksPerThread) {
         const int group = std::min(gpu::kWarpSize, next_pow2(chunks));
         const int rows_per_block = kNormWarpPathThreads / group;
-        norm_group_kernel<T, C><<<ceil_div(p.rows, rows_per_block), kNormWarpPathThreads, 0, s>>>(
-            p, group);
+        launch_overlapped(norm_group_kernel<T, C>, dim3(ceil_div(p.rows, rows_per_block)),
+                          dim3(kNormWarpPathThreads), 0, s, p, group);
       } else {
         // Enough threads to hold the row, and at least 256 (or one per chunk) for more loads in
         // flight per row when there are few rows (decode).
         const int needed = ceil_div(chunks, kChunksPerThread);
         const int threads = std::min(
             kNormMaxThreads, round_up(std::max(needed, std::min(chunks, 256)), gpu::kWarpSize));
-        norm_block_kernel<T, C><<<p.rows, threads, 0, s>>>(p);
+        launch_overlapped(norm_block_kernel<T, C>, dim3(p.rows), dim3(threads), 0, s, p);
       }
     });
   });
@@ -969,7 +980,9 @@ void activation(const ActivationParams& p, StreamHandle stream) {
       constexpr int C = decltype(chunk)::value;
       const int64_t total = int64_t{p.num_tokens} * (p.inter / C);
       const int blocks = int(std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks));
-      auto launch = [&](auto kernel) { kernel<<<blocks, kActivationThreads, 0, s>>>(p); };
+      auto launch = [&](auto kernel) {
+        launch_overlapped(kernel, dim3(blocks), dim3(kActivationThreads), 0, s, p);
+      };
       switch (act) {
         case Activation::kSiluGlu: return launch(activation_kernel<T, C, Activation::kSiluGlu>);
         case Activation::kGeluGlu: return launch(activation_kernel<T, C, Activation::kGeluGlu>);
