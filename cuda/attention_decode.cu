@@ -824,7 +824,8 @@ void check_params(const AttentionParams& p) {
 template <typename T, int kHeadDim, int kGroupTile>
 void launch(const DecodeArgs& args, const Plan& plan, gpu::Stream stream) {
   const dim3 grid(args.p.num_kv_heads * plan.group_tiles, plan.num_splits, args.p.num_requests);
-  launch_overlapped(decode_kernel<T, kHeadDim, kGroupTile>, grid, dim3(kThreads), 0, stream, args);
+  launch_overlapped(args.p.num_requests, decode_kernel<T, kHeadDim, kGroupTile>, grid,
+                    dim3(kThreads), 0, stream, args);
 }
 
 template <typename T, int kHeadDim>
@@ -965,9 +966,11 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
   if (plan.num_splits > 1) {
     const dim3 grid(params.num_heads, params.num_requests);
     if (params.act_dtype == DType::kBFloat16) {
-      launch_overlapped(decode_reduce_kernel<gpu::bf16>, grid, dim3(kThreads), 0, cuda_stream, args);
+      launch_overlapped(params.num_requests, decode_reduce_kernel<gpu::bf16>, grid, dim3(kThreads),
+                        0, cuda_stream, args);
     } else {
-      launch_overlapped(decode_reduce_kernel<gpu::fp16>, grid, dim3(kThreads), 0, cuda_stream, args);
+      launch_overlapped(params.num_requests, decode_reduce_kernel<gpu::fp16>, grid, dim3(kThreads),
+                        0, cuda_stream, args);
     }
     check_launch("paged_attention_decode (split reduction)");
   }

@@ -819,7 +819,7 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
     const size_t inv_rms_bytes =
         r.q_norm_weight != nullptr ? size_t(r.num_heads + r.num_kv_heads) * sizeof(float) : 0;
     auto launch = [&](auto kernel) {
-      launch_overlapped(kernel, dim3(num_tokens), dim3(threads), inv_rms_bytes, s, r, w, g);
+      launch_overlapped(num_tokens, kernel, dim3(num_tokens), dim3(threads), inv_rms_bytes, s, r, w, g);
     };
     if (vec) {
       if (mode == kRotaryOnly) launch(rope_kv_kernel<T, true, kRotaryOnly>);
@@ -916,7 +916,7 @@ void norm(const NormParams& p, StreamHandle stream) {
       if (chunks <= gpu::kWarpSize * kChunksPerThread) {
         const int group = std::min(gpu::kWarpSize, next_pow2(chunks));
         const int rows_per_block = kNormWarpPathThreads / group;
-        launch_overlapped(norm_group_kernel<T, C>, dim3(ceil_div(p.rows, rows_per_block)),
+        launch_overlapped(p.rows, norm_group_kernel<T, C>, dim3(ceil_div(p.rows, rows_per_block)),
                           dim3(kNormWarpPathThreads), 0, s, p, group);
       } else {
         // Enough threads to hold the row, and at least 256 (or one per chunk) for more loads in
@@ -924,7 +924,7 @@ void norm(const NormParams& p, StreamHandle stream) {
         const int needed = ceil_div(chunks, kChunksPerThread);
         const int threads = std::min(
             kNormMaxThreads, round_up(std::max(needed, std::min(chunks, 256)), gpu::kWarpSize));
-        launch_overlapped(norm_block_kernel<T, C>, dim3(p.rows), dim3(threads), 0, s, p);
+        launch_overlapped(p.rows, norm_block_kernel<T, C>, dim3(p.rows), dim3(threads), 0, s, p);
       }
     });
   });
@@ -981,7 +981,7 @@ void activation(const ActivationParams& p, StreamHandle stream) {
       const int64_t total = int64_t{p.num_tokens} * (p.inter / C);
       const int blocks = int(std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks));
       auto launch = [&](auto kernel) {
-        launch_overlapped(kernel, dim3(blocks), dim3(kActivationThreads), 0, s, p);
+        launch_overlapped(p.num_tokens, kernel, dim3(blocks), dim3(kActivationThreads), 0, s, p);
       };
       switch (act) {
         case Activation::kSiluGlu: return launch(activation_kernel<T, C, Activation::kSiluGlu>);

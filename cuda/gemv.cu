@@ -152,9 +152,9 @@ void gemv(const GemmParams& p, StreamHandle stream) {
     using T = decltype(tag);
     static_assert(kMaxGemvRows == 2, "one instantiation per row count");
     if (p.m == 1) {
-      launch_overlapped(gemv_kernel<T, 1>, grid, dim3(kGemvThreads), 0, s, p);
+      launch_overlapped(p.m, gemv_kernel<T, 1>, grid, dim3(kGemvThreads), 0, s, p);
     } else {
-      launch_overlapped(gemv_kernel<T, 2>, grid, dim3(kGemvThreads), 0, s, p);
+      launch_overlapped(p.m, gemv_kernel<T, 2>, grid, dim3(kGemvThreads), 0, s, p);
     }
   };
   if (p.act_dtype == DType::kBFloat16) {
