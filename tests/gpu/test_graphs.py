@@ -35,6 +35,12 @@ def run(model_dir, enforce_eager, prompts, params):
     return outputs, beams, llm
 
 
+def generate_with(model, prompts, params, **engine_args):
+    """One engine's outputs and its stats after them."""
+    llm = LLM(model=model, device="cuda", **engine_args)
+    return llm.generate(prompts, params, use_tqdm=False), llm.engine.stats()
+
+
 def assert_same_outputs(eager, graph):
     """Same greedy tokens; logprobs within the noise of a different attention split."""
     for e, g in zip(eager, graph):
@@ -112,18 +118,15 @@ def test_contexts_past_the_startup_widths_capture_their_graph_mid_run(tmp_path):
     rng = np.random.default_rng(13)
     prompts = [rng.integers(3, 300, size=n).tolist() for n in (8250, 30)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-    outputs, stats = {}, {}
-    for enforce_eager in (True, False):
-        llm = LLM(model=directory, device="cuda", num_gpu_blocks_override=1200, max_num_seqs=4,
-                  enforce_eager=enforce_eager)
-        outputs[enforce_eager] = llm.generate(prompts, params, use_tqdm=False)
-        stats[enforce_eager] = llm.engine.stats()
-    assert_same_outputs(outputs[True], outputs[False])
+    limits = dict(num_gpu_blocks_override=1200, max_num_seqs=4)
+    eager, eager_stats = generate_with(directory, prompts, params, enforce_eager=True, **limits)
+    graph, stats = generate_with(directory, prompts, params, **limits)
+    assert_same_outputs(eager, graph)
     # Buckets 1, 2, 4 at widths 16 ... 512 at start; bucket 2 at width 563 (a max_model_len
     # table) mid-run.
-    assert stats[False].startup_graph_captures == 3 * 6
-    assert stats[False].graph_captures == 1 and stats[False].graph_capture_seconds > 0
-    assert stats[True].graph_captures == stats[True].startup_graph_captures == 0
+    assert stats.startup_graph_captures == 3 * 6
+    assert stats.graph_captures == 1 and stats.graph_capture_seconds > 0
+    assert eager_stats.graph_captures == eager_stats.startup_graph_captures == 0
 
 
 def test_the_whole_card_leaves_room_for_the_graphs(model_dir):
@@ -155,18 +158,15 @@ def test_async_scheduling_matches_waiting_for_each_step(model_dir):
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 60)), ignore_eos=True,
                              logprobs=0) for _ in range(20)]
     params[3] = SamplingParams(temperature=0, max_tokens=60, logprobs=0, repetition_penalty=1.2)
-    outputs, stats = {}, {}
-    for async_scheduling in (False, True):
-        llm = LLM(model=model_dir, device="cuda", num_gpu_blocks_override=1024, max_num_seqs=48,
-                  async_scheduling=async_scheduling)
-        outputs[async_scheduling] = llm.generate(prompts, params, use_tqdm=False)
-        stats[async_scheduling] = llm.engine.stats()
-    assert_same_outputs(outputs[False], outputs[True])
-    assert stats[False].async_steps == 0
+    limits = dict(num_gpu_blocks_override=1024, max_num_seqs=48)
+    waiting, waiting_stats = generate_with(model_dir, prompts, params, async_scheduling=False,
+                                           **limits)
+    overlapped, stats = generate_with(model_dir, prompts, params, async_scheduling=True, **limits)
+    assert_same_outputs(waiting, overlapped)
+    assert waiting_stats.async_steps == 0
     # Penalty counts read deferred tokens on the device too: every step but the first overlaps.
-    assert stats[True].async_steps > stats[True].num_steps // 2, (
-        stats[True].async_steps, stats[True].num_steps)
-    assert stats[True].num_free_kv_blocks == stats[True].num_kv_blocks
+    assert stats.async_steps > stats.num_steps // 2, (stats.async_steps, stats.num_steps)
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
 
 
 # Mixed steps round differently from unmixed ones (other GEMM shapes, eager against graph, and
