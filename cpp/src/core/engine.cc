@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -223,12 +222,7 @@ Engine::Engine(const ModelSpec& spec, const EngineConfig& config,
   m.batch.clear();
   log_engine_ready(m.spec, c, m.backend->name(), dtype);
   const Executor::Timings& t = m.executor->timings();
-  if (t.startup_graph_captures > 0 && log_enabled(LogLevel::kInfo)) {
-    char seconds[32];
-    std::snprintf(seconds, sizeof seconds, "%.2f", t.startup_graph_capture_seconds);
-    log(LogLevel::kInfo, "captured " + num((long long)t.startup_graph_captures) +
-                             " decode graphs in " + seconds + " s");
-  }
+  log_graphs_captured(t.startup_graph_captures, t.startup_graph_capture_seconds);
 }
 
 Engine::~Engine() = default;

@@ -79,6 +79,18 @@ void log_engine_ready(const ModelSpec& spec, const EngineConfig& resolved, std::
   }
 }
 
+void log_graphs_captured(uint64_t count, double seconds) noexcept {
+  if (count == 0 || !log_enabled(LogLevel::kInfo)) return;
+  try {
+    char text[96];
+    std::snprintf(text, sizeof text, "captured %s decode graphs in %.2f s",
+                  grouped((long long)count).c_str(), seconds);
+    log(LogLevel::kInfo, text);
+  } catch (...) {
+    // As log_engine_ready: a line that cannot be formatted is dropped.
+  }
+}
+
 void log(LogLevel level, std::string_view message) noexcept {
   if (!log_enabled(level)) return;
   try {

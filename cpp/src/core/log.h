@@ -1,6 +1,7 @@
 // The library's side of octavo/log.h: log(level, message) passes a message to the installed sink.
 #pragma once
 
+#include <cstdint>
 #include <string_view>
 
 #include <octavo/config.h>
@@ -22,5 +23,8 @@ void log(LogLevel level, std::string_view message) noexcept;
 /// tokens = 65,536 tokens; max_model_len 40,960").
 void log_engine_ready(const ModelSpec& spec, const EngineConfig& resolved, std::string_view device,
                       DType dtype) noexcept;
+
+/// The INFO line of the decode graphs an engine captured before its first step (none: no line).
+void log_graphs_captured(uint64_t count, double seconds) noexcept;
 
 }  // namespace octavo

@@ -387,8 +387,6 @@ void Executor::capture_graphs() {
   const std::vector<int> widths = startup_widths();
   StepBatch padding_only;  // no requests: every row of the bucket is padding
   padding_only.query_start = {0};
-  const uint64_t captures_before = timings_.graph_captures;
-  const double seconds_before = timings_.graph_capture_seconds;
   for (int bucket : graph_buckets_) {
     for (int width : widths) {
       const GraphKey key{bucket, width};
@@ -401,12 +399,10 @@ void Executor::capture_graphs() {
         compute_logits(identity_rows_.as<int32_t>(), bucket);
       }
       capture(key, shape);
+      ++timings_.startup_graph_captures;
     }
   }
   backend_.synchronize();
-  timings_.startup_graph_captures += timings_.graph_captures - captures_before;
-  timings_.graph_captures = captures_before;
-  timings_.graph_capture_seconds = seconds_before;
   timings_.startup_graph_capture_seconds += seconds_since(start);
 }
 
@@ -837,14 +833,16 @@ void Executor::enqueue_step(const StepBatch& batch, GraphKey graph_key,
       forward(shape);
       compute_logits(identity_rows_.as<int32_t>(), bucket);
       sample(batch, pending, /*logits_ready=*/true);
+      const auto capture_start = std::chrono::steady_clock::now();
       capture(graph_key, shape);
+      ++timings_.graph_captures;
+      timings_.graph_capture_seconds += seconds_since(capture_start);
     }
   }
   if (batch.num_prompt_logprob_rows() > 0) prompt_logprobs(batch, pending);
 }
 
 void Executor::capture(GraphKey graph_key, const ForwardShape& shape) {
-  const auto capture_start = std::chrono::steady_clock::now();
   backend_.begin_capture();
   try {
     forward(shape);
@@ -857,8 +855,6 @@ void Executor::capture(GraphKey graph_key, const ForwardShape& shape) {
     throw;
   }
   graphs_[graph_key] = backend_.end_capture();
-  ++timings_.graph_captures;
-  timings_.graph_capture_seconds += seconds_since(capture_start);
 }
 
 void Executor::forward(const ForwardShape& f) {

@@ -107,7 +107,7 @@ class Executor {
   /// Where collect() waits rather than works, and graph captures, summed (wall clock).
   struct Timings {
     double device_wait_seconds = 0.0;    // blocked on the device for the step's results
-    uint64_t graph_captures = 0;         // decode graphs captured (one per new bucket and width)
+    uint64_t graph_captures = 0;         // decode graphs captured mid-run (new bucket and width)
     double graph_capture_seconds = 0.0;  // capturing and instantiating them
     uint64_t startup_graph_captures = 0;         // by capture_graphs(), not counted above
     double startup_graph_capture_seconds = 0.0;  // all of capture_graphs(), warm-up passes too
@@ -200,7 +200,7 @@ class Executor {
   /// (eager or a graph's replay), sampling and prompt logprobs with their downloads.
   void enqueue_step(const StepBatch& batch, GraphKey graph_key, int32_t num_decode_prefix,
                     PendingResults& pending);
-  /// Records the decode graph of `graph_key` (its forward and LM head at `shape`), timed.
+  /// Records the decode graph of `graph_key` (its forward and LM head at `shape`).
   void capture(GraphKey graph_key, const ForwardShape& shape);
   /// How many requests lead the batch with one query token each (rows 0, 1, ...).
   static int32_t decode_prefix(const StepBatch& batch);
