@@ -252,8 +252,8 @@ def prefill(batch: int, seq: int, matmul_rate: float) -> dict:
 
     flops = 4 * batch * (seq * (seq + 1) // 2) * HEAD_DIM * HEADS
     ours_s, sdpa_s = event_seconds(ours, repeats=10), event_seconds(sdpa, repeats=10)
-    return {"kernel": "paged_prefill", "batch": batch, "seq": seq,
-            "ms": round(ours_s * 1e3, 3), "TFLOPs": round(flops / ours_s / 1e12, 1),
+    return {"kernel": "paged_prefill", "implementation": _C.ops.prefill_kernel(HEAD_DIM, seq),
+            "batch": batch, "seq": seq, "ms": round(ours_s * 1e3, 3), "TFLOPs": round(flops / ours_s / 1e12, 1),
             "fraction_of_matmul": round(flops / ours_s / matmul_rate, 3),
             "sdpa_ms": round(sdpa_s * 1e3, 3), "sdpa_TFLOPs": round(flops / sdpa_s / 1e12, 1),
             "vs_sdpa": round(sdpa_s / ours_s, 3)}

@@ -909,6 +909,33 @@ bool current_device_overlaps_launches() {
                                  "the compute capability") >= 9;
 }
 
+bool current_device_is_sm90() {
+  // Minor 0 is a real answer and the cache reserves 0 for "unknown", so minor is cached plus one.
+  static std::atomic<int> major[kMaxDevices] = {};
+  static std::atomic<int> minor_plus_one[kMaxDevices] = {};
+  if (cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major, kMaxDevices,
+                              "the compute capability") != 9) {
+    return false;
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    gpu::get_last_error();
+    throw BackendError("cuda: no current CUDA device");
+  }
+  if (device < kMaxDevices) {
+    const int known = minor_plus_one[device].load(std::memory_order_relaxed);
+    if (known > 0) return known == 1;
+  }
+  int minor = -1;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    gpu::get_last_error();
+    throw BackendError("cuda: cannot query the compute capability of device " +
+                       std::to_string(device));
+  }
+  if (device < kMaxDevices) minor_plus_one[device].store(minor + 1, std::memory_order_relaxed);
+  return minor == 0;
+}
+
 /// An upper bound over every decode batch with at most params.num_requests requests and
 /// params.max_context_len keys (same heads and head dim), so an engine can reserve the workspace
 /// once from its limits: fewer requests get more splits each, so the bound is the largest

@@ -17,11 +17,14 @@
 // Speed: compute-bound for long prompts. Each warp holds 16 rows, so every K/V fragment read by
 // ldmatrix feeds two MMAs; shared-memory bandwidth (128 B/clk/SM) caps mma.sync near ~2 kFLOP/clk
 // per SM (~470 TFLOP/s on an H100), and at 243-254 registers (head_dim >= 96) only 2 CTAs (8
-// warps) fit an SM, which limits latency hiding. Expect ~200-300 TFLOP/s at batch 4 x 4096 causal,
-// head_dim 128 on an H100, 35-50 % of torch SDPA with wgmma (~610); not yet measured.
-// The next steps are two 16-row M tiles per warp (halves ldmatrix traffic per FLOP) and wgmma on
-// sm_90a. Short chunks and decode rows mixed into a batch waste the unused rows of their
-// 64-row tile; packing a KV head's query heads into M (GQA) would recover that.
+// warps) fit an SM, which limits latency hiding: 200 TFLOP/s at batch 4 x 4096 causal, head_dim
+// 128 on an H100 (torch SDPA with wgmma: ~610). Short chunks and decode rows mixed into a batch
+// waste the unused rows of their 64-row tile; packing a KV head's query heads into M (GQA) would
+// recover that.
+//
+// On compute capability 9.0 (H100, H200) head dim 128 with a chunk longer than 64 tokens runs the
+// second kernel below instead: wgmma (sm_90a) with operands in 128B-swizzled shared memory
+// (wgmma.h), 128-row query tiles over two warpgroups, the softmax overlapped with the P V product.
 //
 // Portability: the MMA, ldmatrix and cp.async are NVIDIA PTX (sm_80+); a HIP build needs an MFMA
 // twin of the device body. The launcher and its checks are shared.
@@ -36,6 +39,7 @@
 #include "compat.h"
 #include "cuda_ops.h"
 #include "mma_sync.h"
+#include "wgmma.h"
 
 namespace octavo::cuda {
 namespace {
@@ -373,6 +377,318 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
   prefill_body<T, HeadDim>(params, prefill_shared);
 }
 
+// ---- the Hopper kernel (wgmma, sm_90a; head dim 128) -------------------------------------------
+
+/// Two warpgroups of 64 query rows each share every 128-key K and V tile. Q, two K and two V
+/// tiles sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
+/// tiles); the block table's row offsets for three key tiles sit behind them.
+struct HopperTile {
+  static constexpr int kHeadDim = 128;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kBlockM = 64 * kWarpgroups;
+  static constexpr int kBlockN = 128;
+  static constexpr int kKSteps = kHeadDim / 16;   // wgmma k-steps of Q K^T
+  static constexpr int kPSteps = kBlockN / 16;    // wgmma k-steps of P V
+  static constexpr uint32_t kQHalfBytes = kBlockM * wgmma::kRowBytes;  // one 64-column tile
+  static constexpr uint32_t kKVHalfBytes = kBlockN * wgmma::kRowBytes;
+  static constexpr uint32_t kQBytes = 2 * kQHalfBytes;
+  static constexpr uint32_t kKVBytes = 2 * kKVHalfBytes;
+  static constexpr int kOffsetSlots = 3;
+  static constexpr size_t kSharedBytes =
+      1024 /* alignment slack */ + kQBytes + 4 * kKVBytes + kOffsetSlots * kBlockN * sizeof(int64_t);
+  static_assert(kHeadDim == 128 && kKSteps == 8 && kPSteps == 8,
+                "the 64-column tiles and the m64n128 P V shape assume head dim 128, 128 keys");
+  static_assert(kThreads % 16 == 0 && kBlockN % (kThreads / 16) == 0 &&
+                kBlockM % (kThreads / 16) == 0, "tile loads split evenly over the CTA");
+};
+
+// Work decomposition as in prefill_body (one CTA per 128 query rows x head x request, key tiles
+// from the diagonal backwards), with the FlashAttention-3 order inside each warpgroup: iteration t
+// issues S(t) = Q K(t)^T and O += P(t-1) V(t-1) together, runs the softmax of S(t) while the P V
+// product is still on the tensor cores, then rescales O. The loads of K(t+1) and V(t) are in flight
+// for a whole iteration. Scores, masking and the online softmax are prefill_body's.
+template <typename T>
+__device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
+                                                  unsigned char* raw_shared) {
+#if OCTAVO_WGMMA
+  using Tile = HopperTile;
+  constexpr int kBlockM = Tile::kBlockM;
+  constexpr int kBlockN = Tile::kBlockN;
+  constexpr int kHeadDim = Tile::kHeadDim;
+
+  const int request = blockIdx.z;
+  const int head = blockIdx.y;
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int q_begin = p.query_start[request];
+  const int q_len = p.query_start[request + 1] - q_begin;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= q_len) return;
+  const int context = p.context_lens[request];
+  if (context < q_len) return;
+
+  const int rows_valid = min(kBlockM, q_len - m0);
+  const int first_query_pos = context - q_len + m0;
+  const int last_query_pos = first_query_pos + rows_valid - 1;
+  const int window = p.sliding_window;
+  const int key_begin = window > 0 ? max(0, first_query_pos - window + 1) : 0;
+  const int key_end = last_query_pos + 1;
+  const int n_block_end = (key_end + kBlockN - 1) / kBlockN;
+  const int num_tiles = n_block_end - key_begin / kBlockN;
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int warp = (tid % 128) / gpu::kWarpSize;
+  const int lane = tid % gpu::kWarpSize;
+
+  // wgmma's swizzle pattern repeats every 1024 bytes; the tiles start on that boundary.
+  const uint32_t raw_address = shared_address(raw_shared);
+  unsigned char* shared = raw_shared + ((1024 - (raw_address & 1023)) & 1023);
+  const uint32_t q_tile = shared_address(shared);
+  const uint32_t k_tiles = q_tile + Tile::kQBytes;       // [2]
+  const uint32_t v_tiles = k_tiles + 2 * Tile::kKVBytes;  // [2]
+  int64_t* key_offsets =
+      reinterpret_cast<int64_t*>(shared + Tile::kQBytes + 4 * Tile::kKVBytes);  // [3][kBlockN]
+
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int64_t head_run = int64_t{p.block_size} * kHeadDim;
+  const int64_t block_elements = 2 * p.num_kv_heads * head_run;
+  const int64_t v_delta = p.num_kv_heads * head_run;
+  const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
+  const T* cache = static_cast<const T*>(p.layer_cache);
+
+  // Tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN; its row offsets
+  // live in slot i % 3, its K in buffer i % 2, its V in buffer i % 2.
+  auto fill_key_offsets = [&](int tile, int slot) {
+    if (tid < kBlockN) {
+      const int pos = (n_block_end - 1 - tile) * kBlockN + tid;
+      int64_t offset = -1;
+      if (pos < context) {
+        const int64_t block = block_table[pos / p.block_size];
+        offset = block * block_elements + kv_head * head_run +
+                 int64_t{pos % p.block_size} * kHeadDim;
+      }
+      key_offsets[slot * kBlockN + tid] = offset;
+    }
+  };
+  // Each thread copies one 16-byte chunk of every 16th row.
+  const int load_chunk = tid % 16;
+  const uint32_t load_half = uint32_t(load_chunk / 8);
+  const int load_row = tid / 16;
+  constexpr int kRowsPerPass = Tile::kThreads / 16;
+  auto load_kv = [&](uint32_t tile_address, int slot, int64_t delta) {
+#pragma unroll
+    for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+      const int row = load_row + i * kRowsPerPass;
+      const int64_t offset = key_offsets[slot * kBlockN + row];
+      const T* src = offset >= 0 ? cache + offset + delta + load_chunk * 8 : cache;
+      cp_async_16(tile_address + load_half * Tile::kKVHalfBytes + wgmma::swizzled(row, load_chunk % 8),
+                  src, offset >= 0);
+    }
+  };
+
+  fill_key_offsets(0, 0);
+  if (num_tiles > 1) fill_key_offsets(1, 1);
+  {
+    const T* q = static_cast<const T*>(p.q);
+#pragma unroll
+    for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
+      const int row = load_row + i * kRowsPerPass;
+      const bool valid = row < rows_valid;
+      const T* src = valid ? q + int64_t{q_begin + m0 + row} * p.q_stride + head * kHeadDim +
+                                 load_chunk * 8
+                           : q;
+      cp_async_16(q_tile + load_half * Tile::kQHalfBytes + wgmma::swizzled(row, load_chunk % 8),
+                  src, valid);
+    }
+  }
+  __syncthreads();  // the offsets of tiles 0 and 1
+  load_kv(k_tiles, 0, 0);
+  cp_async_commit();
+  cp_async_wait_all();
+  wgmma::fence_shared_for_async_reads();
+  __syncthreads();  // Q and K(0) landed
+  if (num_tiles > 1) load_kv(k_tiles + Tile::kKVBytes, 1, 0);
+  load_kv(v_tiles, 0, v_delta);
+  cp_async_commit();
+  if (num_tiles > 2) fill_key_offsets(2, 2);
+
+  // Per thread: rows lane / 4 and lane / 4 + 8 of its warp's 16 (wgmma.h's accumulator layout).
+  const int row_in_tile = warpgroup * 64 + warp * 16 + lane / 4;
+  const int query_pos[2] = {first_query_pos + row_in_tile, first_query_pos + row_in_tile + 8};
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_softcap = p.softcap > 0.0f;
+  const float softcap_log2 = p.softcap * kLog2e;
+  const float scale_over_softcap = has_softcap ? p.scale / p.softcap : 0.0f;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const float slope_log2 = has_alibi ? p.alibi_slopes[head] * kLog2e : 0.0f;
+
+  const uint32_t q_rows = q_tile + uint32_t(warpgroup) * 64 * wgmma::kRowBytes;
+  auto issue_scores = [&](float (&s)[64], uint32_t k_tile) {
+#pragma unroll
+    for (int ks = 0; ks < Tile::kKSteps; ++ks) {
+      const uint32_t column = uint32_t(ks % 4) * 32;  // bytes into the 128-byte row
+      const uint32_t half = uint32_t(ks / 4);
+      const uint64_t a = wgmma::descriptor(q_rows + half * Tile::kQHalfBytes + column, 16,
+                                           wgmma::kGroupBytes);
+      const uint64_t b = wgmma::descriptor(k_tile + half * Tile::kKVHalfBytes + column, 16,
+                                           wgmma::kGroupBytes);
+      wgmma::mma_m64n128k16_ss<T>(s, a, b, ks > 0);
+    }
+  };
+  float o[64];
+  uint32_t pv[Tile::kPSteps][4];
+  auto issue_values = [&](uint32_t v_tile) {
+#pragma unroll
+    for (int ks = 0; ks < Tile::kPSteps; ++ks) {
+      const uint64_t b = wgmma::descriptor(v_tile + uint32_t(ks) * 16 * wgmma::kRowBytes,
+                                           Tile::kKVHalfBytes, wgmma::kGroupBytes);
+      wgmma::mma_m64n128k16_rs<T>(o, pv[ks], b);
+    }
+  };
+  auto pin_operands = [&]() {
+    wgmma::pin(o);
+#pragma unroll
+    for (int ks = 0; ks < Tile::kPSteps; ++ks) wgmma::pin(pv[ks]);
+  };
+
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+  // The scores of tile `tile` in s become exp2(score - max) in place; returns O's rescale factors.
+  auto softmax = [&](float (&s)[64], int tile, float (&correction)[2]) {
+    const int n0 = (n_block_end - 1 - tile) * kBlockN;
+    const bool needs_mask = n0 + kBlockN - 1 > first_query_pos ||
+                            (window > 0 && n0 <= last_query_pos - window);
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = n0 + j * 8 + (lane % 4) * 2 + (i & 1);
+        const int qpos = query_pos[i >> 1];
+        float x = s[4 * j + i];
+        x = has_softcap ? softcap_log2 * tanhf(x * scale_over_softcap) : x * scale_log2;
+        if (has_alibi) x += slope_log2 * float(key - qpos);
+        if (needs_mask &&
+            (key > qpos || key >= context || (window > 0 && key <= qpos - window))) {
+          x = -INFINITY;
+        }
+        s[4 * j + i] = x;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = row_max[r];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      }
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 1));
+      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 2));
+      const float max_used = tile_max == -INFINITY ? 0.0f : tile_max;
+      correction[r] = fast_exp2(row_max[r] - max_used);
+      row_max[r] = tile_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        s[4 * j + 2 * r] = fast_exp2(s[4 * j + 2 * r] - max_used);
+        s[4 * j + 2 * r + 1] = fast_exp2(s[4 * j + 2 * r + 1] - max_used);
+        sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+  };
+  auto pack_probabilities = [&](const float (&s)[64]) {
+#pragma unroll
+    for (int ks = 0; ks < Tile::kPSteps; ++ks) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) pv[ks][x] = pack2<T>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float s[64];
+  float correction[2];
+  wgmma::fence();
+  issue_scores(s, k_tiles);
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::pin(s);
+  softmax(s, 0, correction);
+  pack_probabilities(s);
+
+  for (int t = 1; t < num_tiles; ++t) {
+    cp_async_wait_all();
+    wgmma::fence_shared_for_async_reads();
+    __syncthreads();  // K(t) and V(t-1) landed; every warpgroup is done with K(t-1) and V(t-2)
+    if (t + 1 < num_tiles) load_kv(k_tiles + uint32_t((t + 1) & 1) * Tile::kKVBytes, (t + 1) % 3, 0);
+    load_kv(v_tiles + uint32_t(t & 1) * Tile::kKVBytes, t % 3, v_delta);
+    cp_async_commit();
+    if (t + 2 < num_tiles) fill_key_offsets(t + 2, (t + 2) % 3);
+
+    pin_operands();
+    wgmma::fence();
+    issue_scores(s, k_tiles + uint32_t(t & 1) * Tile::kKVBytes);
+    wgmma::commit();
+    issue_values(v_tiles + uint32_t((t - 1) & 1) * Tile::kKVBytes);
+    wgmma::commit();
+    wgmma::wait<1>();
+    wgmma::pin(s);
+    softmax(s, t, correction);
+    wgmma::wait<0>();
+    pin_operands();
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      o[4 * j] *= correction[0];
+      o[4 * j + 1] *= correction[0];
+      o[4 * j + 2] *= correction[1];
+      o[4 * j + 3] *= correction[1];
+    }
+    pack_probabilities(s);
+  }
+  cp_async_wait_all();
+  wgmma::fence_shared_for_async_reads();
+  __syncthreads();  // V(last) landed
+  pin_operands();
+  wgmma::fence();
+  issue_values(v_tiles + uint32_t((num_tiles - 1) & 1) * Tile::kKVBytes);
+  wgmma::commit();
+  wgmma::wait<0>();
+  pin_operands();
+
+  // Epilogue: normalise and store each thread's pairs straight to the output rows (a quad writes
+  // 16 contiguous bytes of a row; the output is a small fraction of the traffic).
+  T* out = static_cast<T*>(p.out);
+  const int64_t out_stride = int64_t{p.num_heads} * kHeadDim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = row_sum[r];
+    total += gpu::shfl_xor(total, 1);
+    total += gpu::shfl_xor(total, 2);
+    const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;
+    const int row = row_in_tile + 8 * r;
+    if (row < rows_valid) {
+      T* out_row = out + int64_t{q_begin + m0 + row} * out_stride + head * kHeadDim + (lane % 4) * 2;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(out_row + j * 8) =
+            pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+      }
+    }
+  }
+#else
+  (void)p;
+  (void)raw_shared;
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(HopperTile::kThreads, 1)
+    paged_attention_prefill_sm90_kernel(const AttentionParams params) {
+  extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
+  prefill_sm90_body<T>(params, prefill_sm90_shared);
+}
+
 // ---- the host launcher ------------------------------------------------------------------------
 
 void check_launch(const char* op) {
@@ -402,6 +718,34 @@ void launch(const AttentionParams& p, gpu::Stream stream) {
   check_launch("paged_attention_prefill");
 }
 
+template <typename T>
+void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
+  const auto kernel = paged_attention_prefill_sm90_kernel<T>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(HopperTile::kSharedBytes)) != cudaSuccess) {
+    throw BackendError("paged_attention_prefill: cannot reserve " + str(HopperTile::kSharedBytes) +
+                       " bytes of shared memory for the wgmma kernel: " +
+                       gpu::error_string(gpu::get_last_error()));
+  }
+  const dim3 grid((p.max_query_len + HopperTile::kBlockM - 1) / HopperTile::kBlockM, p.num_heads,
+                  p.num_requests);
+  kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(p);
+  check_launch("paged_attention_prefill (wgmma)");
+}
+
+/// The wgmma kernel takes head dim 128 on a compute-capability 9.0 device of a build with sm_90a
+/// code, for batches with a chunk longer than one mma.sync tile (64 rows): at or below that its
+/// 128-row tiles would be mostly padding.
+bool takes_wgmma_kernel(const AttentionParams& p) {
+#if defined(OCTAVO_CUDA_SM90A)
+  return p.head_dim == HopperTile::kHeadDim && p.max_query_len > PrefillTile<128>::kBlockM &&
+         current_device_is_sm90();
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 /// The one dispatch table: dtype x head dim. Head dims outside the list are rejected; each extra
 /// one costs two instances (bf16, fp16) of compile time per architecture.
 template <typename T>
@@ -410,7 +754,8 @@ void dispatch_head_dim(const AttentionParams& p, gpu::Stream stream) {
     case 64: return launch<T, 64>(p, stream);
     case 80: return launch<T, 80>(p, stream);
     case 96: return launch<T, 96>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
+    case 128:
+      return takes_wgmma_kernel(p) ? launch_sm90<T>(p, stream) : launch<T, 128>(p, stream);
     case 256: return launch<T, 256>(p, stream);
     default:
       throw InvalidArgument("paged_attention_prefill: head_dim " + str(p.head_dim) +
@@ -475,6 +820,10 @@ void paged_attention_prefill(const AttentionParams& params, StreamHandle stream)
   } else {
     dispatch_head_dim<gpu::fp16>(params, gpu_stream);
   }
+}
+
+const char* prefill_kernel_name(const AttentionParams& params) {
+  return takes_wgmma_kernel(params) ? "wgmma" : "mma.sync";
 }
 
 bool splits_decode_prefix(const AttentionParams& p) {

@@ -19,6 +19,9 @@ int current_sm_count();
 /// Whether the current device runs programmatic dependent launches (compute capability 9.0+),
 /// queried once per device (throws BackendError).
 bool current_device_overlaps_launches();
+/// Whether the current device is compute capability 9.0 exactly (H100, H200: the sm_90a kernels'
+/// only target), queried once per device (throws BackendError).
+bool current_device_is_sm90();
 
 /// "cuBLASLt <version>, CUDA runtime <version>", for build and log lines.
 std::string runtime_info();
@@ -59,6 +62,9 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
 
 // cuda/attention_prefill.cu: any query lengths (prompt chunks and decodes mixed), tensor cores.
 void paged_attention_prefill(const AttentionParams& params, StreamHandle stream);
+/// Which prefill kernel `params` would run on the current device: "wgmma" (sm_90a, head dim 128,
+/// a chunk longer than 64 tokens) or "mma.sync".
+const char* prefill_kernel_name(const AttentionParams& params);
 
 // A batch with prompt chunks whose first params.num_decode_prefix requests have one query token
 // each runs those through the decode kernel (which reads each K/V block once per KV head, split

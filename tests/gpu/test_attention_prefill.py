@@ -233,6 +233,66 @@ def test_decode_prefix_through_the_decode_kernel(case):
     assert_close_to_reference(got, expected, TOLERANCES[dtype], name, "token")
 
 
+def _on_sm90():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def test_prefill_kernel_choice():
+    """Head dim 128 chunks longer than 64 tokens take the wgmma kernel on an H100/H200 (a build
+    with sm_90a code, which the default architectures include); everything else mma.sync."""
+    wgmma = "wgmma" if _on_sm90() else "mma.sync"
+    assert _C.ops.prefill_kernel(128, 65) == wgmma
+    assert _C.ops.prefill_kernel(128, 4096) == wgmma
+    assert _C.ops.prefill_kernel(128, 64) == "mma.sync"
+    for head_dim in (64, 80, 96, 256):
+        assert _C.ops.prefill_kernel(head_dim, 4096) == "mma.sync"
+
+
+# Head dim 128 with a chunk past 64 tokens: the wgmma kernel on compute capability 9.0 (128-row
+# query tiles, 128-key tiles, the diagonal and the context end anywhere inside them), mma.sync
+# elsewhere. (name, q_lens, context_lens, num_heads, num_kv_heads, block_size, options)
+WGMMA_CASES = [
+    ("one_tile", [65], [65], 4, 4, 16, {}),
+    ("tile_edges", [127, 128, 129, 255, 256, 257], [127, 128, 129, 255, 256, 257], 8, 2, 16, {}),
+    ("long_prompt_gqa8", [1500], [1500], 16, 2, 16, {}),
+    ("chunk_after_prefix", [300, 77], [5000, 1077], 8, 1, 32, {}),
+    ("chunk_block_aligned", [256], [1280], 4, 4, 32, {}),
+    ("mixed_decodes_and_empty", [1, 200, 0, 1, 90, 1], [4000, 700, 30, 1, 90, 129], 12, 4, 16, {}),
+    ("window_inside_tiles", [700, 1], [900, 600], 8, 2, 16, {"window": 200}),
+    ("window_1", [150], [400], 4, 2, 16, {"window": 1}),
+    ("window_wider_than_context", [300], [300], 4, 1, 16, {"window": 100000}),
+    ("softcap", [400, 33], [400, 900], 8, 2, 16, {"softcap": 5.0, "q_scale": 3.0}),
+    ("alibi", [333, 1], [1000, 300], 8, 8, 32, {"alibi": True}),
+    ("alibi_softcap_window", [260], [600], 16, 4, 16,
+     {"alibi": True, "softcap": 10.0, "window": 130, "q_scale": 2.0}),
+    ("large_scores", [200], [200], 4, 4, 16, {"q_scale": 8.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=[c[0] for c in WGMMA_CASES])
+def test_prefill_hd128_long_chunks_match_cpu(case, dtype):
+    name, q_lens, context_lens, num_heads, num_kv_heads, block_size, options = case
+    options = dict(options)
+    q_scale = options.pop("q_scale", 1.0)
+    data = _make_case(zlib.crc32(name.encode()) + 7, q_lens, context_lens, num_heads,
+                      num_kv_heads, 128, block_size, dtype, q_scale=q_scale)
+    assert _C.ops.prefill_kernel(128, max(q_lens)) == ("wgmma" if _on_sm90() else "mma.sync")
+    got, expected = _run(data, num_heads, num_kv_heads, 128, block_size, dtype, **options)
+    assert_close_to_reference(got, expected, TOLERANCES[dtype], name, "token")
+
+
+def test_prefill_hd128_repeats_exactly():
+    """Two runs of one long batch give identical bits (a race between the warpgroups or the
+    load pipeline would move them)."""
+    q_lens, context_lens = [900, 300], [900, 2000]
+    data = _make_case(5, q_lens, context_lens, 8, 2, 128, 16, torch.bfloat16)
+    first, _ = _run(data, 8, 2, 128, 16, torch.bfloat16)
+    for _ in range(3):
+        again, _ = _run(data, 8, 2, 128, 16, torch.bfloat16)
+        assert np.array_equal(first, again, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_prefill_q_in_fused_qkv_rows(dtype):
     """q read out of a fused QKV projection (q_stride = (heads + 2 kv heads) * head_dim)."""
@@ -295,7 +355,8 @@ def test_prefill_throughput_report():
 
     flops = 4 * batch * (seq * (seq + 1) // 2) * head_dim * num_heads
     ours_s, sdpa_s = cuda_seconds(ours), cuda_seconds(sdpa)
-    print(f"\npaged_attention prefill, {batch} x {seq} causal, hd {head_dim}, {num_heads}/{num_kv_heads} "
+    print(f"\npaged_attention prefill ({_C.ops.prefill_kernel(head_dim, seq)}), {batch} x {seq} "
+          f"causal, hd {head_dim}, {num_heads}/{num_kv_heads} "
           f"heads, block {block_size}, bf16 on {torch.cuda.get_device_name()}:\n"
           f"  octavo  {ours_s * 1e3:8.3f} ms  {flops / ours_s / 1e12:6.1f} TFLOP/s\n"
           f"  SDPA    {sdpa_s * 1e3:8.3f} ms  {flops / sdpa_s / 1e12:6.1f} TFLOP/s ({sdpa_note})")

@@ -4,6 +4,7 @@
 // the arrays' shapes; the checks here only keep a call inside its arrays, the ops check the rest.
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -208,6 +209,18 @@ int64_t decode_workspace_bytes(int num_requests, int num_heads, int num_kv_heads
 #endif
 }
 
+std::string prefill_kernel(int head_dim, int max_query_len) {
+#ifdef OCTAVO_WITH_CUDA
+  octavo::AttentionParams p{};
+  p.head_dim = head_dim;
+  p.max_query_len = max_query_len;
+  return octavo::cuda::prefill_kernel_name(p);
+#else
+  (void)head_dim, (void)max_query_len;
+  return "cpu";
+#endif
+}
+
 }  // namespace
 
 void bind_ops_attention(nb::module_& ops) {
@@ -238,4 +251,8 @@ void bind_ops_attention(nb::module_& ops) {
           arg("max_context_len"), arg("sliding_window") = 0,
           "Bytes of fp32 workspace the CUDA decode kernel needs for this batch shape (0: none;\n"
           "always 0 in builds without CUDA). Queries the current device's SM count.");
+  ops.def("prefill_kernel", &prefill_kernel, arg("head_dim"), arg("max_query_len"),
+          "Which CUDA prefill kernel a batch of this head dim and longest chunk runs on the\n"
+          "current device: 'wgmma' (compute capability 9.0) or 'mma.sync'; 'cpu' in builds\n"
+          "without CUDA.");
 }
