@@ -379,14 +379,15 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 
 // ---- the Hopper kernel (wgmma, sm_90a; head dim 128) -------------------------------------------
 
-/// Two warpgroups of 64 query rows each share every 128-key K and V tile. Q, two K and two V
-/// tiles sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
-/// tiles); the block table's row offsets for three key tiles sit behind them.
+/// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
+/// consumers of 64 query rows each that share every 128-key tile. Q, two K and two V buffers sit
+/// in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column tiles),
+/// then the block table's row offsets for two key tiles and the buffers' barriers.
 struct HopperTile {
   static constexpr int kHeadDim = 128;
-  static constexpr int kWarpgroups = 2;
-  static constexpr int kThreads = kWarpgroups * 128;
-  static constexpr int kBlockM = 64 * kWarpgroups;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = (kConsumers + 1) * 128;
+  static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = 128;
   static constexpr int kKSteps = kHeadDim / 16;   // wgmma k-steps of Q K^T
   static constexpr int kPSteps = kBlockN / 16;    // wgmma k-steps of P V
@@ -394,20 +395,27 @@ struct HopperTile {
   static constexpr uint32_t kKVHalfBytes = kBlockN * wgmma::kRowBytes;
   static constexpr uint32_t kQBytes = 2 * kQHalfBytes;
   static constexpr uint32_t kKVBytes = 2 * kKVHalfBytes;
-  static constexpr int kOffsetSlots = 3;
-  static constexpr size_t kSharedBytes =
-      1024 /* alignment slack */ + kQBytes + 4 * kKVBytes + kOffsetSlots * kBlockN * sizeof(int64_t);
+  static constexpr uint32_t kOffsetsBytes = 2 * kBlockN * sizeof(int64_t);
+  static constexpr int kBarriers = 8;  // K full, K empty, V full, V empty; two buffers each
+  static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBytes + 4 * kKVBytes +
+                                         kOffsetsBytes + kBarriers * sizeof(uint64_t);
+  // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers
+  // hold S, O and P (160) plus the softmax state. 128 x (40 + 2 x 232) fits the 64K file.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
   static_assert(kHeadDim == 128 && kKSteps == 8 && kPSteps == 8,
                 "the 64-column tiles and the m64n128 P V shape assume head dim 128, 128 keys");
-  static_assert(kThreads % 16 == 0 && kBlockN % (kThreads / 16) == 0 &&
-                kBlockM % (kThreads / 16) == 0, "tile loads split evenly over the CTA");
+  static_assert(128 * (kProducerRegisters + kConsumers * kConsumerRegisters) <= 65536,
+                "the warpgroups' registers fit the register file");
 };
 
 // Work decomposition as in prefill_body (one CTA per 128 query rows x head x request, key tiles
-// from the diagonal backwards), with the FlashAttention-3 order inside each warpgroup: iteration t
-// issues S(t) = Q K(t)^T and O += P(t-1) V(t-1) together, runs the softmax of S(t) while the P V
-// product is still on the tensor cores, then rescales O. The loads of K(t+1) and V(t) are in flight
-// for a whole iteration. Scores, masking and the online softmax are prefill_body's.
+// from the diagonal backwards). Warp-specialised as FlashAttention-3: the producer warpgroup
+// fills K(i) and V(i-1) while the consumers compute, and hands each buffer over through an
+// mbarrier; each consumer issues S(t) = Q K(t)^T and O += P(t-1) V(t-1) together, runs the
+// softmax of S(t) while the P V product is still on the tensor cores, then rescales O. The
+// consumers never meet at a CTA barrier, so one's softmax overlaps the other's products.
+// Scores, masking and the online softmax are prefill_body's.
 template <typename T>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
                                                   unsigned char* raw_shared) {
@@ -417,19 +425,25 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
   constexpr int kBlockN = Tile::kBlockN;
   constexpr int kHeadDim = Tile::kHeadDim;
 
+  // GQA packing: the CTA's 128 rows are `positions` query positions x the `group` query heads
+  // that share its KV head (row r: position r / group, head r % group), so every K and V tile
+  // read serves the whole group.
   const int request = blockIdx.z;
-  const int head = blockIdx.y;
-  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int positions = kBlockM / group;  // per CTA (rows past positions * group stay idle)
+  const int position_block = gridDim.x - 1 - blockIdx.x;
   const int q_begin = p.query_start[request];
   const int q_len = p.query_start[request + 1] - q_begin;
-  const int m0 = m_block * kBlockM;
+  const int m0 = position_block * positions;  // first query position of the CTA in the chunk
   if (m0 >= q_len) return;
   const int context = p.context_lens[request];
   if (context < q_len) return;
 
-  const int rows_valid = min(kBlockM, q_len - m0);
+  const int positions_valid = min(positions, q_len - m0);
+  const int rows_valid = positions_valid * group;
   const int first_query_pos = context - q_len + m0;
-  const int last_query_pos = first_query_pos + rows_valid - 1;
+  const int last_query_pos = first_query_pos + positions_valid - 1;
   const int window = p.sliding_window;
   const int key_begin = window > 0 ? max(0, first_query_pos - window + 1) : 0;
   const int key_end = last_query_pos + 1;
@@ -438,7 +452,6 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
-  const int warp = (tid % 128) / gpu::kWarpSize;
   const int lane = tid % gpu::kWarpSize;
 
   // wgmma's swizzle pattern repeats every 1024 bytes; the tiles start on that boundary.
@@ -448,19 +461,34 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
   const uint32_t k_tiles = q_tile + Tile::kQBytes;       // [2]
   const uint32_t v_tiles = k_tiles + 2 * Tile::kKVBytes;  // [2]
   int64_t* key_offsets =
-      reinterpret_cast<int64_t*>(shared + Tile::kQBytes + 4 * Tile::kKVBytes);  // [3][kBlockN]
+      reinterpret_cast<int64_t*>(shared + Tile::kQBytes + 4 * Tile::kKVBytes);  // [2][kBlockN]
+  const uint32_t barriers = shared_address(key_offsets) + Tile::kOffsetsBytes;
+  // Buffer b's barriers: "full" completes when its tile landed (the producer's 128 threads
+  // arrive), "empty" when both consumers' products that read it are done (8 warps arrive).
+  auto k_full = [&](int b) { return barriers + uint32_t(b) * 8; };
+  auto k_empty = [&](int b) { return barriers + 16 + uint32_t(b) * 8; };
+  auto v_full = [&](int b) { return barriers + 32 + uint32_t(b) * 8; };
+  auto v_empty = [&](int b) { return barriers + 48 + uint32_t(b) * 8; };
+  if (tid == 0) {
+    for (int b = 0; b < 2; ++b) {
+      wgmma::barrier_init(k_full(b), 128);
+      wgmma::barrier_init(v_full(b), 128);
+      wgmma::barrier_init(k_empty(b), 4 * Tile::kConsumers);
+      wgmma::barrier_init(v_empty(b), 4 * Tile::kConsumers);
+    }
+  }
+  __syncthreads();
 
-  const int kv_head = head / (p.num_heads / p.num_kv_heads);
-  const int64_t head_run = int64_t{p.block_size} * kHeadDim;
-  const int64_t block_elements = 2 * p.num_kv_heads * head_run;
-  const int64_t v_delta = p.num_kv_heads * head_run;
-  const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
-  const T* cache = static_cast<const T*>(p.layer_cache);
-
-  // Tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN; its row offsets
-  // live in slot i % 3, its K in buffer i % 2, its V in buffer i % 2.
-  auto fill_key_offsets = [&](int tile, int slot) {
-    if (tid < kBlockN) {
+  if (warpgroup == 0) {
+    // ---- producer: tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN;
+    // its row offsets live in slot i % 2, its K and V in buffer i % 2. K(0) comes with Q.
+    wgmma::shrink_registers<Tile::kProducerRegisters>();
+    const int64_t head_run = int64_t{p.block_size} * kHeadDim;
+    const int64_t block_elements = 2 * p.num_kv_heads * head_run;
+    const int64_t v_delta = p.num_kv_heads * head_run;
+    const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
+    const T* cache = static_cast<const T*>(p.layer_cache);
+    auto fill_key_offsets = [&](int tile) {
       const int pos = (n_block_end - 1 - tile) * kBlockN + tid;
       int64_t offset = -1;
       if (pos < context) {
@@ -468,62 +496,78 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
         offset = block * block_elements + kv_head * head_run +
                  int64_t{pos % p.block_size} * kHeadDim;
       }
-      key_offsets[slot * kBlockN + tid] = offset;
+      key_offsets[(tile & 1) * kBlockN + tid] = offset;
+    };
+    // Each thread copies one 16-byte chunk of every 8th row.
+    const int chunk = tid % 16;
+    const uint32_t half = uint32_t(chunk / 8);
+    const int first_row = tid / 16;
+    auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
+#pragma unroll 4
+      for (int row = first_row; row < kBlockN; row += 8) {
+        const int64_t offset = key_offsets[(tile & 1) * kBlockN + row];
+        const T* src = offset >= 0 ? cache + offset + delta + chunk * 8 : cache;
+        cp_async_16(tile_address + half * Tile::kKVHalfBytes + wgmma::swizzled(row, chunk % 8),
+                    src, offset >= 0);
+      }
+    };
+    fill_key_offsets(0);
+    if (num_tiles > 1) fill_key_offsets(1);
+    wgmma::named_barrier(1, 128);
+    {
+      const T* q = static_cast<const T*>(p.q);
+      for (int row = first_row; row < kBlockM; row += 8) {
+        const bool valid = row < rows_valid;
+        const int head = kv_head * group + row % group;
+        const T* src = valid ? q + int64_t{q_begin + m0 + row / group} * p.q_stride +
+                                   head * kHeadDim + chunk * 8
+                             : q;
+        cp_async_16(q_tile + half * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8), src, valid);
+      }
     }
-  };
-  // Each thread copies one 16-byte chunk of every 16th row.
-  const int load_chunk = tid % 16;
-  const uint32_t load_half = uint32_t(load_chunk / 8);
-  const int load_row = tid / 16;
-  constexpr int kRowsPerPass = Tile::kThreads / 16;
-  auto load_kv = [&](uint32_t tile_address, int slot, int64_t delta) {
-#pragma unroll
-    for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
-      const int row = load_row + i * kRowsPerPass;
-      const int64_t offset = key_offsets[slot * kBlockN + row];
-      const T* src = offset >= 0 ? cache + offset + delta + load_chunk * 8 : cache;
-      cp_async_16(tile_address + load_half * Tile::kKVHalfBytes + wgmma::swizzled(row, load_chunk % 8),
-                  src, offset >= 0);
+    load_kv(k_tiles, 0, 0);
+    wgmma::barrier_arrive_on_copies(k_full(0));
+    // The producer runs ahead of the consumers by up to two tiles: it waits only for buffers.
+    for (int i = 1; i <= num_tiles; ++i) {
+      // K(i) into buffer i % 2 once the consumers are done with K(i - 2), V(i - 1) likewise.
+      if (i < num_tiles) {
+        if (i >= 2) wgmma::barrier_wait(k_empty(i & 1), uint32_t((i / 2 - 1) & 1));
+        load_kv(k_tiles + uint32_t(i & 1) * Tile::kKVBytes, i, 0);
+        wgmma::barrier_arrive_on_copies(k_full(i & 1));
+      }
+      const int v = i - 1;
+      if (v >= 2) wgmma::barrier_wait(v_empty(v & 1), uint32_t((v / 2 - 1) & 1));
+      load_kv(v_tiles + uint32_t(v & 1) * Tile::kKVBytes, v, v_delta);
+      wgmma::barrier_arrive_on_copies(v_full(v & 1));
+      if (i + 1 < num_tiles) {
+        wgmma::named_barrier(1, 128);  // every producer thread has issued V(i - 1)'s copies
+        fill_key_offsets(i + 1);
+        wgmma::named_barrier(1, 128);
+      }
     }
-  };
-
-  fill_key_offsets(0, 0);
-  if (num_tiles > 1) fill_key_offsets(1, 1);
-  {
-    const T* q = static_cast<const T*>(p.q);
-#pragma unroll
-    for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
-      const int row = load_row + i * kRowsPerPass;
-      const bool valid = row < rows_valid;
-      const T* src = valid ? q + int64_t{q_begin + m0 + row} * p.q_stride + head * kHeadDim +
-                                 load_chunk * 8
-                           : q;
-      cp_async_16(q_tile + load_half * Tile::kQHalfBytes + wgmma::swizzled(row, load_chunk % 8),
-                  src, valid);
-    }
+    cp_async_commit();
+    cp_async_wait_all();  // no copy outlives its thread
+    return;
   }
-  __syncthreads();  // the offsets of tiles 0 and 1
-  load_kv(k_tiles, 0, 0);
-  cp_async_commit();
-  cp_async_wait_all();
-  wgmma::fence_shared_for_async_reads();
-  __syncthreads();  // Q and K(0) landed
-  if (num_tiles > 1) load_kv(k_tiles + Tile::kKVBytes, 1, 0);
-  load_kv(v_tiles, 0, v_delta);
-  cp_async_commit();
-  if (num_tiles > 2) fill_key_offsets(2, 2);
 
+  // ---- consumers: warpgroup 1 owns query rows 0-63, warpgroup 2 rows 64-127.
+  wgmma::grow_registers<Tile::kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int warp = (tid % 128) / gpu::kWarpSize;
   // Per thread: rows lane / 4 and lane / 4 + 8 of its warp's 16 (wgmma.h's accumulator layout).
-  const int row_in_tile = warpgroup * 64 + warp * 16 + lane / 4;
-  const int query_pos[2] = {first_query_pos + row_in_tile, first_query_pos + row_in_tile + 8};
+  const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;
+  const int rows[2] = {row_in_tile, row_in_tile + 8};
+  const int query_pos[2] = {first_query_pos + rows[0] / group, first_query_pos + rows[1] / group};
+  const int heads[2] = {kv_head * group + rows[0] % group, kv_head * group + rows[1] % group};
   const float scale_log2 = p.scale * kLog2e;
   const bool has_softcap = p.softcap > 0.0f;
   const float softcap_log2 = p.softcap * kLog2e;
   const float scale_over_softcap = has_softcap ? p.scale / p.softcap : 0.0f;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const float slope_log2 = has_alibi ? p.alibi_slopes[head] * kLog2e : 0.0f;
+  const float slope_log2[2] = {has_alibi ? p.alibi_slopes[heads[0]] * kLog2e : 0.0f,
+                               has_alibi ? p.alibi_slopes[heads[1]] * kLog2e : 0.0f};
 
-  const uint32_t q_rows = q_tile + uint32_t(warpgroup) * 64 * wgmma::kRowBytes;
+  const uint32_t q_rows = q_tile + uint32_t(consumer) * 64 * wgmma::kRowBytes;
   auto issue_scores = [&](float (&s)[64], uint32_t k_tile) {
 #pragma unroll
     for (int ks = 0; ks < Tile::kKSteps; ++ks) {
@@ -551,14 +595,28 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
 #pragma unroll
     for (int ks = 0; ks < Tile::kPSteps; ++ks) wgmma::pin(pv[ks]);
   };
+  // One arrival per warp: its part of the warpgroup's products that read the buffer is done.
+  auto release = [&](uint32_t barrier) {
+    if (lane == 0) wgmma::barrier_arrive(barrier);
+  };
 
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
-  // The scores of tile `tile` in s become exp2(score - max) in place; returns O's rescale factors.
-  auto softmax = [&](float (&s)[64], int tile, float (&correction)[2]) {
+  // The softmax comes in three variants, each compiled without branches inside: kFold (no
+  // softcap or ALiBi: the scale folds into the exponent, one FMA per score), kScaled (ALiBi) and
+  // kSoftcap (softcap, with or without ALiBi: scores are moved into the log2 domain first). Masks
+  // apply only on tiles that straddle the diagonal, the context end or the window edge.
+  constexpr int kFold = 0, kScaled = 1, kSoftcap = 2;
+  auto tile_needs_mask = [&](int tile) {
     const int n0 = (n_block_end - 1 - tile) * kBlockN;
-    const bool needs_mask = n0 + kBlockN - 1 > first_query_pos ||
-                            (window > 0 && n0 <= last_query_pos - window);
+    return n0 + kBlockN - 1 > first_query_pos || (window > 0 && n0 <= last_query_pos - window);
+  };
+  // The scores of tile `tile` in s become exp2(score - max) in place; returns O's rescale factors.
+  auto softmax = [&](auto variant, auto masked, float (&s)[64], int tile,
+                     float (&correction)[2]) {
+    constexpr int kVariant = decltype(variant)::value;
+    constexpr bool kMasked = decltype(masked)::value;
+    const int n0 = (n_block_end - 1 - tile) * kBlockN;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -566,32 +624,38 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
         const int key = n0 + j * 8 + (lane % 4) * 2 + (i & 1);
         const int qpos = query_pos[i >> 1];
         float x = s[4 * j + i];
-        x = has_softcap ? softcap_log2 * tanhf(x * scale_over_softcap) : x * scale_log2;
-        if (has_alibi) x += slope_log2 * float(key - qpos);
-        if (needs_mask &&
-            (key > qpos || key >= context || (window > 0 && key <= qpos - window))) {
-          x = -INFINITY;
+        if constexpr (kVariant == kSoftcap) {
+          x = softcap_log2 * tanhf(x * scale_over_softcap) +
+              slope_log2[i >> 1] * float(key - qpos);
+        } else if constexpr (kVariant == kScaled) {
+          x = fmaf(x, scale_log2, slope_log2[i >> 1] * float(key - qpos));
+        }
+        if constexpr (kMasked) {
+          if (key > qpos || key >= context || (window > 0 && key <= qpos - window)) x = -INFINITY;
         }
         s[4 * j + i] = x;
       }
     }
+    const float exponent_scale = kVariant == kFold ? scale_log2 : 1.0f;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = row_max[r];
+      float tile_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
         tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
       }
       tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 1));
       tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 2));
-      const float max_used = tile_max == -INFINITY ? 0.0f : tile_max;
+      const float new_max = fmaxf(row_max[r], tile_max * exponent_scale);
+      // A row with nothing visible yet keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
+      const float max_used = new_max == -INFINITY ? 0.0f : new_max;
       correction[r] = fast_exp2(row_max[r] - max_used);
-      row_max[r] = tile_max;
+      row_max[r] = new_max;
       float sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        s[4 * j + 2 * r] = fast_exp2(s[4 * j + 2 * r] - max_used);
-        s[4 * j + 2 * r + 1] = fast_exp2(s[4 * j + 2 * r + 1] - max_used);
+        s[4 * j + 2 * r] = fast_exp2(fmaf(s[4 * j + 2 * r], exponent_scale, -max_used));
+        s[4 * j + 2 * r + 1] = fast_exp2(fmaf(s[4 * j + 2 * r + 1], exponent_scale, -max_used));
         sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
       }
       row_sum[r] = row_sum[r] * correction[r] + sum;
@@ -604,39 +668,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
       for (int x = 0; x < 4; ++x) pv[ks][x] = pack2<T>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
     }
   };
-
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float s[64];
-  float correction[2];
-  wgmma::fence();
-  issue_scores(s, k_tiles);
-  wgmma::commit();
-  wgmma::wait<0>();
-  wgmma::pin(s);
-  softmax(s, 0, correction);
-  pack_probabilities(s);
-
-  for (int t = 1; t < num_tiles; ++t) {
-    cp_async_wait_all();
-    wgmma::fence_shared_for_async_reads();
-    __syncthreads();  // K(t) and V(t-1) landed; every warpgroup is done with K(t-1) and V(t-2)
-    if (t + 1 < num_tiles) load_kv(k_tiles + uint32_t((t + 1) & 1) * Tile::kKVBytes, (t + 1) % 3, 0);
-    load_kv(v_tiles + uint32_t(t & 1) * Tile::kKVBytes, t % 3, v_delta);
-    cp_async_commit();
-    if (t + 2 < num_tiles) fill_key_offsets(t + 2, (t + 2) % 3);
-
-    pin_operands();
-    wgmma::fence();
-    issue_scores(s, k_tiles + uint32_t(t & 1) * Tile::kKVBytes);
-    wgmma::commit();
-    issue_values(v_tiles + uint32_t((t - 1) & 1) * Tile::kKVBytes);
-    wgmma::commit();
-    wgmma::wait<1>();
-    wgmma::pin(s);
-    softmax(s, t, correction);
-    wgmma::wait<0>();
-    pin_operands();
+  auto rescale_output = [&](const float (&correction)[2]) {
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
       o[4 * j] *= correction[0];
@@ -644,17 +676,80 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
       o[4 * j + 2] *= correction[1];
       o[4 * j + 3] *= correction[1];
     }
+  };
+  // cp.async writes through the generic proxy; the tensor cores read through the async one.
+  auto acquire = [&](uint32_t barrier, int use) {
+    wgmma::barrier_wait(barrier, uint32_t((use / 2) & 1));
+    wgmma::fence_shared_for_async_reads();
+  };
+
+  // Iteration t: S(t) = Q K(t)^T, then O (rescaled to tile t-1's maximum) += P(t-1) V(t-1) on
+  // the tensor cores while the softmax of S(t) runs; after the wait only P(t) is packed.
+  auto run = [&](auto variant) {
+    using Unmasked = std::false_type;
+    using Masked = std::true_type;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    float s[64];
+    float correction[2];
+    acquire(k_full(0), 0);  // Q and K(0)
+    wgmma::fence();
+    issue_scores(s, k_tiles);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::pin(s);
+    release(k_empty(0));
+    if (tile_needs_mask(0)) {
+      softmax(variant, Masked{}, s, 0, correction);
+    } else {
+      softmax(variant, Unmasked{}, s, 0, correction);
+    }
     pack_probabilities(s);
+    auto step = [&](auto masked, int t) {
+      acquire(k_full(t & 1), t);
+      acquire(v_full((t - 1) & 1), t - 1);
+      rescale_output(correction);
+      pin_operands();
+      wgmma::fence();
+      issue_scores(s, k_tiles + uint32_t(t & 1) * Tile::kKVBytes);
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::pin(s);
+      release(k_empty(t & 1));
+      // P V is issued only once S is done: with both pending, ptxas cannot tell which one a
+      // write to S's registers waits for, and holds the whole softmax until P V is done too.
+      issue_values(v_tiles + uint32_t((t - 1) & 1) * Tile::kKVBytes);
+      wgmma::commit();
+      softmax(variant, masked, s, t, correction);
+      wgmma::pin(s);
+      wgmma::wait<0>();
+      pin_operands();
+      release(v_empty((t - 1) & 1));
+      pack_probabilities(s);
+    };
+    for (int t = 1; t < num_tiles; ++t) {
+      if (tile_needs_mask(t)) {
+        step(Masked{}, t);
+      } else {
+        step(Unmasked{}, t);
+      }
+    }
+    acquire(v_full((num_tiles - 1) & 1), num_tiles - 1);
+    rescale_output(correction);
+    pin_operands();
+    wgmma::fence();
+    issue_values(v_tiles + uint32_t((num_tiles - 1) & 1) * Tile::kKVBytes);
+    wgmma::commit();
+    wgmma::wait<0>();
+    pin_operands();
+  };
+  if (has_softcap) {
+    run(std::integral_constant<int, kSoftcap>{});
+  } else if (has_alibi || !(scale_log2 > 0.0f)) {
+    run(std::integral_constant<int, kScaled>{});
+  } else {
+    run(std::integral_constant<int, kFold>{});
   }
-  cp_async_wait_all();
-  wgmma::fence_shared_for_async_reads();
-  __syncthreads();  // V(last) landed
-  pin_operands();
-  wgmma::fence();
-  issue_values(v_tiles + uint32_t((num_tiles - 1) & 1) * Tile::kKVBytes);
-  wgmma::commit();
-  wgmma::wait<0>();
-  pin_operands();
 
   // Epilogue: normalise and store each thread's pairs straight to the output rows (a quad writes
   // 16 contiguous bytes of a row; the output is a small fraction of the traffic).
@@ -666,9 +761,9 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
     total += gpu::shfl_xor(total, 1);
     total += gpu::shfl_xor(total, 2);
     const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;
-    const int row = row_in_tile + 8 * r;
-    if (row < rows_valid) {
-      T* out_row = out + int64_t{q_begin + m0 + row} * out_stride + head * kHeadDim + (lane % 4) * 2;
+    if (rows[r] < rows_valid) {
+      T* out_row = out + int64_t{q_begin + m0 + rows[r] / group} * out_stride +
+                   heads[r] * kHeadDim + (lane % 4) * 2;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
         *reinterpret_cast<uint32_t*>(out_row + j * 8) =
@@ -727,8 +822,8 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
                        " bytes of shared memory for the wgmma kernel: " +
                        gpu::error_string(gpu::get_last_error()));
   }
-  const dim3 grid((p.max_query_len + HopperTile::kBlockM - 1) / HopperTile::kBlockM, p.num_heads,
-                  p.num_requests);
+  const int positions = HopperTile::kBlockM / (p.num_heads / p.num_kv_heads);
+  const dim3 grid((p.max_query_len + positions - 1) / positions, p.num_kv_heads, p.num_requests);
   kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(p);
   check_launch("paged_attention_prefill (wgmma)");
 }
@@ -739,6 +834,7 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
 bool takes_wgmma_kernel(const AttentionParams& p) {
 #if defined(OCTAVO_CUDA_SM90A)
   return p.head_dim == HopperTile::kHeadDim && p.max_query_len > PrefillTile<128>::kBlockM &&
+         p.num_kv_heads > 0 && p.num_heads / p.num_kv_heads <= HopperTile::kBlockM &&
          current_device_is_sm90();
 #else
   (void)p;

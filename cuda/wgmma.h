@@ -69,6 +69,60 @@ __device__ __forceinline__ void fence_shared_for_async_reads() {
 #endif
 }
 
+// ---- shared-memory barriers (mbarrier) and register reallocation, sm_90 ---------------------------
+
+__device__ __forceinline__ void barrier_init(uint32_t address, int count) {
+#if OCTAVO_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(address), "r"(count) : "memory");
+#endif
+}
+/// One arrival on the barrier's current phase (release semantics: this thread's earlier shared
+/// memory accesses are visible to a thread that waits out the phase).
+__device__ __forceinline__ void barrier_arrive(uint32_t address) {
+#if OCTAVO_WGMMA
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(address)
+               : "memory");
+#endif
+}
+/// One arrival on the barrier once every cp.async this thread issued so far has landed; the
+/// thread goes on at once. The arrival counts toward the count given at init (.noinc).
+__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t address) {
+#if OCTAVO_WGMMA
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(address) : "memory");
+#endif
+}
+/// Waits until the phase with parity `parity` has completed (acquire).
+__device__ __forceinline__ void barrier_wait(uint32_t address, uint32_t parity) {
+#if OCTAVO_WGMMA
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(address), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+/// Barrier `id` (1-15; 0 is __syncthreads) among `threads` threads of the CTA.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+/// Moves registers between warpgroups: every warp of the warpgroup runs the same one.
+template <int Registers>
+__device__ __forceinline__ void shrink_registers() {
+#if OCTAVO_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Registers));
+#endif
+}
+template <int Registers>
+__device__ __forceinline__ void grow_registers() {
+#if OCTAVO_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers));
+#endif
+}
+
 /// Pins `r` in place for the compiler: a wgmma writes its accumulators asynchronously, so reads
 /// of them must not be hoisted above the wait, nor writes of its inputs above the issue.
 template <int N>

@@ -249,8 +249,8 @@ def test_prefill_kernel_choice():
 
 
 # Head dim 128 with a chunk past 64 tokens: the wgmma kernel on compute capability 9.0 (128-row
-# query tiles, 128-key tiles, the diagonal and the context end anywhere inside them), mma.sync
-# elsewhere. (name, q_lens, context_lens, num_heads, num_kv_heads, block_size, options)
+# tiles of 128 / group query positions x the group's heads, 128-key tiles, the diagonal and the
+# context end anywhere inside them), mma.sync elsewhere. (name, q_lens, context_lens, num_heads, num_kv_heads, block_size, options)
 WGMMA_CASES = [
     ("one_tile", [65], [65], 4, 4, 16, {}),
     ("tile_edges", [127, 128, 129, 255, 256, 257], [127, 128, 129, 255, 256, 257], 8, 2, 16, {}),
@@ -266,6 +266,8 @@ WGMMA_CASES = [
     ("alibi_softcap_window", [260], [600], 16, 4, 16,
      {"alibi": True, "softcap": 10.0, "window": 130, "q_scale": 2.0}),
     ("large_scores", [200], [200], 4, 4, 16, {"q_scale": 8.0}),
+    ("gqa16_eight_positions_a_tile", [100, 9], [100, 300], 16, 1, 16, {}),
+    ("gqa3_idle_rows", [130, 43], [130, 500], 6, 2, 16, {"alibi": True}),
 ]
 
 
