@@ -28,9 +28,13 @@
 //
 // Portability: the MMA, ldmatrix and cp.async are NVIDIA PTX (sm_80+); a HIP build needs an MFMA
 // twin of the device body. The launcher and its checks are shared.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -380,9 +384,9 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 // ---- the Hopper kernel (wgmma, sm_90a; head dim 128) -------------------------------------------
 
 /// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
-/// consumers of 64 query rows each that share every 128-key tile. Q, two K and two V buffers sit
-/// in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column tiles),
-/// then the block table's row offsets for two key tiles and the buffers' barriers.
+/// consumers of 64 query rows each that share every 128-key tile. Q, three K and three V buffers
+/// sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
+/// tiles), then the cache block of every key row of three tiles and the buffers' barriers.
 struct HopperTile {
   static constexpr int kHeadDim = 128;
   static constexpr int kConsumers = 2;
@@ -395,10 +399,13 @@ struct HopperTile {
   static constexpr uint32_t kKVHalfBytes = kBlockN * wgmma::kRowBytes;
   static constexpr uint32_t kQBytes = 2 * kQHalfBytes;
   static constexpr uint32_t kKVBytes = 2 * kKVHalfBytes;
-  static constexpr uint32_t kOffsetsBytes = 2 * kBlockN * sizeof(int64_t);
-  static constexpr int kBarriers = 8;  // K full, K empty, V full, V empty; two buffers each
-  static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBytes + 4 * kKVBytes +
-                                         kOffsetsBytes + kBarriers * sizeof(uint64_t);
+  static constexpr int kStages = 3;  // K and V buffers each
+  static constexpr uint32_t kBlocksBytes = kStages * kBlockN * sizeof(int32_t);
+  static constexpr int kBarriers = 4 * kStages + 1;  // K full, K empty, V full, V empty; Q
+  static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBytes +
+                                         2 * kStages * kKVBytes + kBlocksBytes +
+                                         kBarriers * sizeof(uint64_t);
+  static_assert(kSharedBytes <= 227 * 1024, "an H100 block has 227 KiB of shared memory");
   // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers
   // hold S, O and P (160) plus the softmax state. 128 x (40 + 2 x 232) fits the 64K file.
   static constexpr int kProducerRegisters = 40;
@@ -417,8 +424,8 @@ struct HopperTile {
 // consumers never meet at a CTA barrier, so one's softmax overlaps the other's products.
 // Scores, masking and the online softmax are prefill_body's.
 template <typename T>
-__device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
-                                                  unsigned char* raw_shared) {
+__device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
+                                                  bool tensor_copies, unsigned char* raw_shared) {
 #if OCTAVO_WGMMA
   using Tile = HopperTile;
   constexpr int kBlockM = Tile::kBlockM;
@@ -458,61 +465,91 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
   const uint32_t raw_address = shared_address(raw_shared);
   unsigned char* shared = raw_shared + ((1024 - (raw_address & 1023)) & 1023);
   const uint32_t q_tile = shared_address(shared);
-  const uint32_t k_tiles = q_tile + Tile::kQBytes;       // [2]
-  const uint32_t v_tiles = k_tiles + 2 * Tile::kKVBytes;  // [2]
-  int64_t* key_offsets =
-      reinterpret_cast<int64_t*>(shared + Tile::kQBytes + 4 * Tile::kKVBytes);  // [2][kBlockN]
-  const uint32_t barriers = shared_address(key_offsets) + Tile::kOffsetsBytes;
+  constexpr int kStages = Tile::kStages;
+  const uint32_t k_tiles = q_tile + Tile::kQBytes;             // [kStages]
+  const uint32_t v_tiles = k_tiles + kStages * Tile::kKVBytes;  // [kStages]
+  // Tile i's K and V go to buffer i % kStages; the cache block of each of its key rows (-1 past
+  // the context) to slot i % kStages of key_blocks.
+  int32_t* key_blocks =
+      reinterpret_cast<int32_t*>(shared + Tile::kQBytes + 2 * kStages * Tile::kKVBytes);
+  const uint32_t barriers = shared_address(key_blocks) + Tile::kBlocksBytes;
   // Buffer b's barriers: "full" completes when its tile landed (the producer's 128 threads
   // arrive), "empty" when both consumers' products that read it are done (8 warps arrive).
-  auto k_full = [&](int b) { return barriers + uint32_t(b) * 8; };
-  auto k_empty = [&](int b) { return barriers + 16 + uint32_t(b) * 8; };
-  auto v_full = [&](int b) { return barriers + 32 + uint32_t(b) * 8; };
-  auto v_empty = [&](int b) { return barriers + 48 + uint32_t(b) * 8; };
+  auto k_full = [&](int i) { return barriers + uint32_t(i % kStages) * 8; };
+  auto k_empty = [&](int i) { return barriers + uint32_t(kStages + i % kStages) * 8; };
+  auto v_full = [&](int i) { return barriers + uint32_t(2 * kStages + i % kStages) * 8; };
+  auto v_empty = [&](int i) { return barriers + uint32_t(3 * kStages + i % kStages) * 8; };
+  const uint32_t q_full = barriers + uint32_t(4 * kStages) * 8;
+  // The n-th use of a buffer (tile i: n = i / kStages) completes phase n of its barriers.
+  auto phase = [](int i) { return uint32_t((i / kStages) & 1); };
   if (tid == 0) {
-    for (int b = 0; b < 2; ++b) {
+    for (int b = 0; b < kStages; ++b) {
       wgmma::barrier_init(k_full(b), 128);
       wgmma::barrier_init(v_full(b), 128);
       wgmma::barrier_init(k_empty(b), 4 * Tile::kConsumers);
       wgmma::barrier_init(v_empty(b), 4 * Tile::kConsumers);
     }
+    wgmma::barrier_init(q_full, 128);
   }
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ---- producer: tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN;
-    // its row offsets live in slot i % 2, its K and V in buffer i % 2. K(0) comes with Q.
+    // ---- producer: tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN.
+    // K(0) comes with Q.
     wgmma::shrink_registers<Tile::kProducerRegisters>();
     const int64_t head_run = int64_t{p.block_size} * kHeadDim;
     const int64_t block_elements = 2 * p.num_kv_heads * head_run;
     const int64_t v_delta = p.num_kv_heads * head_run;
     const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
-    const T* cache = static_cast<const T*>(p.layer_cache);
-    auto fill_key_offsets = [&](int tile) {
+    const T* cache = static_cast<const T*>(p.layer_cache) + kv_head * head_run;
+    const int block_mask = p.block_size - 1;  // a power of two that divides kBlockN (host check)
+    const int block_shift = __ffs(p.block_size) - 1;
+    // Thread tid looks up key row tid; the lookup for tile i + 1 is in flight while tile i's
+    // copies are issued.
+    auto block_of = [&](int tile) {
       const int pos = (n_block_end - 1 - tile) * kBlockN + tid;
-      int64_t offset = -1;
-      if (pos < context) {
-        const int64_t block = block_table[pos / p.block_size];
-        offset = block * block_elements + kv_head * head_run +
-                 int64_t{pos % p.block_size} * kHeadDim;
-      }
-      key_offsets[(tile & 1) * kBlockN + tid] = offset;
+      return tile < num_tiles && pos < context ? block_table[pos >> block_shift] : -1;
     };
     // Each thread copies one 16-byte chunk of every 8th row.
     const int chunk = tid % 16;
     const uint32_t half = uint32_t(chunk / 8);
     const int first_row = tid / 16;
-    auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
-#pragma unroll 4
-      for (int row = first_row; row < kBlockN; row += 8) {
-        const int64_t offset = key_offsets[(tile & 1) * kBlockN + row];
-        const T* src = offset >= 0 ? cache + offset + delta + chunk * 8 : cache;
-        cp_async_16(tile_address + half * Tile::kKVHalfBytes + wgmma::swizzled(row, chunk % 8),
-                    src, offset >= 0);
+    // A tile whose rows are all inside the context comes in whole cache blocks through the
+    // tensor copy engine (one thread issues two 64-column boxes per block); the tile holding the
+    // context's end is gathered row by row with cp.async, which zero-fills the rows past it (the
+    // slots of a partly written block hold anything, and P = 0 times a NaN there is NaN).
+    const int blocks_per_tile = kBlockN / p.block_size;
+    auto load_kv_tensor = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
+      if (tid == 0) {
+        const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
+        wgmma::barrier_arrive_expect_bytes(barrier, Tile::kKVBytes);
+        for (int j = 0; j < blocks_per_tile; ++j) {
+          const uint32_t dst = tile_address + uint32_t(j * p.block_size) * wgmma::kRowBytes;
+          const int32_t block = blocks[j * p.block_size];
+          wgmma::tensor_load_5d(dst, cache_map, 0, 0, kv_head, kind, block, barrier);
+          wgmma::tensor_load_5d(dst + Tile::kKVHalfBytes, cache_map, 64, 0, kv_head, kind, block,
+                                barrier);
+        }
+      } else {
+        wgmma::barrier_arrive(barrier);
       }
     };
-    fill_key_offsets(0);
-    if (num_tiles > 1) fill_key_offsets(1);
+    auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
+      const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
+#pragma unroll 4
+      for (int row = first_row; row < kBlockN; row += 8) {
+        const int32_t block = blocks[row];
+        // Rows of a tile start at a multiple of the block size: row % block_size is the slot.
+        const T* src = block >= 0 ? cache + block * block_elements + delta +
+                                        (row & block_mask) * kHeadDim + chunk * 8
+                                  : cache;
+        cp_async_16(tile_address + half * Tile::kKVHalfBytes + wgmma::swizzled(row, chunk % 8),
+                    src, block >= 0);
+      }
+    };
+    key_blocks[tid] = block_of(0);
+    key_blocks[kBlockN + tid] = block_of(1);
+    int32_t next_block = block_of(2);
     wgmma::named_barrier(1, 128);
     {
       const T* q = static_cast<const T*>(p.q);
@@ -525,23 +562,34 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
         cp_async_16(q_tile + half * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8), src, valid);
       }
     }
-    load_kv(k_tiles, 0, 0);
-    wgmma::barrier_arrive_on_copies(k_full(0));
-    // The producer runs ahead of the consumers by up to two tiles: it waits only for buffers.
+    auto tile_is_whole = [&](int tile) {
+      return tensor_copies && (n_block_end - tile) * kBlockN <= context;
+    };
+    auto load = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
+      if (tile_is_whole(tile)) {
+        load_kv_tensor(tile_address, tile, kind, barrier);
+      } else {
+        load_kv(tile_address, tile, kind == 0 ? 0 : v_delta);
+        wgmma::barrier_arrive_on_copies(barrier);
+      }
+    };
+    wgmma::barrier_arrive_on_copies(q_full);
+    load(k_tiles, 0, 0, k_full(0));
+    // The producer runs ahead of the consumers by up to kStages tiles: it waits only for buffers.
     for (int i = 1; i <= num_tiles; ++i) {
-      // K(i) into buffer i % 2 once the consumers are done with K(i - 2), V(i - 1) likewise.
+      // K(i) into its buffer once the consumers are done with K(i - kStages), V(i - 1) likewise.
       if (i < num_tiles) {
-        if (i >= 2) wgmma::barrier_wait(k_empty(i & 1), uint32_t((i / 2 - 1) & 1));
-        load_kv(k_tiles + uint32_t(i & 1) * Tile::kKVBytes, i, 0);
-        wgmma::barrier_arrive_on_copies(k_full(i & 1));
+        if (i >= kStages) wgmma::barrier_wait(k_empty(i), phase(i) ^ 1);
+        load(k_tiles + uint32_t(i % kStages) * Tile::kKVBytes, i, 0, k_full(i));
       }
       const int v = i - 1;
-      if (v >= 2) wgmma::barrier_wait(v_empty(v & 1), uint32_t((v / 2 - 1) & 1));
-      load_kv(v_tiles + uint32_t(v & 1) * Tile::kKVBytes, v, v_delta);
-      wgmma::barrier_arrive_on_copies(v_full(v & 1));
+      if (v >= kStages) wgmma::barrier_wait(v_empty(v), phase(v) ^ 1);
+      load(v_tiles + uint32_t(v % kStages) * Tile::kKVBytes, v, 1, v_full(v));
       if (i + 1 < num_tiles) {
-        wgmma::named_barrier(1, 128);  // every producer thread has issued V(i - 1)'s copies
-        fill_key_offsets(i + 1);
+        // Tile i + 1's slot held tile i + 1 - kStages, whose V every thread issued before the
+        // last barrier.
+        key_blocks[((i + 1) % kStages) * kBlockN + tid] = next_block;
+        next_block = block_of(i + 2);
         wgmma::named_barrier(1, 128);
       }
     }
@@ -679,7 +727,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
   };
   // cp.async writes through the generic proxy; the tensor cores read through the async one.
   auto acquire = [&](uint32_t barrier, int use) {
-    wgmma::barrier_wait(barrier, uint32_t((use / 2) & 1));
+    wgmma::barrier_wait(barrier, phase(use));
     wgmma::fence_shared_for_async_reads();
   };
 
@@ -692,7 +740,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
     for (int i = 0; i < 64; ++i) o[i] = 0.0f;
     float s[64];
     float correction[2];
-    acquire(k_full(0), 0);  // Q and K(0)
+    acquire(q_full, 0);
+    acquire(k_full(0), 0);
     wgmma::fence();
     issue_scores(s, k_tiles);
     wgmma::commit();
@@ -706,25 +755,25 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
     }
     pack_probabilities(s);
     auto step = [&](auto masked, int t) {
-      acquire(k_full(t & 1), t);
-      acquire(v_full((t - 1) & 1), t - 1);
+      acquire(k_full(t), t);
+      acquire(v_full(t - 1), t - 1);
       rescale_output(correction);
       pin_operands();
       wgmma::fence();
-      issue_scores(s, k_tiles + uint32_t(t & 1) * Tile::kKVBytes);
+      issue_scores(s, k_tiles + uint32_t(t % kStages) * Tile::kKVBytes);
       wgmma::commit();
       wgmma::wait<0>();
       wgmma::pin(s);
-      release(k_empty(t & 1));
+      release(k_empty(t));
       // P V is issued only once S is done: with both pending, ptxas cannot tell which one a
       // write to S's registers waits for, and holds the whole softmax until P V is done too.
-      issue_values(v_tiles + uint32_t((t - 1) & 1) * Tile::kKVBytes);
+      issue_values(v_tiles + uint32_t((t - 1) % kStages) * Tile::kKVBytes);
       wgmma::commit();
       softmax(variant, masked, s, t, correction);
       wgmma::pin(s);
       wgmma::wait<0>();
       pin_operands();
-      release(v_empty((t - 1) & 1));
+      release(v_empty(t - 1));
       pack_probabilities(s);
     };
     for (int t = 1; t < num_tiles; ++t) {
@@ -734,11 +783,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
         step(Unmasked{}, t);
       }
     }
-    acquire(v_full((num_tiles - 1) & 1), num_tiles - 1);
+    acquire(v_full(num_tiles - 1), num_tiles - 1);
     rescale_output(correction);
     pin_operands();
     wgmma::fence();
-    issue_values(v_tiles + uint32_t((num_tiles - 1) & 1) * Tile::kKVBytes);
+    issue_values(v_tiles + uint32_t((num_tiles - 1) % kStages) * Tile::kKVBytes);
     wgmma::commit();
     wgmma::wait<0>();
     pin_operands();
@@ -779,9 +828,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p,
 
 template <typename T>
 __global__ void __launch_bounds__(HopperTile::kThreads, 1)
-    paged_attention_prefill_sm90_kernel(const AttentionParams params) {
+    paged_attention_prefill_sm90_kernel(const AttentionParams params,
+                                        const __grid_constant__ CUtensorMap cache_map,
+                                        const int tensor_copies) {
   extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
-  prefill_sm90_body<T>(params, prefill_sm90_shared);
+  prefill_sm90_body<T>(params, &cache_map, tensor_copies != 0, prefill_sm90_shared);
 }
 
 // ---- the host launcher ------------------------------------------------------------------------
@@ -813,6 +864,46 @@ void launch(const AttentionParams& p, gpu::Stream stream) {
   check_launch("paged_attention_prefill");
 }
 
+/// The driver's tensor-map encoder, looked up once through the runtime (no libcuda link);
+/// nullptr when the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      gpu::get_last_error();
+      function = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
+  }();
+  return encoder;
+}
+
+/// The layer cache as a 5-D tensor [blocks][K|V][kv heads][block slots][head dim] (innermost last
+/// here, first in the map) whose box is one block's slots x 64 columns, 128B-swizzled as wgmma.h
+/// lays tiles out. False when the driver cannot make one (the kernel then gathers every tile).
+bool make_cache_map(const AttentionParams& p, CUtensorMap* map) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t element = 2;
+  const cuuint64_t dims[5] = {cuuint64_t(p.head_dim), cuuint64_t(p.block_size),
+                              cuuint64_t(p.num_kv_heads), 2,
+                              cuuint64_t(std::numeric_limits<int32_t>::max())};
+  const cuuint64_t row = p.head_dim * element;
+  const cuuint64_t strides[4] = {row, row * p.block_size, row * p.block_size * p.num_kv_heads,
+                                 2 * row * p.block_size * p.num_kv_heads};
+  const cuuint32_t box[5] = {64, cuuint32_t(p.block_size), 1, 1, 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUtensorMapDataType type = p.cache_dtype == DType::kBFloat16
+                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 5, const_cast<void*>(p.layer_cache), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T>
 void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   const auto kernel = paged_attention_prefill_sm90_kernel<T>;
@@ -824,18 +915,23 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   }
   const int positions = HopperTile::kBlockM / (p.num_heads / p.num_kv_heads);
   const dim3 grid((p.max_query_len + positions - 1) / positions, p.num_kv_heads, p.num_requests);
-  kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(p);
+  CUtensorMap cache_map{};
+  const bool tensor_copies = make_cache_map(p, &cache_map);
+  kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(p, cache_map,
+                                                                           tensor_copies ? 1 : 0);
   check_launch("paged_attention_prefill (wgmma)");
 }
 
 /// The wgmma kernel takes head dim 128 on a compute-capability 9.0 device of a build with sm_90a
 /// code, for batches with a chunk longer than one mma.sync tile (64 rows): at or below that its
-/// 128-row tiles would be mostly padding.
+/// 128-row tiles would be mostly padding. Its gather needs a power-of-two block size of at most
+/// 128 (every cache block size in use).
 bool takes_wgmma_kernel(const AttentionParams& p) {
 #if defined(OCTAVO_CUDA_SM90A)
   return p.head_dim == HopperTile::kHeadDim && p.max_query_len > PrefillTile<128>::kBlockM &&
          p.num_kv_heads > 0 && p.num_heads / p.num_kv_heads <= HopperTile::kBlockM &&
-         current_device_is_sm90();
+         p.block_size > 0 && (p.block_size & (p.block_size - 1)) == 0 &&
+         p.block_size <= HopperTile::kBlockN && current_device_is_sm90();
 #else
   (void)p;
   return false;

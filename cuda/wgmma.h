@@ -91,6 +91,29 @@ __device__ __forceinline__ void barrier_arrive_on_copies(uint32_t address) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(address) : "memory");
 #endif
 }
+/// One arrival that also expects `bytes` more of tensor-copy data before the phase completes.
+__device__ __forceinline__ void barrier_arrive_expect_bytes(uint32_t address, uint32_t bytes) {
+#if OCTAVO_WGMMA
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(
+          address),
+      "r"(bytes)
+      : "memory");
+#endif
+}
+/// Tensor copy (TMA) of one box of the 5-D tensor `map` (a __grid_constant__ kernel parameter)
+/// at coordinates c0..c4 (innermost first) to shared `address`; its bytes count toward the
+/// barrier's expected bytes.
+__device__ __forceinline__ void tensor_load_5d(uint32_t address, const void* map, int c0, int c1,
+                                               int c2, int c3, int c4, uint32_t barrier) {
+#if OCTAVO_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3, %4, %5, %6}], [%7];\n" ::"r"(address),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(barrier)
+      : "memory");
+#endif
+}
 /// Waits until the phase with parity `parity` has completed (acquire).
 __device__ __forceinline__ void barrier_wait(uint32_t address, uint32_t parity) {
 #if OCTAVO_WGMMA

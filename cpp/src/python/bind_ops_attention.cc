@@ -213,6 +213,7 @@ std::string prefill_kernel(int head_dim, int max_query_len) {
 #ifdef OCTAVO_WITH_CUDA
   octavo::AttentionParams p{};
   p.num_heads = p.num_kv_heads = 1;
+  p.block_size = 16;
   p.head_dim = head_dim;
   p.max_query_len = max_query_len;
   return octavo::cuda::prefill_kernel_name(p);
