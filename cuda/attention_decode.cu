@@ -870,8 +870,8 @@ void check_launch(const char* op) {
 
 namespace {
 
-/// `attribute` of the current device, queried once per device into `cache` (0: not yet known;
-/// every attribute asked for is positive).
+/// `attribute` of the current device, queried once per device into `cache` (which holds the
+/// value plus one: 0 means not yet known).
 int cached_device_attribute(cudaDeviceAttr attribute, std::atomic<int>* cache, int cache_size,
                             const char* what) {
   int device = 0;
@@ -881,15 +881,15 @@ int cached_device_attribute(cudaDeviceAttr attribute, std::atomic<int>* cache, i
   }
   if (device < cache_size) {
     const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
+    if (known > 0) return known - 1;
   }
   int value = 0;
-  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess || value <= 0) {
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess || value < 0) {
     gpu::get_last_error();
     throw BackendError(std::string("cuda: cannot query ") + what + " of device " +
                        std::to_string(device));
   }
-  if (device < cache_size) cache[device].store(value, std::memory_order_relaxed);
+  if (device < cache_size) cache[device].store(value + 1, std::memory_order_relaxed);
   return value;
 }
 
@@ -910,30 +910,12 @@ bool current_device_overlaps_launches() {
 }
 
 bool current_device_is_sm90() {
-  // Minor 0 is a real answer and the cache reserves 0 for "unknown", so minor is cached plus one.
   static std::atomic<int> major[kMaxDevices] = {};
-  static std::atomic<int> minor_plus_one[kMaxDevices] = {};
-  if (cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major, kMaxDevices,
-                              "the compute capability") != 9) {
-    return false;
-  }
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
-    gpu::get_last_error();
-    throw BackendError("cuda: no current CUDA device");
-  }
-  if (device < kMaxDevices) {
-    const int known = minor_plus_one[device].load(std::memory_order_relaxed);
-    if (known > 0) return known == 1;
-  }
-  int minor = -1;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    gpu::get_last_error();
-    throw BackendError("cuda: cannot query the compute capability of device " +
-                       std::to_string(device));
-  }
-  if (device < kMaxDevices) minor_plus_one[device].store(minor + 1, std::memory_order_relaxed);
-  return minor == 0;
+  static std::atomic<int> minor[kMaxDevices] = {};
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major, kMaxDevices,
+                                 "the compute capability") == 9 &&
+         cached_device_attribute(cudaDevAttrComputeCapabilityMinor, minor, kMaxDevices,
+                                 "the compute capability") == 0;
 }
 
 /// An upper bound over every decode batch with at most params.num_requests requests and

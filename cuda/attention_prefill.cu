@@ -24,7 +24,7 @@
 //
 // On compute capability 9.0 (H100, H200) head dim 128 with a chunk longer than 64 tokens runs the
 // second kernel below instead: wgmma (sm_90a) with operands in 128B-swizzled shared memory
-// (wgmma.h), 128-row query tiles over two warpgroups, the softmax overlapped with the P V product.
+// (wgmma.h), a producer warpgroup feeding two consumer warpgroups, GQA-packed 128-row tiles.
 //
 // Portability: the MMA, ldmatrix and cp.async are NVIDIA PTX (sm_80+); a HIP build needs an MFMA
 // twin of the device body. The launcher and its checks are shared.
@@ -416,13 +416,19 @@ struct HopperTile {
                 "the warpgroups' registers fit the register file");
 };
 
-// Work decomposition as in prefill_body (one CTA per 128 query rows x head x request, key tiles
-// from the diagonal backwards). Warp-specialised as FlashAttention-3: the producer warpgroup
-// fills K(i) and V(i-1) while the consumers compute, and hands each buffer over through an
-// mbarrier; each consumer issues S(t) = Q K(t)^T and O += P(t-1) V(t-1) together, runs the
-// softmax of S(t) while the P V product is still on the tensor cores, then rescales O. The
-// consumers never meet at a CTA barrier, so one's softmax overlaps the other's products.
-// Scores, masking and the online softmax are prefill_body's.
+// One CTA per (128 rows, KV head, request), key tiles from the diagonal backwards as in
+// prefill_body; the rows are the KV head's query heads at 128 / group positions (GQA packing).
+// Warp-specialised as FlashAttention-3: the producer warpgroup loads K(i) and V(i-1) up to three
+// tiles ahead of the consumers and hands each buffer over through an mbarrier (tensor copies for
+// tiles inside the context, a cp.async gather for the one holding its end). Each consumer issues
+// S(t) = Q K(t)^T, then O += P(t-1) V(t-1), and runs the softmax of S(t) while the P V product
+// is on the tensor cores; the consumers never meet at a CTA barrier, so one's softmax overlaps
+// the other's products. Scores, masking and the online softmax are prefill_body's.
+//
+// Speed (H100, 4 x 4096 causal, 32/8 heads): 397-410 TFLOP/s, 0.66x torch SDPA. Switching parts
+// off: the loads alone take 1.08 ms (4.1 TB/s from L2 into shared memory), the consumers alone
+// 1.00 ms, both 1.34 ms. Next: halve the L2 traffic (a two-CTA cluster multicasting K and V to
+// neighbouring query blocks) and schedule the consumers' softmax against each other's products.
 template <typename T>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, unsigned char* raw_shared) {

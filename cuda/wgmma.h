@@ -1,8 +1,9 @@
-// Hopper warpgroup MMA (wgmma, sm_90a only) building blocks for the attention kernels: shared
-// memory descriptors for the 128-byte swizzled layout, the issue/commit/wait sequence, and the
-// two m64n128k16 shapes the prefill kernel needs. Every wrapper compiles to nothing outside the
-// sm_90a pass (OCTAVO_WGMMA is 0 there), so callers guard their bodies with the same macro and the
-// host must launch them only on a compute-capability 9.0 device of a build that includes 90a.
+// Hopper (sm_90a only) building blocks for the attention kernels: warpgroup MMA (shared memory
+// descriptors for the 128-byte swizzled layout, the issue/commit/wait sequence, the two
+// m64n128k16 shapes the prefill kernel needs), shared-memory barriers, tensor copies and
+// register reallocation between warpgroups. Every wrapper compiles to nothing outside the sm_90a
+// pass (OCTAVO_WGMMA is 0 there), so callers guard their bodies with the same macro and the host
+// must launch them only on a compute-capability 9.0 device of a build that includes 90a.
 //
 // Layout contract (one "tile" = rows of 64 16-bit elements, 128 bytes each): row r's 16-byte
 // chunk c lives at row * 128 + ((c ^ (r % 8)) * 16), tiles start 1024-byte aligned. Wider rows
