@@ -133,6 +133,10 @@ __device__ __forceinline__ void barrier_wait(uint32_t address, uint32_t parity) 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+/// Counts this thread's arrival at barrier `id` without waiting for it.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 /// Moves registers between warpgroups: every warp of the warpgroup runs the same one.
 template <int Registers>
 __device__ __forceinline__ void shrink_registers() {
