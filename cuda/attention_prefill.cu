@@ -510,8 +510,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     const T* cache = static_cast<const T*>(p.layer_cache) + kv_head * head_run;
     const int block_mask = p.block_size - 1;  // a power of two that divides kBlockN (host check)
     const int block_shift = __ffs(p.block_size) - 1;
-    // Thread tid looks up key row tid; the lookup for tile i + 1 is in flight while tile i's
-    // copies are issued.
+    // Thread tid looks up key row tid of a tile; each tile's lookup is issued one iteration
+    // before its ids are stored (next_block), so its latency hides behind a round of copies.
     auto block_of = [&](int tile) {
       const int pos = (n_block_end - 1 - tile) * kBlockN + tid;
       return tile < num_tiles && pos < context ? block_table[pos >> block_shift] : -1;
