@@ -407,13 +407,17 @@ struct HopperTile {
                                          kBarriers * sizeof(uint64_t);
   static_assert(kSharedBytes <= 227 * 1024, "an H100 block has 227 KiB of shared memory");
   // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers
-  // hold S, O and P (160) plus the softmax state. 128 x (40 + 2 x 232) fits the 64K file.
+  // hold S, O and P (160) plus the softmax state. The split redistributes what the CTA was
+  // launched with (65536 / 384 threads, rounded down to a multiple of 8: 168 each); a grow
+  // beyond that total waits forever for registers nobody frees.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
   static_assert(kHeadDim == 128 && kKSteps == 8 && kPSteps == 8,
                 "the 64-column tiles and the m64n128 P V shape assume head dim 128, 128 keys");
-  static_assert(128 * (kProducerRegisters + kConsumers * kConsumerRegisters) <= 65536,
-                "the warpgroups' registers fit the register file");
+  static_assert(128 * (kProducerRegisters + kConsumers * kConsumerRegisters) <=
+                    kThreads * kLaunchRegisters,
+                "the warpgroups' registers after the split fit what the CTA is launched with");
 };
 
 // One CTA per (128 rows, KV head, request), key tiles from the diagonal backwards as in
@@ -425,10 +429,9 @@ struct HopperTile {
 // is on the tensor cores; the two consumers take turns at issuing, so one's softmax runs under
 // the other's products. Scores, masking and the online softmax are prefill_body's.
 //
-// Speed (H100, 4 x 4096 causal, 32/8 heads): 418 TFLOP/s, 0.69x torch SDPA. Switching parts off
-// (before the turns): the loads alone take 1.08 ms (4.1 TB/s from L2 into shared memory), the
-// consumers alone 1.00 ms, both 1.34 ms. Next: halve the L2 traffic (a two-CTA cluster
-// multicasting K and V to neighbouring query blocks of the same KV head).
+// Speed (H100, 4 x 4096 causal, 32/8 heads): 497 TFLOP/s, 0.82x torch SDPA. Switching parts off:
+// the loads alone take 0.73 ms, the consumers alone 1.07 ms (0.86 ms without the softmax), both
+// 1.12 ms: the consumers are the limit.
 template <typename T>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, unsigned char* raw_shared) {
@@ -521,24 +524,30 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     const uint32_t half = uint32_t(chunk / 8);
     const int first_row = tid / 16;
     // A tile whose rows are all inside the context comes in whole cache blocks through the
-    // tensor copy engine (one thread issues two 64-column boxes per block); the tile holding the
-    // context's end is gathered row by row with cp.async, which zero-fills the rows past it (the
-    // slots of a partly written block hold anything, and P = 0 times a NaN there is NaN).
+    // tensor copy engine (two 64-column boxes per block); the tile holding the context's end is
+    // gathered row by row with cp.async, which zero-fills the rows past it (the slots of a partly
+    // written block hold anything, and P = 0 times a NaN there is NaN). One lane of each warp
+    // issues a share of the boxes: from one thread, 2 KiB boxes (block size 16) came at half the
+    // rate the engine reaches with 16 KiB ones (block size 128); from four, at 80% of it.
+    constexpr int kIssuingWarps = 4;
     const int blocks_per_tile = kBlockN / p.block_size;
+    const int producer_warp = tid / gpu::kWarpSize;
     auto load_kv_tensor = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
-      if (tid == 0) {
+      // Thread 0 arrives expecting the whole tile before it issues its own boxes, so the phase
+      // cannot complete until they land too.
+      if (tid == 0) wgmma::barrier_arrive_expect_bytes(barrier, Tile::kKVBytes);
+      if (lane == 0 && producer_warp < kIssuingWarps) {
         const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
-        wgmma::barrier_arrive_expect_bytes(barrier, Tile::kKVBytes);
-        for (int j = 0; j < blocks_per_tile; ++j) {
-          const uint32_t dst = tile_address + uint32_t(j * p.block_size) * wgmma::kRowBytes;
-          const int32_t block = blocks[j * p.block_size];
-          wgmma::tensor_load_5d(dst, cache_map, 0, 0, kv_head, kind, block, barrier);
-          wgmma::tensor_load_5d(dst + Tile::kKVHalfBytes, cache_map, 64, 0, kv_head, kind, block,
-                                barrier);
+        for (int box = producer_warp; box < 2 * blocks_per_tile; box += kIssuingWarps) {
+          const int j = box / 2;
+          const uint32_t box_half = uint32_t(box % 2);
+          const uint32_t dst = tile_address + box_half * Tile::kKVHalfBytes +
+                               uint32_t(j * p.block_size) * wgmma::kRowBytes;
+          wgmma::tensor_load_5d(dst, cache_map, int(box_half) * 64, 0, kv_head, kind,
+                                blocks[j * p.block_size], barrier);
         }
-      } else {
-        wgmma::barrier_arrive(barrier);
       }
+      if (tid != 0) wgmma::barrier_arrive(barrier);
     };
     auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
       const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
