@@ -387,6 +387,12 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 /// consumers of 64 query rows each that share every 128-key tile. Q, three K and three V buffers
 /// sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
 /// tiles), then the cache block of every key row of three tiles and the buffers' barriers.
+/// The Hopper kernel's softmax variants, one kernel each (ptxas allocates registers per kernel,
+/// and the variants' layouts interfered in one): kPrefillFold (no softcap or ALiBi: the scale
+/// folds into the exponent, one FMA per score), kPrefillScaled (ALiBi, or a scale that cannot be
+/// folded) and kPrefillSoftcap (softcap, with or without ALiBi).
+enum PrefillSoftmax : int { kPrefillFold = 0, kPrefillScaled = 1, kPrefillSoftcap = 2 };
+
 struct HopperTile {
   static constexpr int kHeadDim = 128;
   static constexpr int kConsumers = 2;
@@ -425,14 +431,14 @@ struct HopperTile {
 // Warp-specialised as FlashAttention-3: the producer warpgroup loads K(i) and V(i-1) up to three
 // tiles ahead of the consumers and hands each buffer over through an mbarrier (tensor copies for
 // tiles inside the context, a cp.async gather for the one holding its end). Each consumer issues
-// S(t) = Q K(t)^T, then O += P(t-1) V(t-1), and runs the softmax of S(t) while the P V product
-// is on the tensor cores; the two consumers take turns at issuing, so one's softmax runs under
+// S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon as S(t)
+// is done, under P V; the two consumers also take turns at issuing, so one's softmax runs under
 // the other's products. Scores, masking and the online softmax are prefill_body's.
 //
-// Speed (H100, 4 x 4096 causal, 32/8 heads): 497 TFLOP/s, 0.82x torch SDPA. Switching parts off:
-// the loads alone take 0.73 ms, the consumers alone 1.07 ms (0.86 ms without the softmax), both
-// 1.12 ms: the consumers are the limit.
-template <typename T>
+// Speed (H100, 4 x 4096 causal, 32/8 heads): 524 TFLOP/s, 0.86x torch SDPA (0.82x with the softmax
+// after S(t) alone). Switching parts off (at 0.82x): the loads alone take 0.73 ms, the consumers
+// alone 1.07 ms (0.86 ms without the softmax), both 1.12 ms: the consumers are the limit.
+template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, unsigned char* raw_shared) {
 #if OCTAVO_WGMMA
@@ -467,7 +473,9 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   const int num_tiles = n_block_end - key_begin / kBlockN;
 
   const int tid = threadIdx.x;
-  const int warpgroup = tid / 128;
+  // Taken from lane 0 so that ptxas knows it is warp-uniform: the consumers' shared-memory
+  // descriptors, which depend on it, then live in uniform registers.
+  const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid % gpu::kWarpSize;
 
   // wgmma's swizzle pattern repeats every 1024 bytes; the tiles start on that boundary.
@@ -644,19 +652,24 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     }
   };
   float o[64];
-  uint32_t pv[Tile::kPSteps][4];
-  auto issue_values = [&](uint32_t v_tile) {
+  // P in two register buffers: the softmax of tile t writes one while P(t-1) V(t-1), reading the
+  // other, is on the tensor cores (a wgmma reads its register operand until it completes).
+  uint32_t pv[2][Tile::kPSteps][4];
+  auto issue_values = [&](const uint32_t (&p)[Tile::kPSteps][4], uint32_t v_tile) {
 #pragma unroll
     for (int ks = 0; ks < Tile::kPSteps; ++ks) {
       const uint64_t b = wgmma::descriptor(v_tile + uint32_t(ks) * 16 * wgmma::kRowBytes,
                                            Tile::kKVHalfBytes, wgmma::kGroupBytes);
-      wgmma::mma_m64n128k16_rs<T>(o, pv[ks], b);
+      wgmma::mma_m64n128k16_rs<T>(o, p[ks], b);
     }
   };
   auto pin_operands = [&]() {
     wgmma::pin(o);
 #pragma unroll
-    for (int ks = 0; ks < Tile::kPSteps; ++ks) wgmma::pin(pv[ks]);
+    for (int b = 0; b < 2; ++b) {
+#pragma unroll
+      for (int ks = 0; ks < Tile::kPSteps; ++ks) wgmma::pin(pv[b][ks]);
+    }
   };
   // One arrival per warp: its part of the warpgroup's products that read the buffer is done.
   auto release = [&](uint32_t barrier) {
@@ -665,71 +678,94 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
 
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
-  // The softmax comes in three variants, each compiled without branches inside: kFold (no
-  // softcap or ALiBi: the scale folds into the exponent, one FMA per score), kScaled (ALiBi) and
-  // kSoftcap (softcap, with or without ALiBi: scores are moved into the log2 domain first). Masks
-  // apply only on tiles that straddle the diagonal, the context end or the window edge.
-  constexpr int kFold = 0, kScaled = 1, kSoftcap = 2;
+  // Masks apply only on tiles that straddle the diagonal, the context end or the window edge.
   auto tile_needs_mask = [&](int tile) {
     const int n0 = (n_block_end - 1 - tile) * kBlockN;
     return n0 + kBlockN - 1 > first_query_pos || (window > 0 && n0 <= last_query_pos - window);
   };
-  // The scores of tile `tile` in s become exp2(score - max) in place; returns O's rescale factors.
-  auto softmax = [&](auto variant, auto masked, float (&s)[64], int tile,
-                     float (&correction)[2]) {
-    constexpr int kVariant = decltype(variant)::value;
-    constexpr bool kMasked = decltype(masked)::value;
-    const int n0 = (n_block_end - 1 - tile) * kBlockN;
+  // Score i of column group j of tile `tile` (accumulator element 4j + i) as the softmax sees
+  // it: raw for kFold (the scale is folded into the exponent), otherwise in the log2 domain
+  // (Raw: masked but not transformed). Recomputed where it is needed rather than stored back
+  // into s: a write to S's registers while P V is pending would make ptxas wait for P V (it does
+  // not tell wgmma groups apart).
+  using Raw = std::false_type;
+  using Transformed = std::true_type;
+  auto score = [&](auto masked, auto transformed, float x, int n0, int j, int i) {
+    const int key = n0 + j * 8 + (lane % 4) * 2 + (i & 1);
+    const int qpos = query_pos[i >> 1];
+    if constexpr (decltype(transformed)::value && Variant == kPrefillSoftcap) {
+      x = softcap_log2 * tanhf(x * scale_over_softcap) + slope_log2[i >> 1] * float(key - qpos);
+    } else if constexpr (decltype(transformed)::value && Variant == kPrefillScaled) {
+      x = fmaf(x, scale_log2, slope_log2[i >> 1] * float(key - qpos));
+    }
+    if constexpr (decltype(masked)::value) {
+      if (key > qpos || key >= context || (window > 0 && key <= qpos - window)) x = -INFINITY;
+    }
+    return x;
+  };
+  auto quad_max = [](float x) {
+    x = fmaxf(x, gpu::shfl_xor(x, 1));
+    return fmaxf(x, gpu::shfl_xor(x, 2));
+  };
+  // Without ALiBi the softcap is increasing in the raw score, so a row's maximum is capped once
+  // rather than every score twice (tanhf dominates that kernel's softmax).
+  const bool cap_after_max = Variant == kPrefillSoftcap && !has_alibi && scale_over_softcap > 0.0f;
+  // Row r's maximum over tile n0's scores, as the softmax sees them.
+  auto tile_max = [&](auto masked, const float (&s)[64], int n0, int r) {
+    if constexpr (Variant == kPrefillSoftcap) {
+      if (cap_after_max) {
+        float raw = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          raw = fmaxf(raw, fmaxf(score(masked, Raw{}, s[4 * j + 2 * r], n0, j, 2 * r),
+                                 score(masked, Raw{}, s[4 * j + 2 * r + 1], n0, j, 2 * r + 1)));
+        }
+        raw = quad_max(raw);
+        return raw == -INFINITY ? raw : softcap_log2 * tanhf(raw * scale_over_softcap);
+      }
+    }
+    float m = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = n0 + j * 8 + (lane % 4) * 2 + (i & 1);
-        const int qpos = query_pos[i >> 1];
-        float x = s[4 * j + i];
-        if constexpr (kVariant == kSoftcap) {
-          x = softcap_log2 * tanhf(x * scale_over_softcap) +
-              slope_log2[i >> 1] * float(key - qpos);
-        } else if constexpr (kVariant == kScaled) {
-          x = fmaf(x, scale_log2, slope_log2[i >> 1] * float(key - qpos));
-        }
-        if constexpr (kMasked) {
-          if (key > qpos || key >= context || (window > 0 && key <= qpos - window)) x = -INFINITY;
-        }
-        s[4 * j + i] = x;
-      }
+      m = fmaxf(m, fmaxf(score(masked, Transformed{}, s[4 * j + 2 * r], n0, j, 2 * r),
+                         score(masked, Transformed{}, s[4 * j + 2 * r + 1], n0, j, 2 * r + 1)));
     }
-    const float exponent_scale = kVariant == kFold ? scale_log2 : 1.0f;
+    return quad_max(m);
+  };
+  // P(tile) = exp2(score - max) of S(tile) into p as bf16/fp16 pairs; returns O's rescale factors
+  // through `correction`.
+  auto softmax = [&](auto masked, const float (&s)[64], int tile,
+                     uint32_t (&p)[Tile::kPSteps][4], float (&correction)[2]) {
+    const int n0 = (n_block_end - 1 - tile) * kBlockN;
+    const float exponent_scale = Variant == kPrefillFold ? scale_log2 : 1.0f;
+    float max_used[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      }
-      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 1));
-      tile_max = fmaxf(tile_max, gpu::shfl_xor(tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max * exponent_scale);
+      const float new_max = fmaxf(row_max[r], tile_max(masked, s, n0, r) * exponent_scale);
       // A row with nothing visible yet keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
-      const float max_used = new_max == -INFINITY ? 0.0f : new_max;
-      correction[r] = fast_exp2(row_max[r] - max_used);
+      max_used[r] = new_max == -INFINITY ? 0.0f : new_max;
+      correction[r] = fast_exp2(row_max[r] - max_used[r]);
       row_max[r] = new_max;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        s[4 * j + 2 * r] = fast_exp2(fmaf(s[4 * j + 2 * r], exponent_scale, -max_used));
-        s[4 * j + 2 * r + 1] = fast_exp2(fmaf(s[4 * j + 2 * r + 1], exponent_scale, -max_used));
-        sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
     }
-  };
-  auto pack_probabilities = [&](const float (&s)[64]) {
+    float sum[2] = {0.0f, 0.0f};
+    // p[ks][x] holds columns 16 ks + 8 (x / 2) + {0, 1} of row x % 2 (mma.sync's A fragment),
+    // i.e. accumulator elements 8 ks + 2 x and 8 ks + 2 x + 1.
 #pragma unroll
     for (int ks = 0; ks < Tile::kPSteps; ++ks) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) pv[ks][x] = pack2<T>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
+      for (int x = 0; x < 4; ++x) {
+        const int j = 2 * ks + x / 2;
+        const int r = x % 2;
+        const float x0 = score(masked, Transformed{}, s[4 * j + 2 * r], n0, j, 2 * r);
+        const float x1 = score(masked, Transformed{}, s[4 * j + 2 * r + 1], n0, j, 2 * r + 1);
+        const float e0 = fast_exp2(fmaf(x0, exponent_scale, -max_used[r]));
+        const float e1 = fast_exp2(fmaf(x1, exponent_scale, -max_used[r]));
+        sum[r] += e0 + e1;
+        p[ks][x] = pack2<T>(e0, e1);
+      }
     }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * correction[r] + sum[r];
   };
   auto rescale_output = [&](const float (&correction)[2]) {
 #pragma unroll
@@ -747,86 +783,86 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   };
 
   // The consumers take turns at issuing products (FlashAttention-3's ping-pong): while one
-  // issues, the other runs its softmax, so the tensor cores see one warpgroup's products while
-  // the other's exponentials run. Consumer c waits at named barrier 2 + c; the other arrives.
+  // issues, the other runs its softmax. Consumer c waits at named barrier 2 + c; the other
+  // arrives. Barrier 4 + c spans consumer c's own warpgroup.
   auto take_turn = [&]() { wgmma::named_barrier(2 + consumer, 256); };
   auto pass_turn = [&]() { wgmma::named_barrier_arrive(3 - consumer, 256); };
+  auto warpgroup_barrier = [&]() { wgmma::named_barrier(4 + consumer, 128); };
 
-  // Iteration t: S(t) = Q K(t)^T, then O (rescaled to tile t-1's maximum) += P(t-1) V(t-1) on
-  // the tensor cores while the softmax of S(t) runs; after the wait only P(t) is packed.
-  auto run = [&](auto variant) {
-    using Unmasked = std::false_type;
-    using Masked = std::true_type;
+  using Unmasked = std::false_type;
+  using Masked = std::true_type;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-    float s[64];
-    float correction[2];
-    acquire(q_full, 0);
-    acquire(k_full(0), 0);
-    if (consumer == 1) pass_turn();  // consumer 0 issues first
-    take_turn();
-    wgmma::fence();
-    issue_scores(s, k_tiles);
-    wgmma::commit();
-    wgmma::wait<0>();
-    pass_turn();
-    wgmma::pin(s);
-    release(k_empty(0));
-    if (tile_needs_mask(0)) {
-      softmax(variant, Masked{}, s, 0, correction);
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float s[64];
+  float correction[2];
+  auto tile_softmax = [&](int t, uint32_t (&p)[Tile::kPSteps][4]) {
+    if (tile_needs_mask(t)) {
+      softmax(Masked{}, s, t, p, correction);
     } else {
-      softmax(variant, Unmasked{}, s, 0, correction);
+      softmax(Unmasked{}, s, t, p, correction);
     }
-    pack_probabilities(s);
-    auto step = [&](auto masked, int t) {
-      acquire(k_full(t), t);
-      acquire(v_full(t - 1), t - 1);
-      rescale_output(correction);
-      pin_operands();
-      take_turn();
-      wgmma::fence();
-      issue_scores(s, k_tiles + uint32_t(t % kStages) * Tile::kKVBytes);
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::pin(s);
-      release(k_empty(t));
-      // P V is issued only once S is done: with both pending, ptxas cannot tell which one a
-      // write to S's registers waits for, and holds the whole softmax until P V is done too.
-      issue_values(v_tiles + uint32_t((t - 1) % kStages) * Tile::kKVBytes);
-      wgmma::commit();
-      pass_turn();
-      softmax(variant, masked, s, t, correction);
-      wgmma::pin(s);
-      wgmma::wait<0>();
-      pin_operands();
-      release(v_empty(t - 1));
-      pack_probabilities(s);
-    };
-    for (int t = 1; t < num_tiles; ++t) {
-      if (tile_needs_mask(t)) {
-        step(Masked{}, t);
-      } else {
-        step(Unmasked{}, t);
-      }
-    }
-    acquire(v_full(num_tiles - 1), num_tiles - 1);
-    rescale_output(correction);
+  };
+  acquire(q_full, 0);
+  acquire(k_full(0), 0);
+  if (consumer == 1) pass_turn();  // consumer 0 issues first
+  take_turn();
+  wgmma::fence();
+  issue_scores(s, k_tiles);
+  wgmma::commit();
+  pass_turn();
+  wgmma::wait<0>();
+  wgmma::pin(s);
+  release(k_empty(0));
+  tile_softmax(0, pv[0]);
+  // Step t (FlashAttention-3's order within a warpgroup): S(t) = Q K(t)^T and O += P(t-1) V(t-1)
+  // issued together; the softmax of S(t) runs once S(t) is done, under P V; then O is rescaled
+  // to tile t's maximum. P(t) goes to buffer t % 2.
+  auto step = [&](auto parity, int t) {
+    constexpr int kThis = decltype(parity)::value;
+    acquire(k_full(t), t);
+    acquire(v_full(t - 1), t - 1);
     pin_operands();
     take_turn();
     wgmma::fence();
-    issue_values(v_tiles + uint32_t((num_tiles - 1) % kStages) * Tile::kKVBytes);
+    issue_scores(s, k_tiles + uint32_t(t % kStages) * Tile::kKVBytes);
     wgmma::commit();
-    if (consumer == 0) pass_turn();  // consumer 1's last turn follows; nobody waits after it
+    issue_values(pv[1 - kThis], v_tiles + uint32_t((t - 1) % kStages) * Tile::kKVBytes);
+    wgmma::commit();
+    pass_turn();
+    wgmma::wait<1>();
+    wgmma::pin(s);
+    release(k_empty(t));
+    tile_softmax(t, pv[kThis]);
+    // Without a barrier here ptxas schedules the wait for P V as early as its operands allow,
+    // i.e. before most of the softmax.
+    warpgroup_barrier();
     wgmma::wait<0>();
     pin_operands();
+    release(v_empty(t - 1));
+    rescale_output(correction);
   };
-  if (has_softcap) {
-    run(std::integral_constant<int, kSoftcap>{});
-  } else if (has_alibi || !(scale_log2 > 0.0f)) {
-    run(std::integral_constant<int, kScaled>{});
-  } else {
-    run(std::integral_constant<int, kFold>{});
+  for (int t = 1; t < num_tiles; t += 2) {
+    step(std::integral_constant<int, 1>{}, t);
+    if (t + 1 < num_tiles) step(std::integral_constant<int, 0>{}, t + 1);
   }
+  const int last = num_tiles - 1;
+  acquire(v_full(last), last);
+  pin_operands();
+  take_turn();
+  // A constant index into pv in each branch: a computed one would put pv in local memory.
+  auto issue_last_values = [&](const uint32_t (&p)[Tile::kPSteps][4]) {
+    wgmma::fence();
+    issue_values(p, v_tiles + uint32_t(last % kStages) * Tile::kKVBytes);
+    wgmma::commit();
+  };
+  if (last % 2 == 0) {
+    issue_last_values(pv[0]);
+  } else {
+    issue_last_values(pv[1]);
+  }
+  if (consumer == 0) pass_turn();  // consumer 1's last turn follows; nobody waits after it
+  wgmma::wait<0>();
+  pin_operands();
 
   // Epilogue: normalise and store each thread's pairs straight to the output rows (a quad writes
   // 16 contiguous bytes of a row; the output is a small fraction of the traffic).
@@ -854,13 +890,13 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
 #endif
 }
 
-template <typename T>
+template <typename T, int Variant>
 __global__ void __launch_bounds__(HopperTile::kThreads, 1)
     paged_attention_prefill_sm90_kernel(const AttentionParams params,
                                         const __grid_constant__ CUtensorMap cache_map,
                                         const int tensor_copies) {
   extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
-  prefill_sm90_body<T>(params, &cache_map, tensor_copies != 0, prefill_sm90_shared);
+  prefill_sm90_body<T, Variant>(params, &cache_map, tensor_copies != 0, prefill_sm90_shared);
 }
 
 // ---- the host launcher ------------------------------------------------------------------------
@@ -932,9 +968,9 @@ bool make_cache_map(const AttentionParams& p, CUtensorMap* map) {
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T>
+template <typename T, int Variant>
 void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
-  const auto kernel = paged_attention_prefill_sm90_kernel<T>;
+  const auto kernel = paged_attention_prefill_sm90_kernel<T, Variant>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            int(HopperTile::kSharedBytes)) != cudaSuccess) {
     throw BackendError("paged_attention_prefill: cannot reserve " + str(HopperTile::kSharedBytes) +
@@ -975,7 +1011,12 @@ void dispatch_head_dim(const AttentionParams& p, gpu::Stream stream) {
     case 80: return launch<T, 80>(p, stream);
     case 96: return launch<T, 96>(p, stream);
     case 128:
-      return takes_wgmma_kernel(p) ? launch_sm90<T>(p, stream) : launch<T, 128>(p, stream);
+      if (!takes_wgmma_kernel(p)) return launch<T, 128>(p, stream);
+      if (p.softcap > 0.0f) return launch_sm90<T, kPrefillSoftcap>(p, stream);
+      if (p.alibi_slopes != nullptr || !(p.scale > 0.0f)) {
+        return launch_sm90<T, kPrefillScaled>(p, stream);
+      }
+      return launch_sm90<T, kPrefillFold>(p, stream);
     case 256: return launch<T, 256>(p, stream);
     default:
       throw InvalidArgument("paged_attention_prefill: head_dim " + str(p.head_dim) +
