@@ -874,24 +874,40 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   wgmma::wait<0>();
   pin_operands();
 
-  // Epilogue: normalise and store each thread's pairs straight to the output rows (a quad writes
-  // 16 contiguous bytes of a row; the output is a small fraction of the traffic).
-  T* out = static_cast<T*>(p.out);
-  const int64_t out_stride = int64_t{p.num_heads} * kHeadDim;
+  // Epilogue: normalise O into the consumer's own Q rows (its last Q K^T is done; the other
+  // consumer reads only its rows), in Q's swizzled layout, then copy 16-byte chunks out so that
+  // a warp writes two whole 256-byte rows at once. Storing each thread's pairs straight from
+  // the registers (a quad writing 16 bytes of a row) took 6-16% of the kernel.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = row_sum[r];
     total += gpu::shfl_xor(total, 1);
     total += gpu::shfl_xor(total, 2);
     const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;
-    if (rows[r] < rows_valid) {
-      T* out_row = out + int64_t{q_begin + m0 + rows[r] / group} * out_stride +
-                   heads[r] * kHeadDim + (lane % 4) * 2;
 #pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(out_row + j * 8) =
-            pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-      }
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const uint32_t offset = uint32_t(j / 8) * Tile::kQHalfBytes +
+                              wgmma::swizzled(rows[r], j % 8) + uint32_t(lane % 4) * 4;
+      *reinterpret_cast<uint32_t*>(shared + offset) =
+          pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+    }
+  }
+  warpgroup_barrier();
+  T* out = static_cast<T*>(p.out);
+  const int64_t out_stride = int64_t{p.num_heads} * kHeadDim;
+  constexpr int kRowChunks = kHeadDim / 8;  // 16-byte chunks of a row
+  const int consumer_thread = tid % 128;
+#pragma unroll
+  for (int c = consumer_thread; c < 64 * kRowChunks; c += 128) {
+    const int row = consumer * 64 + c / kRowChunks;
+    const int chunk = c % kRowChunks;
+    if (row < rows_valid) {
+      const uint32_t offset =
+          uint32_t(chunk / 8) * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8);
+      T* out_row = out + int64_t{q_begin + m0 + row / group} * out_stride +
+                   (kv_head * group + row % group) * kHeadDim;
+      *reinterpret_cast<uint4*>(out_row + chunk * 8) =
+          *reinterpret_cast<const uint4*>(shared + offset);
     }
   }
 #else
