@@ -638,6 +638,16 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;
   const int rows[2] = {row_in_tile, row_in_tile + 8};
   const int query_pos[2] = {first_query_pos + rows[0] / group, first_query_pos + rows[1] / group};
+  // Row r sees keys visible_from[r] .. visible_from[r] + visible_span[r]: causal, inside the
+  // context and the window. One unsigned comparison per score masks the rest (a padded row,
+  // past rows_valid, may see more; it is never stored).
+  int visible_from[2];
+  uint32_t visible_span[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    visible_from[r] = window > 0 ? max(query_pos[r] - window + 1, 0) : 0;
+    visible_span[r] = uint32_t(min(query_pos[r], context - 1) - visible_from[r]);
+  }
   const int heads[2] = {kv_head * group + rows[0] % group, kv_head * group + rows[1] % group};
   const float scale_log2 = p.scale * kLog2e;
   const bool has_softcap = p.softcap > 0.0f;
@@ -709,7 +719,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       x = fmaf(x, scale_log2, slope_log2[i >> 1] * float(key - qpos));
     }
     if constexpr (decltype(masked)::value) {
-      if (key > qpos || key >= context || (window > 0 && key <= qpos - window)) x = -INFINITY;
+      if (uint32_t(key - visible_from[i >> 1]) > visible_span[i >> 1]) x = -INFINITY;
     }
     return x;
   };
