@@ -444,9 +444,9 @@ struct HopperTile {
 // is done, under P V; the two consumers also take turns at issuing, so one's softmax runs under
 // the other's products. Scores, masking and the online softmax are prefill_body's.
 //
-// Speed (H100, 4 x 4096 causal, 32/8 heads): 524 TFLOP/s, 0.86x torch SDPA (0.82x with the softmax
-// after S(t) alone). Switching parts off (at 0.82x): the loads alone take 0.73 ms, the consumers
-// alone 1.07 ms (0.86 ms without the softmax), both 1.12 ms: the consumers are the limit.
+// Speed (H100, 4 x 4096 causal, 32/8 heads, bench/results/RESULTS.md): 1.01 ms, about 545 TFLOP/s
+// or 0.90x torch SDPA; 16 x 1024 about 0.67x. A persistent grid (one CTA per SM looping over
+// items) measured slower at every shape, so each item is its own CTA.
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, unsigned char* raw_shared) {
