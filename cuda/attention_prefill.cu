@@ -392,16 +392,16 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 
 // ---- the Hopper kernel (wgmma, sm_90a; head dim 128) -------------------------------------------
 
-/// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
-/// consumers of 64 query rows each that share every 128-key tile. Q, three K and three V buffers
-/// sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
-/// tiles), then the cache block of every key row of three tiles and the buffers' barriers.
 /// The Hopper kernel's softmax variants, one kernel each (ptxas allocates registers per kernel,
 /// and the variants' layouts interfered in one): kPrefillFold (no softcap or ALiBi: the scale
 /// folds into the exponent, one FMA per score), kPrefillScaled (ALiBi, or a scale that cannot be
 /// folded) and kPrefillSoftcap (softcap, with or without ALiBi).
 enum PrefillSoftmax : int { kPrefillFold = 0, kPrefillScaled = 1, kPrefillSoftcap = 2 };
 
+/// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
+/// consumers of 64 query rows each that share every 128-key tile. Q, three K and three V buffers
+/// sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
+/// tiles), then the cache block of every key row of three tiles and the buffers' barriers.
 struct HopperTile {
   static constexpr int kHeadDim = 128;
   static constexpr int kConsumers = 2;
