@@ -674,12 +674,12 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // P in two register buffers: the softmax of tile t writes one while P(t-1) V(t-1), reading the
   // other, is on the tensor cores (a wgmma reads its register operand until it completes).
   uint32_t pv[2][Tile::kPSteps][4];
-  auto issue_values = [&](const uint32_t (&p)[Tile::kPSteps][4], uint32_t v_tile) {
+  auto issue_values = [&](const uint32_t (&probs)[Tile::kPSteps][4], uint32_t v_tile) {
 #pragma unroll
     for (int ks = 0; ks < Tile::kPSteps; ++ks) {
       const uint64_t b = wgmma::descriptor(v_tile + uint32_t(ks) * 16 * wgmma::kRowBytes,
                                            Tile::kKVHalfBytes, wgmma::kGroupBytes);
-      wgmma::mma_m64n128k16_rs<T>(o, p[ks], b);
+      wgmma::mma_m64n128k16_rs<T>(o, probs[ks], b);
     }
   };
   auto pin_operands = [&]() {
@@ -752,10 +752,10 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     }
     return quad_max(m);
   };
-  // P(tile) = exp2(score - max) of S(tile) into p as bf16/fp16 pairs; returns O's rescale factors
-  // through `correction`.
+  // P(tile) = exp2(score - max) of S(tile) into probs as bf16/fp16 pairs; returns O's rescale
+  // factors through `correction`.
   auto softmax = [&](auto masked, const float (&s)[64], int tile,
-                     uint32_t (&p)[Tile::kPSteps][4], float (&correction)[2]) {
+                     uint32_t (&probs)[Tile::kPSteps][4], float (&correction)[2]) {
     const int n0 = (n_block_end - 1 - tile) * kBlockN;
     const float exponent_scale = Variant == kPrefillFold ? scale_log2 : 1.0f;
     float max_used[2];
@@ -768,7 +768,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       row_max[r] = new_max;
     }
     float sum[2] = {0.0f, 0.0f};
-    // p[ks][x] holds columns 16 ks + 8 (x / 2) + {0, 1} of row x % 2 (mma.sync's A fragment),
+    // probs[ks][x] holds columns 16 ks + 8 (x / 2) + {0, 1} of row x % 2 (mma.sync's A fragment),
     // i.e. accumulator elements 8 ks + 2 x and 8 ks + 2 x + 1.
 #pragma unroll
     for (int ks = 0; ks < Tile::kPSteps; ++ks) {
@@ -781,7 +781,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
         const float e0 = fast_exp2(fmaf(x0, exponent_scale, -max_used[r]));
         const float e1 = fast_exp2(fmaf(x1, exponent_scale, -max_used[r]));
         sum[r] += e0 + e1;
-        p[ks][x] = pack2<T>(e0, e1);
+        probs[ks][x] = pack2<T>(e0, e1);
       }
     }
 #pragma unroll
@@ -815,11 +815,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   float s[64];
   float correction[2];
-  auto tile_softmax = [&](int t, uint32_t (&p)[Tile::kPSteps][4]) {
+  auto tile_softmax = [&](int t, uint32_t (&probs)[Tile::kPSteps][4]) {
     if (tile_needs_mask(t)) {
-      softmax(Masked{}, s, t, p, correction);
+      softmax(Masked{}, s, t, probs, correction);
     } else {
-      softmax(Unmasked{}, s, t, p, correction);
+      softmax(Unmasked{}, s, t, probs, correction);
     }
   };
   acquire(q_full, 0);
@@ -870,9 +870,9 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   pin_operands();
   take_turn();
   // A constant index into pv in each branch: a computed one would put pv in local memory.
-  auto issue_last_values = [&](const uint32_t (&p)[Tile::kPSteps][4]) {
+  auto issue_last_values = [&](const uint32_t (&probs)[Tile::kPSteps][4]) {
     wgmma::fence();
-    issue_values(p, v_tiles + uint32_t(last % kStages) * Tile::kKVBytes);
+    issue_values(probs, v_tiles + uint32_t(last % kStages) * Tile::kKVBytes);
     wgmma::commit();
   };
   if (last % 2 == 0) {
