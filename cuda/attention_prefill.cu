@@ -99,6 +99,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+#if OCTAVO_WGMMA  // only the Hopper kernel uses it (an unused function is a warning elsewhere)
 /// tanh(x) = 1 - 2 / (e^2x + 1) from the exponential and reciprocal units, without tanhf's
 /// branches; the absolute error stays near 1e-7.
 __device__ __forceinline__ float fast_tanh(float x) {
@@ -107,6 +108,7 @@ __device__ __forceinline__ float fast_tanh(float x) {
   asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(reciprocal) : "f"(denominator));
   return 1.0f - 2.0f * reciprocal;
 }
+#endif
 
 template <typename T, int HeadDim>
 __device__ __forceinline__ void prefill_body(const AttentionParams& p, unsigned char* shared) {
