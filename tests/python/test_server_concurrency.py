@@ -132,9 +132,17 @@ def test_concurrent_streams_with_clients_hanging_up(server, llama_dir):
     assert metric(after, "octavo:kv_cache_blocks_used") == 0, "KV blocks leaked"
     assert metric(after, "octavo:num_requests_running") == 0
     assert metric(after, "octavo:num_requests_waiting") == 0
-    aborted = (metric(after, "octavo:request_success_total", finished_reason="abort")
-               - metric(before, "octavo:request_success_total", finished_reason="abort"))
-    assert aborted == len(cut)
+    def ended(reason: str) -> float:
+        return (metric(after, "octavo:request_success_total", finished_reason=reason)
+                - metric(before, "octavo:request_success_total", finished_reason=reason))
+
+    # A cut request whose hang-up reaches the server only after its last token ends "length":
+    # on a loaded 2-core machine the server's event loop can lag that long (CI saw 4 of 20).
+    # Every cut request ends one way or the other, and most by abort.
+    aborted = ended("abort")
+    finished_late = ended("length") - (NUM_STREAMS - len(cut))
+    assert aborted + finished_late == len(cut)
+    assert aborted >= len(cut) // 2, f"only {aborted:g} of {len(cut)} cut requests were aborted"
     # The cut streams stopped generating: at most half of their CUT_MAX_TOKENS each.
     generated = (metric(after, "octavo:generation_tokens_total")
                  - metric(before, "octavo:generation_tokens_total"))
