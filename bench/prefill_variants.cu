@@ -8,7 +8,10 @@
 //
 //   nvcc -std=c++20 -O3 -DNDEBUG -DOCTAVO_WITH_CUDA=1 -DOCTAVO_CUDA_SM90A=1 --expt-relaxed-constexpr
 //     --generate-code=arch=compute_90a,code=[sm_90a] -Icpp/include -Icpp/src -I. -Icuda
-//     -DKERNEL_SOURCE='"attention_prefill.cu"' bench/prefill_variants.cu -o /tmp/prefill_variants
+//     -DKERNEL_SOURCE='"attention_prefill.cu"' bench/prefill_variants.cu cuda/attention_decode.cu
+//     -o /tmp/prefill_variants
+//   (attention_decode.cu defines current_sm_count and current_device_is_sm90, which the kernel
+//   file calls.)
 //   /tmp/prefill_variants --batch 4 --seq 4096 [--mixed] [--heads 32 --kv-heads 8] [--window W]
 //                         [--softcap C]
 //
@@ -24,23 +27,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-namespace octavo::cuda {
-// The two device queries the kernel file needs from cuda_backend.cc / attention_decode.cu.
-bool current_device_is_sm90() {
-  int device = 0, major = 0, minor = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  return major == 9 && minor == 0;
-}
-int current_sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count;
-}
-}  // namespace octavo::cuda
 
 namespace {
 

@@ -444,11 +444,11 @@ struct HopperTile {
 // tiles inside the context, a cp.async gather for the one holding its end). Each consumer issues
 // S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon as S(t)
 // is done, under P V; the two consumers also take turns at issuing, so one's softmax runs under
-// the other's products. Scores, masking and the online softmax are prefill_body's.
+// the other's products. Scores, masks and the online softmax follow prefill_body's rules.
 //
 // Speed (H100, 4 x 4096 causal, 32/8 heads, bench/results/RESULTS.md): 1.01 ms, about 545 TFLOP/s
 // or 0.90x torch SDPA; 16 x 1024 about 0.67x. A persistent grid (one CTA per SM looping over
-// items) measured slower at every shape, so each item is its own CTA.
+// items) measured 1.5-16% slower at every shape but softcap's, so each item is its own CTA.
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, unsigned char* raw_shared) {

@@ -143,10 +143,11 @@ def test_concurrent_streams_with_clients_hanging_up(server, llama_dir):
     finished_late = ended("length") - (NUM_STREAMS - len(cut))
     assert aborted + finished_late == len(cut)
     assert aborted >= len(cut) // 2, f"only {aborted:g} of {len(cut)} cut requests were aborted"
-    # The cut streams stopped generating: at most half of their CUT_MAX_TOKENS each.
+    # The aborted streams stopped generating: at most half of their CUT_MAX_TOKENS each.
     generated = (metric(after, "octavo:generation_tokens_total")
                  - metric(before, "octavo:generation_tokens_total"))
-    assert generated <= (NUM_STREAMS - len(cut)) * MAX_TOKENS + len(cut) * CUT_MAX_TOKENS // 2
+    assert generated <= ((NUM_STREAMS - len(cut)) * MAX_TOKENS + finished_late * CUT_MAX_TOKENS
+                         + aborted * (CUT_MAX_TOKENS // 2))
     print(f"{NUM_STREAMS} streams in {elapsed:.1f} s")
     assert httpx.get(f"{server.url}/health").status_code == 200
 
