@@ -444,14 +444,20 @@ struct HopperTile {
 // tiles inside the context, a cp.async gather for the one holding its end). Each consumer issues
 // S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon as S(t)
 // is done, under P V; the two consumers also take turns at issuing, so one's softmax runs under
-// the other's products. Scores, masks and the online softmax follow prefill_body's rules.
+// the other's products. Scores, masks and the online softmax follow prefill_body's rules. Q comes
+// in and O goes out as tensor copies of the packed tile where the layout allows (thread copies
+// otherwise): 2,048 16-byte copies from the producer's threads stalled on their own issue for
+// ~2.2 us of a CTA's ~12 us at 16 x 1024, and the stores likewise.
 //
-// Speed (H100, 4 x 4096 causal, 32/8 heads, bench/results/RESULTS.md): 1.01 ms, about 545 TFLOP/s
-// or 0.90x torch SDPA; 16 x 1024 about 0.67x. A persistent grid (one CTA per SM looping over
-// items) measured 1.5-16% slower at every shape but softcap's, so each item is its own CTA.
+// Speed (H100, 4 x 4096 causal, 32/8 heads, bench/results/RESULTS.md): 0.94 ms, about 590 TFLOP/s
+// or 0.97x torch SDPA; 16 x 1024 0.83x; 1 x 8192 1.02x. A per-CTA timeline (clock stamps) puts
+// ~5.4 us of fixed cost on each CTA beside 1.55 us per key tile: Q and K(0) landing (1.9), the
+// first tile's softmax with no product under it (1.5), the last P V and the epilogue (1.8).
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
-                                                  bool tensor_copies, unsigned char* raw_shared) {
+                                                  bool tensor_copies, const void* q_map,
+                                                  bool q_tensor_copy, const void* out_map,
+                                                  bool out_tensor_copy, unsigned char* raw_shared) {
 #if OCTAVO_WGMMA
   using Tile = HopperTile;
   constexpr int kBlockM = Tile::kBlockM;
@@ -517,7 +523,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       wgmma::barrier_init(k_empty(b), 4 * Tile::kConsumers);
       wgmma::barrier_init(v_empty(b), 4 * Tile::kConsumers);
     }
-    wgmma::barrier_init(q_full, 128);
+    wgmma::barrier_init(q_full, q_tensor_copy ? 1 : 128);
   }
   __syncthreads();
 
@@ -525,6 +531,17 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     // ---- producer: tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN.
     // K(0) comes with Q.
     wgmma::shrink_registers<Tile::kProducerRegisters>();
+    // Q first, as two tensor copies (64 columns each) of the rows' positions x group heads: the
+    // same 128-row packing, since a position's group heads are adjacent in q. Issued from 128
+    // threads as 2,048 16-byte copies it took ~2.2 us of the producer's time before K(0) could
+    // go out (the copies' issue stalls on their own latency).
+    if (q_tensor_copy && tid == 0) {
+      wgmma::barrier_arrive_expect_bytes(q_full, uint32_t(positions * group) * 2 * wgmma::kRowBytes);
+      for (int half_index = 0; half_index < 2; ++half_index) {
+        wgmma::tensor_load_3d(q_tile + uint32_t(half_index) * Tile::kQHalfBytes, q_map,
+                              half_index * 64, kv_head * group, q_begin + m0, q_full);
+      }
+    }
     const int64_t head_run = int64_t{p.block_size} * kHeadDim;
     const int64_t block_elements = 2 * p.num_kv_heads * head_run;
     const int64_t v_delta = p.num_kv_heads * head_run;
@@ -585,7 +602,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     key_blocks[kBlockN + tid] = block_of(1);
     int32_t next_block = block_of(2);
     wgmma::named_barrier(1, 128);
-    {
+    if (!q_tensor_copy) {
       const T* q = static_cast<const T*>(p.q);
       for (int row = first_row; row < kBlockM; row += 8) {
         const bool valid = row < rows_valid;
@@ -607,7 +624,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
         wgmma::barrier_arrive_on_copies(barrier);
       }
     };
-    wgmma::barrier_arrive_on_copies(q_full);
+    if (!q_tensor_copy) wgmma::barrier_arrive_on_copies(q_full);
     load(k_tiles, 0, 0, k_full(0));
     // The producer runs ahead of the consumers by up to kStages tiles: it waits only for buffers.
     for (int i = 1; i <= num_tiles; ++i) {
@@ -887,9 +904,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   pin_operands();
 
   // Epilogue: normalise O into the consumer's own Q rows (its last Q K^T is done; the other
-  // consumer reads only its rows), in Q's swizzled layout, then copy 16-byte chunks out so that
-  // a warp writes two whole 256-byte rows at once. Storing each thread's pairs straight from
-  // the registers (a quad writing 16 bytes of a row) took 6-16% of the kernel.
+  // consumer reads only its rows), in Q's swizzled layout, then out: a whole tile as two tensor
+  // copies, a partial one as 16-byte chunks, a warp writing two whole 256-byte rows at once.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = row_sum[r];
@@ -903,6 +919,20 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       *reinterpret_cast<uint32_t*>(shared + offset) =
           pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
     }
+  }
+  if (out_tensor_copy && positions_valid == positions) {
+    // Whole tiles leave as two tensor copies, issued once both consumers have staged their rows
+    // (a partial tile's box would overwrite the next request's rows).
+    wgmma::fence_shared_for_async_reads();
+    wgmma::named_barrier(6, 256);
+    if (tid == 128) {
+      for (int half_index = 0; half_index < 2; ++half_index) {
+        wgmma::tensor_store_3d(out_map, half_index * 64, kv_head * group, q_begin + m0,
+                               q_tile + uint32_t(half_index) * Tile::kQHalfBytes);
+      }
+      wgmma::bulk_stores_read_shared();
+    }
+    return;
   }
   warpgroup_barrier();
   T* out = static_cast<T*>(p.out);
@@ -932,9 +962,13 @@ template <typename T, int Variant>
 __global__ void __launch_bounds__(HopperTile::kThreads, 1)
     paged_attention_prefill_sm90_kernel(const AttentionParams params,
                                         const __grid_constant__ CUtensorMap cache_map,
-                                        const int tensor_copies) {
+                                        const __grid_constant__ CUtensorMap q_map,
+                                        const __grid_constant__ CUtensorMap out_map,
+                                        const int tensor_copies, const int q_tensor_copy,
+                                        const int out_tensor_copy) {
   extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
-  prefill_sm90_body<T, Variant>(params, &cache_map, tensor_copies != 0, prefill_sm90_shared);
+  prefill_sm90_body<T, Variant>(params, &cache_map, tensor_copies != 0, &q_map, q_tensor_copy != 0,
+                                &out_map, out_tensor_copy != 0, prefill_sm90_shared);
 }
 
 // ---- the host launcher ------------------------------------------------------------------------
@@ -1006,6 +1040,31 @@ bool make_cache_map(const AttentionParams& p, CUtensorMap* map) {
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+/// q or out (`rows`, row_stride elements apart) as a 3-D tensor [tokens][heads][head dim] whose
+/// box is one CTA's positions x a KV head's group of query heads x 64 columns, 128B-swizzled:
+/// the wgmma kernel's packed 128-row tile, one half per copy. False when the driver cannot make
+/// one or the layout does not allow it (the kernel then moves those rows with its threads).
+bool make_rows_map(const AttentionParams& p, const void* rows, int64_t row_stride, int group,
+                   int positions, CUtensorMap* map) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  const cuuint64_t element = 2;
+  if (encode == nullptr || !aligned16(rows) || (row_stride * element) % 16 != 0 ||
+      p.num_tokens < positions) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {cuuint64_t(p.head_dim), cuuint64_t(p.num_heads),
+                              cuuint64_t(p.num_tokens)};
+  const cuuint64_t strides[2] = {p.head_dim * element, cuuint64_t(row_stride) * element};
+  const cuuint32_t box[3] = {64, cuuint32_t(group), cuuint32_t(positions)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type = p.act_dtype == DType::kBFloat16
+                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 3, const_cast<void*>(rows), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int Variant>
 void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   const auto kernel = paged_attention_prefill_sm90_kernel<T, Variant>;
@@ -1015,12 +1074,19 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
                        " bytes of shared memory for the wgmma kernel: " +
                        gpu::error_string(gpu::get_last_error()));
   }
-  const int positions = HopperTile::kBlockM / (p.num_heads / p.num_kv_heads);
+  const int group = p.num_heads / p.num_kv_heads;
+  const int positions = HopperTile::kBlockM / group;
   const dim3 grid((p.max_query_len + positions - 1) / positions, p.num_kv_heads, p.num_requests);
   CUtensorMap cache_map{};
   const bool tensor_copies = make_cache_map(p, &cache_map);
-  kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(p, cache_map,
-                                                                           tensor_copies ? 1 : 0);
+  CUtensorMap q_map{};
+  const bool q_tensor_copy = make_rows_map(p, p.q, p.q_stride, group, positions, &q_map);
+  CUtensorMap out_map{};
+  const bool out_tensor_copy =
+      make_rows_map(p, p.out, int64_t{p.num_heads} * p.head_dim, group, positions, &out_map);
+  kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(
+      p, cache_map, q_map, out_map, tensor_copies ? 1 : 0, q_tensor_copy ? 1 : 0,
+      out_tensor_copy ? 1 : 0);
   check_launch("paged_attention_prefill (wgmma)");
 }
 
@@ -1136,14 +1202,14 @@ DecodePrefixSplit split_decode_prefix(const AttentionParams& p) {
   split.decode.num_requests = split.decode.num_tokens = n;
   split.decode.max_query_len = 1;
   split.decode.num_decode_prefix = 0;
-  // The rest keep their absolute query rows (query_start's values); only the per-request arrays
-  // move past the prefix.
+  // The rest keep their absolute query rows (query_start's values), so num_tokens stays q's row
+  // count (the wgmma kernel's Q tensor map spans it); only the per-request arrays move past the
+  // prefix.
   AttentionParams& rest = split.prefill;
   rest.query_start += n;
   rest.context_lens += n;
   rest.block_tables += int64_t{n} * p.max_blocks_per_request;
   rest.num_requests -= n;
-  rest.num_tokens -= n;
   rest.request_order = nullptr;
   rest.num_decode_prefix = 0;
   return split;

@@ -115,6 +115,37 @@ __device__ __forceinline__ void tensor_load_5d(uint32_t address, const void* map
       : "memory");
 #endif
 }
+/// Tensor copy of one box of the 3-D tensor `map` at coordinates c0..c2, as tensor_load_5d.
+__device__ __forceinline__ void tensor_load_3d(uint32_t address, const void* map, int c0, int c1,
+                                               int c2, uint32_t barrier) {
+#if OCTAVO_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3, %4}], [%5];\n" ::"r"(address),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(barrier)
+      : "memory");
+#endif
+}
+/// Tensor copy of shared `address` to one box of the 3-D tensor `map` at coordinates c0..c2, in
+/// this thread's bulk group. Before it, every thread that wrote the box must have run
+/// fence_shared_for_async_reads() and met the issuing thread at a barrier.
+__device__ __forceinline__ void tensor_store_3d(const void* map, int c0, int c1, int c2,
+                                                uint32_t address) {
+#if OCTAVO_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+          map),
+      "r"(c0), "r"(c1), "r"(c2), "r"(address)
+      : "memory");
+#endif
+}
+/// Closes this thread's bulk group and waits until its copies have read their shared memory
+/// (the CTA may then exit or reuse it; the global writes complete on their own).
+__device__ __forceinline__ void bulk_stores_read_shared() {
+#if OCTAVO_WGMMA
+  asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
 /// Waits until the phase with parity `parity` has completed (acquire).
 __device__ __forceinline__ void barrier_wait(uint32_t address, uint32_t parity) {
 #if OCTAVO_WGMMA
