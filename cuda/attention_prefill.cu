@@ -31,10 +31,13 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -401,9 +404,10 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 enum PrefillSoftmax : int { kPrefillFold = 0, kPrefillScaled = 1, kPrefillSoftcap = 2 };
 
 /// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
-/// consumers of 64 query rows each that share every 128-key tile. Q, three K and three V buffers
-/// sit in shared memory in wgmma.h's swizzled layout (each 128-column row as two 64-column
-/// tiles), then the cache block of every key row of three tiles and the buffers' barriers.
+/// consumers of 64 query rows each that share every 128-key tile. Two Q buffers (this item's and
+/// the next one's), two K and two V buffers sit in shared memory in wgmma.h's swizzled layout
+/// (each 128-column row as two 64-column tiles), then the cache block of every key row of three
+/// tiles, the buffers' barriers and the items' indices.
 struct HopperTile {
   static constexpr int kHeadDim = 128;
   static constexpr int kConsumers = 2;
@@ -416,12 +420,16 @@ struct HopperTile {
   static constexpr uint32_t kKVHalfBytes = kBlockN * wgmma::kRowBytes;
   static constexpr uint32_t kQBytes = 2 * kQHalfBytes;
   static constexpr uint32_t kKVBytes = 2 * kKVHalfBytes;
-  static constexpr int kStages = 3;  // K and V buffers each
-  static constexpr uint32_t kBlocksBytes = kStages * kBlockN * sizeof(int32_t);
-  static constexpr int kBarriers = 4 * kStages + 1;  // K full, K empty, V full, V empty; Q
-  static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBytes +
+  static constexpr int kQBuffers = 2;  // the next item's Q lands while this one's runs
+  static constexpr int kStages = 2;    // K and V buffers each
+  static constexpr int kIdSlots = 3;   // tiles whose cache block ids are in shared memory
+  static constexpr uint32_t kBlocksBytes = kIdSlots * kBlockN * sizeof(int32_t);
+  // K full, K empty, V full, V empty per stage; Q full, Q empty per Q buffer.
+  static constexpr int kBarriers = 4 * kStages + 2 * kQBuffers;
+  static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBuffers * kQBytes +
                                          2 * kStages * kKVBytes + kBlocksBytes +
-                                         kBarriers * sizeof(uint64_t);
+                                         kBarriers * sizeof(uint64_t) +
+                                         (kQBuffers + 1) * sizeof(int32_t) /* item indices */;
   static_assert(kSharedBytes <= 227 * 1024, "an H100 block has 227 KiB of shared memory");
   // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers
   // hold S, O and P (160) plus the softmax state. The split redistributes what the CTA was
@@ -437,57 +445,78 @@ struct HopperTile {
                 "the warpgroups' registers after the split fit what the CTA is launched with");
 };
 
-// One CTA per (128 rows, KV head, request), key tiles from the diagonal backwards as in
-// prefill_body; the rows are the KV head's query heads at 128 / group positions (GQA packing).
-// Warp-specialised as FlashAttention-3: the producer warpgroup loads K(i) and V(i-1) up to three
-// tiles ahead of the consumers and hands each buffer over through an mbarrier (tensor copies for
-// tiles inside the context, a cp.async gather for the one holding its end). Each consumer issues
-// S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon as S(t)
-// is done, under P V; the two consumers also take turns at issuing, so one's softmax runs under
-// the other's products. Scores, masks and the online softmax follow prefill_body's rules. Q comes
-// in and O goes out as tensor copies of the packed tile where the layout allows (thread copies
-// otherwise): 2,048 16-byte copies from the producer's threads stalled on their own issue for
-// ~2.2 us of a CTA's ~12 us at 16 x 1024, and the stores likewise.
+// Persistent CTAs, one per SM, each taking work items of (128 rows, KV head, request) in turn;
+// an item's key tiles run from the diagonal backwards as in prefill_body, and its rows are the
+// KV head's query heads at 128 / group positions (GQA packing). Warp-specialised as
+// FlashAttention-3: the producer warpgroup loads Q, K(i) and V(i-1) ahead of the consumers, into
+// the next item, and hands each buffer over through an mbarrier (tensor copies for Q and for
+// key tiles inside the context, a cp.async gather for the one holding its end). Each consumer
+// issues S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon
+// as S(t) is done, under P V; the two consumers also take turns at issuing, so one's softmax runs
+// under the other's products. O leaves through the item's Q buffer as tensor copies. Scores,
+// masks and the online softmax follow prefill_body's rules.
 //
-// Speed (H100, 4 x 4096 causal, 32/8 heads, bench/results/RESULTS.md): 0.94 ms, about 590 TFLOP/s
-// or 0.97x torch SDPA; 16 x 1024 0.83x; 1 x 8192 1.02x. A per-CTA timeline (clock stamps) puts
-// ~5.4 us of fixed cost on each CTA beside 1.55 us per key tile: Q and K(0) landing (1.9), the
-// first tile's softmax with no product under it (1.5), the last P V and the epilogue (1.8).
+// Why so (H100, bench/results/RESULTS.md, 2026-11-28): a per-CTA timeline (clock stamps) of the
+// one-CTA-per-item kernel put ~7.9 us of fixed cost on each CTA beside 1.55 us per key tile: Q
+// and K(0) landing took 3.5 us, 2.2 of them the producer's 2,048 16-byte Q copies stalling on
+// their own issue, and the thread stores of O stalled likewise; as tensor copies (one
+// instruction per 64 columns) 4 x 4096 went 1.03 -> 0.94 ms, 16 x 1024 -18%, 64 x 512 -24%.
+// Persistence then hides the next item's Q and K(0) under the current one (two Q buffers, so two
+// K and two V stages fit): 4 x 4096 0.944 -> 0.920 ms (600 TFLOP/s, 1.0x torch SDPA), 16 x 1024
+// -11%, 64 x 512 -17%, mixed lengths -9 to -15%; launches of a few items pay ~2 us for it
+// (1 x 100 tokens 16.6 -> 18.9 us).
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, const void* q_map,
                                                   bool q_tensor_copy, const void* out_map,
-                                                  bool out_tensor_copy, unsigned char* raw_shared) {
+                                                  bool out_tensor_copy, int* scheduler,
+                                                  unsigned char* raw_shared) {
 #if OCTAVO_WGMMA
   using Tile = HopperTile;
   constexpr int kBlockM = Tile::kBlockM;
   constexpr int kBlockN = Tile::kBlockN;
   constexpr int kHeadDim = Tile::kHeadDim;
 
-  // GQA packing: the CTA's 128 rows are `positions` query positions x the `group` query heads
+  // GQA packing: an item's 128 rows are `positions` query positions x the `group` query heads
   // that share its KV head (row r: position r / group, head r % group), so every K and V tile
   // read serves the whole group.
-  const int request = blockIdx.z;
-  const int kv_head = blockIdx.y;
   const int group = p.num_heads / p.num_kv_heads;
-  const int positions = kBlockM / group;  // per CTA (rows past positions * group stay idle)
-  const int position_block = gridDim.x - 1 - blockIdx.x;
-  const int q_begin = p.query_start[request];
-  const int q_len = p.query_start[request + 1] - q_begin;
-  const int m0 = position_block * positions;  // first query position of the CTA in the chunk
-  if (m0 >= q_len) return;
-  const int context = p.context_lens[request];
-  if (context < q_len) return;
-
-  const int positions_valid = min(positions, q_len - m0);
-  const int rows_valid = positions_valid * group;
-  const int first_query_pos = context - q_len + m0;
-  const int last_query_pos = first_query_pos + positions_valid - 1;
+  const int positions = kBlockM / group;  // per item (rows past positions * group stay idle)
+  const int position_blocks = (p.max_query_len + positions - 1) / positions;
+  const int num_items = position_blocks * p.num_kv_heads * p.num_requests;
   const int window = p.sliding_window;
-  const int key_begin = window > 0 ? max(0, first_query_pos - window + 1) : 0;
-  const int key_end = last_query_pos + 1;
-  const int n_block_end = (key_end + kBlockN - 1) / kBlockN;
-  const int num_tiles = n_block_end - key_begin / kBlockN;
+  // Persistent CTAs take items in order from a counter in global memory (`scheduler`: next item,
+  // CTAs done; the last CTA to finish zeroes both for the next launch), as the hardware hands
+  // out CTAs: requests, KV heads, then position blocks from the last (most keys) down, so the
+  // CTAs running at once read the same K and V tiles out of L2, and whoever is free takes the
+  // next item. A fixed assignment (round-robin, snake order) left 1 x 8192 and mixed-length
+  // batches 25-55% slower: item costs vary 1-64 tiles in runs that no fixed order evens out.
+  struct Item {
+    int request, kv_head, q_begin, m0, context, positions_valid, rows_valid;
+    int first_query_pos, last_query_pos, n_block_end, num_tiles;
+    bool valid;  // false past the request's chunk (and for a context shorter than the chunk,
+                 // a contract violation the CPU backend throws on: those rows stay unwritten)
+  };
+  auto item_at = [&](int index) {
+    Item it;
+    const int position_block = position_blocks - 1 - index % position_blocks;
+    const int rest = index / position_blocks;
+    it.kv_head = rest % p.num_kv_heads;
+    it.request = rest / p.num_kv_heads;
+    it.q_begin = p.query_start[it.request];
+    const int q_len = p.query_start[it.request + 1] - it.q_begin;
+    it.m0 = position_block * positions;  // first query position of the item in the chunk
+    it.context = p.context_lens[it.request];
+    it.valid = it.m0 < q_len && it.context >= q_len;
+    it.positions_valid = min(positions, q_len - it.m0);
+    it.rows_valid = it.positions_valid * group;
+    it.first_query_pos = it.context - q_len + it.m0;
+    it.last_query_pos = it.first_query_pos + it.positions_valid - 1;
+    const int key_begin = window > 0 ? max(0, it.first_query_pos - window + 1) : 0;
+    it.n_block_end = (it.last_query_pos + kBlockN) / kBlockN;
+    it.num_tiles = it.n_block_end - key_begin / kBlockN;
+    return it;
+  };
 
   const int tid = threadIdx.x;
   // Taken from lane 0 so that ptxas knows it is warp-uniform: the consumers' shared-memory
@@ -498,24 +527,38 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // wgmma's swizzle pattern repeats every 1024 bytes; the tiles start on that boundary.
   const uint32_t raw_address = shared_address(raw_shared);
   unsigned char* shared = raw_shared + ((1024 - (raw_address & 1023)) & 1023);
-  const uint32_t q_tile = shared_address(shared);
   constexpr int kStages = Tile::kStages;
-  const uint32_t k_tiles = q_tile + Tile::kQBytes;             // [kStages]
-  const uint32_t v_tiles = k_tiles + kStages * Tile::kKVBytes;  // [kStages]
-  // Tile i's K and V go to buffer i % kStages; the cache block of each of its key rows (-1 past
-  // the context) to slot i % kStages of key_blocks.
-  int32_t* key_blocks =
-      reinterpret_cast<int32_t*>(shared + Tile::kQBytes + 2 * kStages * Tile::kKVBytes);
+  constexpr int kQBuffers = Tile::kQBuffers;
+  const uint32_t q_tiles = shared_address(shared);                           // [kQBuffers]
+  const uint32_t k_tiles = q_tiles + kQBuffers * Tile::kQBytes;              // [kStages]
+  const uint32_t v_tiles = k_tiles + kStages * Tile::kKVBytes;               // [kStages]
+  // Tiles are counted over the CTA's items: tile g's K and V go to buffer g % kStages, the cache
+  // block of each of its key rows (-1 past the context) to slot g % kIdSlots of key_blocks. The
+  // n-th item's Q goes to buffer n % kQBuffers, and its O leaves through the same buffer.
+  int32_t* key_blocks = reinterpret_cast<int32_t*>(shared + kQBuffers * Tile::kQBytes +
+                                                   2 * kStages * Tile::kKVBytes);
   const uint32_t barriers = shared_address(key_blocks) + Tile::kBlocksBytes;
   // Buffer b's barriers: "full" completes when its tile landed (the producer's 128 threads
-  // arrive), "empty" when both consumers' products that read it are done (8 warps arrive).
-  auto k_full = [&](int i) { return barriers + uint32_t(i % kStages) * 8; };
-  auto k_empty = [&](int i) { return barriers + uint32_t(kStages + i % kStages) * 8; };
-  auto v_full = [&](int i) { return barriers + uint32_t(2 * kStages + i % kStages) * 8; };
-  auto v_empty = [&](int i) { return barriers + uint32_t(3 * kStages + i % kStages) * 8; };
-  const uint32_t q_full = barriers + uint32_t(4 * kStages) * 8;
-  // The n-th use of a buffer (tile i: n = i / kStages) completes phase n of its barriers.
-  auto phase = [](int i) { return uint32_t((i / kStages) & 1); };
+  // arrive), "empty" when both consumers' products that read it are done (8 warps arrive). Q
+  // buffer b: "full" as K's (one arrival with the tensor copy), "empty" once its item's O has
+  // left it (one arrival).
+  auto k_full = [&](int g) { return barriers + uint32_t(g % kStages) * 8; };
+  auto k_empty = [&](int g) { return barriers + uint32_t(kStages + g % kStages) * 8; };
+  auto v_full = [&](int g) { return barriers + uint32_t(2 * kStages + g % kStages) * 8; };
+  auto v_empty = [&](int g) { return barriers + uint32_t(3 * kStages + g % kStages) * 8; };
+  auto q_full = [&](int n) { return barriers + uint32_t(4 * kStages + n % kQBuffers) * 8; };
+  auto q_empty = [&](int n) {
+    return barriers + uint32_t(4 * kStages + kQBuffers + n % kQBuffers) * 8;
+  };
+  // The u-th use of a buffer (tile g: u = g / kStages) completes phase u of its barriers.
+  auto phase = [](int g) { return uint32_t((g / kStages) & 1); };
+  auto q_phase = [](int n) { return uint32_t((n / kQBuffers) & 1); };
+  // The n-th item's index (-1: no more items) sits in item_slots[n % kQBuffers] before its
+  // Q-full phase completes; fetched_item passes the producer's counter draw to its threads.
+  volatile int32_t* const item_slots =
+      reinterpret_cast<int32_t*>(shared + kQBuffers * Tile::kQBytes + 2 * kStages * Tile::kKVBytes +
+                                 Tile::kBlocksBytes + Tile::kBarriers * sizeof(uint64_t));
+  volatile int32_t* const fetched_item = item_slots + kQBuffers;
   if (tid == 0) {
     for (int b = 0; b < kStages; ++b) {
       wgmma::barrier_init(k_full(b), 128);
@@ -523,38 +566,25 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       wgmma::barrier_init(k_empty(b), 4 * Tile::kConsumers);
       wgmma::barrier_init(v_empty(b), 4 * Tile::kConsumers);
     }
-    wgmma::barrier_init(q_full, q_tensor_copy ? 1 : 128);
+    for (int b = 0; b < kQBuffers; ++b) {
+      // Thread 0's arrival (after it wrote the item index) plus, without the tensor copy, each
+      // producer thread's arrival on its Q copies.
+      wgmma::barrier_init(q_full(b), q_tensor_copy ? 1 : 129);
+      wgmma::barrier_init(q_empty(b), 1);
+    }
   }
   __syncthreads();
 
   if (warpgroup == 0) {
-    // ---- producer: tile i (0 = the diagonal) covers keys from (n_block_end - 1 - i) * kBlockN.
-    // K(0) comes with Q.
+    // ---- producer: an item's tile i (0 = the diagonal) covers keys from
+    // (n_block_end - 1 - i) * kBlockN; it runs ahead of the consumers, into the next items,
+    // waiting only for buffers.
     wgmma::shrink_registers<Tile::kProducerRegisters>();
-    // Q first, as two tensor copies (64 columns each) of the rows' positions x group heads: the
-    // same 128-row packing, since a position's group heads are adjacent in q. Issued from 128
-    // threads as 2,048 16-byte copies it took ~2.2 us of the producer's time before K(0) could
-    // go out (the copies' issue stalls on their own latency).
-    if (q_tensor_copy && tid == 0) {
-      wgmma::barrier_arrive_expect_bytes(q_full, uint32_t(positions * group) * 2 * wgmma::kRowBytes);
-      for (int half_index = 0; half_index < 2; ++half_index) {
-        wgmma::tensor_load_3d(q_tile + uint32_t(half_index) * Tile::kQHalfBytes, q_map,
-                              half_index * 64, kv_head * group, q_begin + m0, q_full);
-      }
-    }
     const int64_t head_run = int64_t{p.block_size} * kHeadDim;
     const int64_t block_elements = 2 * p.num_kv_heads * head_run;
     const int64_t v_delta = p.num_kv_heads * head_run;
-    const int32_t* block_table = p.block_tables + int64_t{request} * p.max_blocks_per_request;
-    const T* cache = static_cast<const T*>(p.layer_cache) + kv_head * head_run;
     const int block_mask = p.block_size - 1;  // a power of two that divides kBlockN (host check)
     const int block_shift = __ffs(p.block_size) - 1;
-    // Thread tid looks up key row tid of a tile; each tile's lookup is issued one iteration
-    // before its ids are stored (next_block), so its latency hides behind a round of copies.
-    auto block_of = [&](int tile) {
-      const int pos = (n_block_end - 1 - tile) * kBlockN + tid;
-      return tile < num_tiles && pos < context ? block_table[pos >> block_shift] : -1;
-    };
     // Each thread copies one 16-byte chunk of every 8th row.
     const int chunk = tid % 16;
     const uint32_t half = uint32_t(chunk / 8);
@@ -568,84 +598,151 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     constexpr int kIssuingWarps = 4;
     const int blocks_per_tile = kBlockN / p.block_size;
     const int producer_warp = tid / gpu::kWarpSize;
-    auto load_kv_tensor = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
-      // Thread 0 arrives expecting the whole tile before it issues its own boxes, so the phase
-      // cannot complete until they land too.
-      if (tid == 0) wgmma::barrier_arrive_expect_bytes(barrier, Tile::kKVBytes);
-      if (lane == 0 && producer_warp < kIssuingWarps) {
-        const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
-        for (int box = producer_warp; box < 2 * blocks_per_tile; box += kIssuingWarps) {
-          const int j = box / 2;
-          const uint32_t box_half = uint32_t(box % 2);
-          const uint32_t dst = tile_address + box_half * Tile::kKVHalfBytes +
-                               uint32_t(j * p.block_size) * wgmma::kRowBytes;
-          wgmma::tensor_load_5d(dst, cache_map, int(box_half) * 64, 0, kv_head, kind,
-                                blocks[j * p.block_size], barrier);
+    int tile_base = 0;  // the CTA's tiles before this item
+    for (int n = 0;; ++n) {  // the CTA's n-th item
+      if (tid == 0) {
+        // An invalid item lies in its (request, KV head)'s run of position blocks past the
+        // chunk (or in a request with no valid block): the counter skips the whole run.
+        int index = atomicAdd(&scheduler[0], 1);
+        while (index < num_items && !item_at(index).valid) {
+          const int run_start = index - index % position_blocks;
+          const int request = run_start / position_blocks / p.num_kv_heads;
+          const int q_len = p.query_start[request + 1] - p.query_start[request];
+          const bool usable = q_len > 0 && p.context_lens[request] >= q_len;
+          const int valid_blocks = usable ? (q_len + positions - 1) / positions : 0;
+          atomicMax(&scheduler[0], run_start + position_blocks - valid_blocks);
+          index = atomicAdd(&scheduler[0], 1);
+        }
+        *fetched_item = index < num_items ? index : -1;
+      }
+      wgmma::named_barrier(1, 128);
+      const int index = *fetched_item;
+      const uint32_t q_tile = q_tiles + uint32_t(n % kQBuffers) * Tile::kQBytes;
+      if (n >= kQBuffers) wgmma::barrier_wait(q_empty(n), q_phase(n) ^ 1);
+      if (tid == 0) item_slots[n % kQBuffers] = index;
+      if (index < 0) {
+        if (tid == 0) wgmma::barrier_arrive(q_full(n));
+        if (!q_tensor_copy) wgmma::barrier_arrive(q_full(n));
+        break;
+      }
+      const Item it = item_at(index);
+      // Q first, as two tensor copies (64 columns each) of the rows' positions x group heads:
+      // the same 128-row packing, since a position's group heads are adjacent in q. Issued from
+      // 128 threads as 2,048 16-byte copies it took ~2.2 us of the producer's time (the copies'
+      // issue stalls on their own latency).
+      if (q_tensor_copy && tid == 0) {
+        wgmma::barrier_arrive_expect_bytes(q_full(n),
+                                           uint32_t(positions * group) * 2 * wgmma::kRowBytes);
+        for (int half_index = 0; half_index < 2; ++half_index) {
+          wgmma::tensor_load_3d(q_tile + uint32_t(half_index) * Tile::kQHalfBytes, q_map,
+                                half_index * 64, it.kv_head * group, it.q_begin + it.m0,
+                                q_full(n));
         }
       }
-      if (tid != 0) wgmma::barrier_arrive(barrier);
-    };
-    auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
-      const int32_t* blocks = key_blocks + (tile % kStages) * kBlockN;
+      const int32_t* block_table =
+          p.block_tables + int64_t{it.request} * p.max_blocks_per_request;
+      const T* cache = static_cast<const T*>(p.layer_cache) + it.kv_head * head_run;
+      // Thread tid looks up key row tid of a tile; each tile's lookup is issued one iteration
+      // before its ids are stored (next_block), so its latency hides behind a round of copies.
+      auto block_of = [&](int tile) {
+        const int pos = (it.n_block_end - 1 - tile) * kBlockN + tid;
+        return tile < it.num_tiles && pos < it.context ? block_table[pos >> block_shift] : -1;
+      };
+      auto ids = [&](int tile) { return key_blocks + ((tile_base + tile) % Tile::kIdSlots) * kBlockN; };
+      auto load_kv_tensor = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
+        // Thread 0 arrives expecting the whole tile before it issues its own boxes, so the phase
+        // cannot complete until they land too.
+        if (tid == 0) wgmma::barrier_arrive_expect_bytes(barrier, Tile::kKVBytes);
+        if (lane == 0 && producer_warp < kIssuingWarps) {
+          const int32_t* blocks = ids(tile);
+          for (int box = producer_warp; box < 2 * blocks_per_tile; box += kIssuingWarps) {
+            const int j = box / 2;
+            const uint32_t box_half = uint32_t(box % 2);
+            const uint32_t dst = tile_address + box_half * Tile::kKVHalfBytes +
+                                 uint32_t(j * p.block_size) * wgmma::kRowBytes;
+            wgmma::tensor_load_5d(dst, cache_map, int(box_half) * 64, 0, it.kv_head, kind,
+                                  blocks[j * p.block_size], barrier);
+          }
+        }
+        if (tid != 0) wgmma::barrier_arrive(barrier);
+      };
+      auto load_kv = [&](uint32_t tile_address, int tile, int64_t delta) {
+        const int32_t* blocks = ids(tile);
 #pragma unroll 4
-      for (int row = first_row; row < kBlockN; row += 8) {
-        const int32_t block = blocks[row];
-        // Rows of a tile start at a multiple of the block size: row % block_size is the slot.
-        const T* src = block >= 0 ? cache + block * block_elements + delta +
-                                        (row & block_mask) * kHeadDim + chunk * 8
-                                  : cache;
-        cp_async_16(tile_address + half * Tile::kKVHalfBytes + wgmma::swizzled(row, chunk % 8),
-                    src, block >= 0);
+        for (int row = first_row; row < kBlockN; row += 8) {
+          const int32_t block = blocks[row];
+          // Rows of a tile start at a multiple of the block size: row % block_size is the slot.
+          const T* src = block >= 0 ? cache + block * block_elements + delta +
+                                          (row & block_mask) * kHeadDim + chunk * 8
+                                    : cache;
+          cp_async_16(tile_address + half * Tile::kKVHalfBytes + wgmma::swizzled(row, chunk % 8),
+                      src, block >= 0);
+        }
+      };
+      // The slots of tiles 0 and 1 held the previous item's tiles, whose copies every thread has
+      // issued once it is past this barrier.
+      const int32_t first_blocks[2] = {block_of(0), block_of(1)};
+      int32_t next_block = block_of(2);
+      wgmma::named_barrier(1, 128);
+      ids(0)[tid] = first_blocks[0];
+      ids(1)[tid] = first_blocks[1];
+      wgmma::named_barrier(1, 128);
+      if (!q_tensor_copy) {
+        const T* q = static_cast<const T*>(p.q);
+        for (int row = first_row; row < kBlockM; row += 8) {
+          const bool valid = row < it.rows_valid;
+          const int head = it.kv_head * group + row % group;
+          const T* src = valid ? q + int64_t{it.q_begin + it.m0 + row / group} * p.q_stride +
+                                     head * kHeadDim + chunk * 8
+                               : q;
+          cp_async_16(q_tile + half * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8), src,
+                      valid);
+        }
+        wgmma::barrier_arrive_on_copies(q_full(n));
+        if (tid == 0) wgmma::barrier_arrive(q_full(n));
       }
-    };
-    key_blocks[tid] = block_of(0);
-    key_blocks[kBlockN + tid] = block_of(1);
-    int32_t next_block = block_of(2);
-    wgmma::named_barrier(1, 128);
-    if (!q_tensor_copy) {
-      const T* q = static_cast<const T*>(p.q);
-      for (int row = first_row; row < kBlockM; row += 8) {
-        const bool valid = row < rows_valid;
-        const int head = kv_head * group + row % group;
-        const T* src = valid ? q + int64_t{q_begin + m0 + row / group} * p.q_stride +
-                                   head * kHeadDim + chunk * 8
-                             : q;
-        cp_async_16(q_tile + half * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8), src, valid);
+      auto tile_is_whole = [&](int tile) {
+        return tensor_copies && (it.n_block_end - tile) * kBlockN <= it.context;
+      };
+      auto load = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
+        if (tile_is_whole(tile)) {
+          load_kv_tensor(tile_address, tile, kind, barrier);
+        } else {
+          load_kv(tile_address, tile, kind == 0 ? 0 : v_delta);
+          wgmma::barrier_arrive_on_copies(barrier);
+        }
+      };
+      // K(i) into its buffer once the consumers are done with the tile kStages before it, V(i - 1)
+      // likewise.
+      for (int i = 0; i <= it.num_tiles; ++i) {
+        const int g = tile_base + i;
+        if (i < it.num_tiles) {
+          if (g >= kStages) wgmma::barrier_wait(k_empty(g), phase(g) ^ 1);
+          load(k_tiles + uint32_t(g % kStages) * Tile::kKVBytes, i, 0, k_full(g));
+        }
+        if (i > 0) {
+          const int v = g - 1;
+          if (v >= kStages) wgmma::barrier_wait(v_empty(v), phase(v) ^ 1);
+          load(v_tiles + uint32_t(v % kStages) * Tile::kKVBytes, i - 1, 1, v_full(v));
+        }
+        if (i > 0 && i + 1 < it.num_tiles) {
+          // Tile i + 1's slot held the tile kIdSlots before it, whose V every thread issued
+          // before the last barrier.
+          ids(i + 1)[tid] = next_block;
+          next_block = block_of(i + 2);
+          wgmma::named_barrier(1, 128);
+        }
       }
-    }
-    auto tile_is_whole = [&](int tile) {
-      return tensor_copies && (n_block_end - tile) * kBlockN <= context;
-    };
-    auto load = [&](uint32_t tile_address, int tile, int kind, uint32_t barrier) {
-      if (tile_is_whole(tile)) {
-        load_kv_tensor(tile_address, tile, kind, barrier);
-      } else {
-        load_kv(tile_address, tile, kind == 0 ? 0 : v_delta);
-        wgmma::barrier_arrive_on_copies(barrier);
-      }
-    };
-    if (!q_tensor_copy) wgmma::barrier_arrive_on_copies(q_full);
-    load(k_tiles, 0, 0, k_full(0));
-    // The producer runs ahead of the consumers by up to kStages tiles: it waits only for buffers.
-    for (int i = 1; i <= num_tiles; ++i) {
-      // K(i) into its buffer once the consumers are done with K(i - kStages), V(i - 1) likewise.
-      if (i < num_tiles) {
-        if (i >= kStages) wgmma::barrier_wait(k_empty(i), phase(i) ^ 1);
-        load(k_tiles + uint32_t(i % kStages) * Tile::kKVBytes, i, 0, k_full(i));
-      }
-      const int v = i - 1;
-      if (v >= kStages) wgmma::barrier_wait(v_empty(v), phase(v) ^ 1);
-      load(v_tiles + uint32_t(v % kStages) * Tile::kKVBytes, v, 1, v_full(v));
-      if (i + 1 < num_tiles) {
-        // Tile i + 1's slot held tile i + 1 - kStages, whose V every thread issued before the
-        // last barrier.
-        key_blocks[((i + 1) % kStages) * kBlockN + tid] = next_block;
-        next_block = block_of(i + 2);
-        wgmma::named_barrier(1, 128);
-      }
+      tile_base += it.num_tiles;
     }
     cp_async_commit();
     cp_async_wait_all();  // no copy outlives its thread
+    // Every CTA drew past the last item before counting itself done, so the last to finish can
+    // zero the counter for the next launch on the stream.
+    if (tid == 0 && atomicAdd(&scheduler[1], 1) == int(gridDim.x) - 1) {
+      scheduler[0] = 0;
+      scheduler[1] = 0;
+    }
     return;
   }
 
@@ -656,27 +753,23 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // Per thread: rows lane / 4 and lane / 4 + 8 of its warp's 16 (wgmma.h's accumulator layout).
   const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;
   const int rows[2] = {row_in_tile, row_in_tile + 8};
-  const int query_pos[2] = {first_query_pos + rows[0] / group, first_query_pos + rows[1] / group};
-  // Row r sees keys visible_from[r] .. visible_from[r] + visible_span[r]: causal, inside the
-  // context and the window. One unsigned comparison per score masks the rest (a padded row,
-  // past rows_valid, may see more; it is never stored).
-  int visible_from[2];
-  uint32_t visible_span[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    visible_from[r] = window > 0 ? max(query_pos[r] - window + 1, 0) : 0;
-    visible_span[r] = uint32_t(min(query_pos[r], context - 1) - visible_from[r]);
-  }
-  const int heads[2] = {kv_head * group + rows[0] % group, kv_head * group + rows[1] % group};
   const float scale_log2 = p.scale * kLog2e;
   const bool has_softcap = p.softcap > 0.0f;
   const float softcap_log2 = p.softcap * kLog2e;
   const float scale_over_softcap = has_softcap ? p.scale / p.softcap : 0.0f;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const float slope_log2[2] = {has_alibi ? p.alibi_slopes[heads[0]] * kLog2e : 0.0f,
-                               has_alibi ? p.alibi_slopes[heads[1]] * kLog2e : 0.0f};
-
-  const uint32_t q_rows = q_tile + uint32_t(consumer) * 64 * wgmma::kRowBytes;
+  // The current item's: its rows' query positions; row r sees keys visible_from[r] ..
+  // visible_from[r] + visible_span[r] (causal, inside the context and the window; one unsigned
+  // comparison per score masks the rest; a padded row, past rows_valid, may see more and is
+  // never stored); ALiBi slopes; its first tile's keys; the Q rows of this consumer.
+  int query_pos[2] = {0, 0};
+  int visible_from[2] = {0, 0};
+  uint32_t visible_span[2] = {0, 0};
+  float slope_log2[2] = {0.0f, 0.0f};
+  int n_block_end = 0;
+  int first_query_pos = 0;
+  int last_query_pos = 0;
+  uint32_t q_rows = 0;
   auto issue_scores = [&](float (&s)[64], uint32_t k_tile) {
 #pragma unroll
     for (int ks = 0; ks < Tile::kKSteps; ++ks) {
@@ -830,8 +923,6 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
 
   using Unmasked = std::false_type;
   using Masked = std::true_type;
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   float s[64];
   float correction[2];
   auto tile_softmax = [&](int t, uint32_t (&probs)[Tile::kPSteps][4]) {
@@ -841,117 +932,155 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       softmax(Unmasked{}, s, t, probs, correction);
     }
   };
-  acquire(q_full, 0);
-  acquire(k_full(0), 0);
-  if (consumer == 1) pass_turn();  // consumer 0 issues first
-  take_turn();
-  wgmma::fence();
-  issue_scores(s, k_tiles);
-  wgmma::commit();
-  pass_turn();
-  wgmma::wait<0>();
-  wgmma::pin(s);
-  release(k_empty(0));
-  tile_softmax(0, pv[0]);
+  int tile_base = 0;  // the CTA's tiles before this item (buffers and barrier phases count them)
   // Step t (FlashAttention-3's order within a warpgroup): S(t) = Q K(t)^T and O += P(t-1) V(t-1)
   // issued together; the softmax of S(t) runs once S(t) is done, under P V; then O is rescaled
   // to tile t's maximum. P(t) goes to buffer t % 2.
   auto step = [&](auto parity, int t) {
     constexpr int kThis = decltype(parity)::value;
-    acquire(k_full(t), t);
-    acquire(v_full(t - 1), t - 1);
+    const int g = tile_base + t;
+    acquire(k_full(g), g);
+    acquire(v_full(g - 1), g - 1);
     pin_operands();
     take_turn();
     wgmma::fence();
-    issue_scores(s, k_tiles + uint32_t(t % kStages) * Tile::kKVBytes);
+    issue_scores(s, k_tiles + uint32_t(g % kStages) * Tile::kKVBytes);
     wgmma::commit();
-    issue_values(pv[1 - kThis], v_tiles + uint32_t((t - 1) % kStages) * Tile::kKVBytes);
+    issue_values(pv[1 - kThis], v_tiles + uint32_t((g - 1) % kStages) * Tile::kKVBytes);
     wgmma::commit();
     pass_turn();
     wgmma::wait<1>();
     wgmma::pin(s);
-    release(k_empty(t));
+    release(k_empty(g));
     tile_softmax(t, pv[kThis]);
     // Without a barrier here ptxas schedules the wait for P V as early as its operands allow,
     // i.e. before most of the softmax.
     warpgroup_barrier();
     wgmma::wait<0>();
     pin_operands();
-    release(v_empty(t - 1));
+    release(v_empty(g - 1));
     rescale_output(correction);
   };
-  for (int t = 1; t < num_tiles; t += 2) {
-    step(std::integral_constant<int, 1>{}, t);
-    if (t + 1 < num_tiles) step(std::integral_constant<int, 0>{}, t + 1);
-  }
-  const int last = num_tiles - 1;
-  acquire(v_full(last), last);
-  pin_operands();
-  take_turn();
-  // A constant index into pv in each branch: a computed one would put pv in local memory.
-  auto issue_last_values = [&](const uint32_t (&probs)[Tile::kPSteps][4]) {
-    wgmma::fence();
-    issue_values(probs, v_tiles + uint32_t(last % kStages) * Tile::kKVBytes);
-    wgmma::commit();
-  };
-  if (last % 2 == 0) {
-    issue_last_values(pv[0]);
-  } else {
-    issue_last_values(pv[1]);
-  }
-  if (consumer == 0) pass_turn();  // consumer 1's last turn follows; nobody waits after it
-  wgmma::wait<0>();
-  pin_operands();
-
-  // Epilogue: normalise O into the consumer's own Q rows (its last Q K^T is done; the other
-  // consumer reads only its rows), in Q's swizzled layout, then out: a whole tile as two tensor
-  // copies, a partial one as 16-byte chunks, a warp writing two whole 256-byte rows at once.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float total = row_sum[r];
-    total += gpu::shfl_xor(total, 1);
-    total += gpu::shfl_xor(total, 2);
-    const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      const uint32_t offset = uint32_t(j / 8) * Tile::kQHalfBytes +
-                              wgmma::swizzled(rows[r], j % 8) + uint32_t(lane % 4) * 4;
-      *reinterpret_cast<uint32_t*>(shared + offset) =
-          pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-    }
-  }
-  if (out_tensor_copy && positions_valid == positions) {
-    // Whole tiles leave as two tensor copies, issued once both consumers have staged their rows
-    // (a partial tile's box would overwrite the next request's rows).
-    wgmma::fence_shared_for_async_reads();
-    wgmma::named_barrier(6, 256);
-    if (tid == 128) {
-      for (int half_index = 0; half_index < 2; ++half_index) {
-        wgmma::tensor_store_3d(out_map, half_index * 64, kv_head * group, q_begin + m0,
-                               q_tile + uint32_t(half_index) * Tile::kQHalfBytes);
-      }
-      wgmma::bulk_stores_read_shared();
-    }
-    return;
-  }
-  warpgroup_barrier();
-  T* out = static_cast<T*>(p.out);
+  T* const out = static_cast<T*>(p.out);
   const int64_t out_stride = int64_t{p.num_heads} * kHeadDim;
-  constexpr int kRowChunks = kHeadDim / 8;  // 16-byte chunks of a row
-  const int consumer_thread = tid % 128;
+
+  if (consumer == 1) pass_turn();  // consumer 0 issues first
+  for (int n = 0;; ++n) {  // the CTA's n-th item
+    wgmma::barrier_wait(q_full(n), q_phase(n));
+    wgmma::fence_shared_for_async_reads();
+    const int index = item_slots[n % kQBuffers];
+    if (index < 0) break;
+    const Item it = item_at(index);
+    n_block_end = it.n_block_end;
+    first_query_pos = it.first_query_pos;
+    last_query_pos = it.last_query_pos;
 #pragma unroll
-  for (int c = consumer_thread; c < 64 * kRowChunks; c += 128) {
-    const int row = consumer * 64 + c / kRowChunks;
-    const int chunk = c % kRowChunks;
-    if (row < rows_valid) {
-      const uint32_t offset =
-          uint32_t(chunk / 8) * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8);
-      T* out_row = out + int64_t{q_begin + m0 + row / group} * out_stride +
-                   (kv_head * group + row % group) * kHeadDim;
-      *reinterpret_cast<uint4*>(out_row + chunk * 8) =
-          *reinterpret_cast<const uint4*>(shared + offset);
+    for (int r = 0; r < 2; ++r) {
+      query_pos[r] = it.first_query_pos + rows[r] / group;
+      visible_from[r] = window > 0 ? max(query_pos[r] - window + 1, 0) : 0;
+      visible_span[r] = uint32_t(min(query_pos[r], it.context - 1) - visible_from[r]);
+      slope_log2[r] =
+          has_alibi ? p.alibi_slopes[it.kv_head * group + rows[r] % group] * kLog2e : 0.0f;
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.0f;
     }
+    const uint32_t q_offset = uint32_t(n % kQBuffers) * Tile::kQBytes;
+    q_rows = q_tiles + q_offset + uint32_t(consumer) * 64 * wgmma::kRowBytes;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+
+    acquire(k_full(tile_base), tile_base);
+    take_turn();
+    wgmma::fence();
+    issue_scores(s, k_tiles + uint32_t(tile_base % kStages) * Tile::kKVBytes);
+    wgmma::commit();
+    pass_turn();
+    wgmma::wait<0>();
+    wgmma::pin(s);
+    release(k_empty(tile_base));
+    tile_softmax(0, pv[0]);
+    for (int t = 1; t < it.num_tiles; t += 2) {
+      step(std::integral_constant<int, 1>{}, t);
+      if (t + 1 < it.num_tiles) step(std::integral_constant<int, 0>{}, t + 1);
+    }
+    const int last = it.num_tiles - 1;
+    const int g_last = tile_base + last;
+    acquire(v_full(g_last), g_last);
+    pin_operands();
+    take_turn();
+    // A constant index into pv in each branch: a computed one would put pv in local memory.
+    auto issue_last_values = [&](const uint32_t (&probs)[Tile::kPSteps][4]) {
+      wgmma::fence();
+      issue_values(probs, v_tiles + uint32_t(g_last % kStages) * Tile::kKVBytes);
+      wgmma::commit();
+    };
+    if (last % 2 == 0) {
+      issue_last_values(pv[0]);
+    } else {
+      issue_last_values(pv[1]);
+    }
+    pass_turn();
+    wgmma::wait<0>();
+    pin_operands();
+    release(v_empty(g_last));
+
+    // Epilogue: normalise O into the consumer's own rows of the item's Q buffer (its last
+    // Q K^T is done; the other consumer reads only its rows), in Q's swizzled layout, then out:
+    // a whole tile as two tensor copies, a partial one as 16-byte chunks, a warp writing two
+    // whole 256-byte rows at once. Then the buffer is free for the item after next's Q.
+    unsigned char* const staging = shared + q_offset;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[r];
+      total += gpu::shfl_xor(total, 1);
+      total += gpu::shfl_xor(total, 2);
+      const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        const uint32_t offset = uint32_t(j / 8) * Tile::kQHalfBytes +
+                                wgmma::swizzled(rows[r], j % 8) + uint32_t(lane % 4) * 4;
+        *reinterpret_cast<uint32_t*>(staging + offset) =
+            pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+      }
+    }
+    if (out_tensor_copy && it.positions_valid == positions) {
+      // Whole tiles leave as two tensor copies, issued once both consumers have staged their
+      // rows (a partial tile's box would overwrite the next request's rows).
+      wgmma::fence_shared_for_async_reads();
+      wgmma::named_barrier(6, 256);
+      if (tid == 128) {
+        for (int half_index = 0; half_index < 2; ++half_index) {
+          wgmma::tensor_store_3d(out_map, half_index * 64, it.kv_head * group, it.q_begin + it.m0,
+                                 q_tiles + q_offset + uint32_t(half_index) * Tile::kQHalfBytes);
+        }
+        wgmma::bulk_stores_read_shared();
+        wgmma::barrier_arrive(q_empty(n));
+      }
+    } else {
+      warpgroup_barrier();
+      constexpr int kRowChunks = kHeadDim / 8;  // 16-byte chunks of a row
+      const int consumer_thread = tid % 128;
+#pragma unroll
+      for (int c = consumer_thread; c < 64 * kRowChunks; c += 128) {
+        const int row = consumer * 64 + c / kRowChunks;
+        const int chunk = c % kRowChunks;
+        if (row < it.rows_valid) {
+          const uint32_t offset =
+              uint32_t(chunk / 8) * Tile::kQHalfBytes + wgmma::swizzled(row, chunk % 8);
+          T* out_row = out + int64_t{it.q_begin + it.m0 + row / group} * out_stride +
+                       (it.kv_head * group + row % group) * kHeadDim;
+          *reinterpret_cast<uint4*>(out_row + chunk * 8) =
+              *reinterpret_cast<const uint4*>(staging + offset);
+        }
+      }
+      wgmma::named_barrier(6, 256);
+      if (tid == 128) wgmma::barrier_arrive(q_empty(n));
+    }
+    tile_base += it.num_tiles;
   }
+  // Consumer 1 passed the turn after its last issue too; that arrival is taken here, so no
+  // barrier is left part-way at exit.
+  if (consumer == 0) take_turn();
 #else
   (void)p;
   (void)raw_shared;
@@ -965,10 +1094,10 @@ __global__ void __launch_bounds__(HopperTile::kThreads, 1)
                                         const __grid_constant__ CUtensorMap q_map,
                                         const __grid_constant__ CUtensorMap out_map,
                                         const int tensor_copies, const int q_tensor_copy,
-                                        const int out_tensor_copy) {
+                                        const int out_tensor_copy, int* const scheduler) {
   extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
   prefill_sm90_body<T, Variant>(params, &cache_map, tensor_copies != 0, &q_map, q_tensor_copy != 0,
-                                &out_map, out_tensor_copy != 0, prefill_sm90_shared);
+                                &out_map, out_tensor_copy != 0, scheduler, prefill_sm90_shared);
 }
 
 // ---- the host launcher ------------------------------------------------------------------------
@@ -1065,6 +1194,44 @@ bool make_rows_map(const AttentionParams& p, const void* rows, int64_t row_strid
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+/// Two zeroed ints in device memory for one launch of the wgmma kernel (its item counter and
+/// its count of finished CTAs; the kernel leaves them zero). Each device has kSchedulerSlots
+/// pairs, allocated at its first launch and kept for the process, handed out in turn so that
+/// launches on different streams do not share a pair unless that many are in flight at once.
+int* scheduler_counters(gpu::Stream stream) {
+  constexpr int kMaxDevices = 64;
+  constexpr int kSchedulerSlots = 64;
+  static std::mutex mutex;
+  static int* slots[kMaxDevices] = {};
+  static std::atomic<uint32_t> next_slot{0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    gpu::get_last_error();
+    throw BackendError("paged_attention_prefill: no usable current CUDA device");
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  if (slots[device] == nullptr) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+        capture != cudaStreamCaptureStatusNone) {
+      throw BackendError(
+          "paged_attention_prefill: the wgmma kernel's first launch on a device cannot be "
+          "captured into a CUDA graph (it allocates its scheduling counters); run it once "
+          "before capturing");
+    }
+    void* memory = nullptr;
+    const size_t bytes = size_t(kSchedulerSlots) * 2 * sizeof(int);
+    if (cudaMalloc(&memory, bytes) != cudaSuccess || cudaMemset(memory, 0, bytes) != cudaSuccess) {
+      const std::string error = gpu::error_string(gpu::get_last_error());
+      if (memory != nullptr) cudaFree(memory);
+      throw BackendError("paged_attention_prefill: cannot allocate its scheduling counters: " +
+                         error);
+    }
+    slots[device] = static_cast<int*>(memory);
+  }
+  return slots[device] + 2 * (next_slot.fetch_add(1, std::memory_order_relaxed) % kSchedulerSlots);
+}
+
 template <typename T, int Variant>
 void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   const auto kernel = paged_attention_prefill_sm90_kernel<T, Variant>;
@@ -1076,7 +1243,15 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   }
   const int group = p.num_heads / p.num_kv_heads;
   const int positions = HopperTile::kBlockM / group;
-  const dim3 grid((p.max_query_len + positions - 1) / positions, p.num_kv_heads, p.num_requests);
+  // One persistent CTA per SM (one fits) or per item, whichever is fewer.
+  const int64_t items = (int64_t{p.max_query_len} + positions - 1) / positions * p.num_kv_heads *
+                        p.num_requests;
+  if (items > std::numeric_limits<int32_t>::max()) {
+    throw InvalidArgument("paged_attention_prefill: " + str(items) +
+                          " work items (query blocks x KV heads x requests); the wgmma kernel "
+                          "counts them in 32 bits");
+  }
+  const dim3 grid(unsigned(std::min<int64_t>(items, current_sm_count())));
   CUtensorMap cache_map{};
   const bool tensor_copies = make_cache_map(p, &cache_map);
   CUtensorMap q_map{};
@@ -1086,7 +1261,7 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
       make_rows_map(p, p.out, int64_t{p.num_heads} * p.head_dim, group, positions, &out_map);
   kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(
       p, cache_map, q_map, out_map, tensor_copies ? 1 : 0, q_tensor_copy ? 1 : 0,
-      out_tensor_copy ? 1 : 0);
+      out_tensor_copy ? 1 : 0, scheduler_counters(stream));
   check_launch("paged_attention_prefill (wgmma)");
 }
 

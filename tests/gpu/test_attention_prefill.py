@@ -295,6 +295,29 @@ def test_prefill_hd128_repeats_exactly():
         assert np.array_equal(first, again, equal_nan=True)
 
 
+def test_prefill_hd128_launches_reuse_the_scheduler():
+    """The wgmma kernel's CTAs draw work items from counters that each launch leaves zeroed for
+    a later one (64 pairs per device, used in turn): 70 launches of a batch whose short requests
+    leave runs of empty items all give the first launch's bits, and that matches the CPU."""
+    q_lens, context_lens = [1000, 70, 0, 333, 129], [1000, 900, 5, 333, 129]
+    num_heads, num_kv_heads, block_size, dtype = 8, 2, 16, torch.bfloat16
+    data = _make_case(11, q_lens, context_lens, num_heads, num_kv_heads, 128, block_size, dtype)
+    first, expected = _run(data, num_heads, num_kv_heads, 128, block_size, dtype)
+    assert_close_to_reference(first, expected, TOLERANCES[dtype], "scheduler", "token")
+    scalars = (num_heads, num_kv_heads, 128, block_size, 1.0 / math.sqrt(128))
+    args = [data["q"].to(dtype).cuda(), data["cache"].to(dtype).cuda(), None,
+            torch.from_numpy(data["query_start"]).cuda(),
+            torch.from_numpy(data["context_lens"]).cuda(),
+            torch.from_numpy(data["block_tables"]).cuda(), None, *scalars]
+    out = torch.empty((data["q"].shape[0], num_heads * 128), dtype=dtype, device="cuda")
+    args[2] = out
+    for _ in range(70):
+        out.fill_(float("nan"))
+        _C.ops.paged_attention(*args, max_query_len=max(q_lens), max_context_len=max(context_lens))
+        torch.cuda.synchronize()
+        assert np.array_equal(out.float().cpu().numpy(), first, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_prefill_q_in_fused_qkv_rows(dtype):
     """q read out of a fused QKV projection (q_stride = (heads + 2 kv heads) * head_dim)."""
