@@ -13,7 +13,11 @@
 //   (attention_decode.cu defines current_sm_count and current_device_is_sm90, which the kernel
 //   file calls.)
 //   /tmp/prefill_variants --batch 4 --seq 4096 [--mixed] [--heads 32 --kv-heads 8] [--window W]
-//                         [--softcap C]
+//                         [--softcap C] [--timeline FILE]
+//
+// --timeline (a build with -DOCTAVO_PREFILL_TIMELINE): after the timed launches, one more
+// launch records each work item's clock stamps (TimelineSlot in the kernel file) and writes
+// them to FILE for `python bench/prefill_timeline.py FILE`, which says where a CTA's time goes.
 //
 // --mixed draws each prompt's length from U[64, seq]; every prompt is a whole prefill (context =
 // prompt length), causal.
@@ -57,6 +61,7 @@ int main(int argc, char** argv) {
   int batch = 4, seq = 4096, heads = 32, kv_heads = 8, window = 0;
   bool mixed = false;
   float softcap = 0.0f;
+  const char* timeline_path = nullptr;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const bool has_value = i + 1 < argc;
@@ -74,6 +79,8 @@ int main(int argc, char** argv) {
       window = std::atoi(argv[++i]);
     } else if (has_value && arg == "--softcap") {
       softcap = float(std::atof(argv[++i]));
+    } else if (has_value && arg == "--timeline") {
+      timeline_path = argv[++i];
     } else {
       std::fprintf(stderr, "prefill_variants: unknown or incomplete argument %s\n", arg.c_str());
       return 2;
@@ -143,6 +150,28 @@ int main(int argc, char** argv) {
     check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
   }
   std::sort(ms.begin(), ms.end());
+  if (timeline_path != nullptr) {
+#if defined(OCTAVO_PREFILL_TIMELINE)
+    using octavo::cuda::kTimelineItems;
+    using octavo::cuda::kTimelineSlots;
+    void* stamps = nullptr;
+    check(cudaGetSymbolAddress(&stamps, octavo::cuda::prefill_timeline), "timeline symbol");
+    const size_t bytes = size_t(kTimelineItems) * kTimelineSlots * sizeof(uint64_t);
+    check(cudaMemset(stamps, 0, bytes), "timeline reset");
+    octavo::cuda::paged_attention_prefill(p, nullptr);
+    std::vector<uint64_t> host(bytes / sizeof(uint64_t));
+    check(cudaMemcpy(host.data(), stamps, bytes, cudaMemcpyDeviceToHost), "timeline copy");
+    FILE* file = std::fopen(timeline_path, "wb");
+    if (file == nullptr || std::fwrite(host.data(), 1, bytes, file) != bytes) {
+      std::fprintf(stderr, "prefill_variants: cannot write %s\n", timeline_path);
+      return 1;
+    }
+    std::fclose(file);
+#else
+    std::fprintf(stderr, "prefill_variants: --timeline needs a build with -DOCTAVO_PREFILL_TIMELINE\n");
+    return 2;
+#endif
+  }
   std::vector<uint16_t> result(q.size());
   check(cudaMemcpy(result.data(), out, result.size() * 2, cudaMemcpyDeviceToHost), "copy back");
   uint64_t hash = 1469598103934665603ull;  // FNV-1a over the output's bf16 bits

@@ -403,6 +403,50 @@ __global__ void __launch_bounds__(PrefillTile<HeadDim>::kThreads)
 /// folded) and kPrefillSoftcap (softcap, with or without ALiBi).
 enum PrefillSoftmax : int { kPrefillFold = 0, kPrefillScaled = 1, kPrefillSoftcap = 2 };
 
+/// Where the Hopper kernel's time goes, item by item: built with OCTAVO_PREFILL_TIMELINE (only
+/// bench/prefill_variants.cu --timeline does), each work item records SM clock stamps, its SM,
+/// CTA and tile count into prefill_timeline (kTimelineSlots per item index), which the harness
+/// dumps for bench/prefill_timeline.py. Otherwise the stamps compile to nothing.
+enum TimelineSlot : int {
+  kDrawn = 0,        // the producer drew the item
+  kKeysIssued = 1,   // the producer issued K(0)
+  kInputsReady = 2,  // consumer 0 has Q and K(0)
+  kFirstTile = 3,    // consumer 0 finished the first tile's softmax
+  kLastStep = 4,     // consumer 0 finished the steps (before the last P V)
+  kDone = 5,         // consumer 0 finished the epilogue
+  kWhere = 6,        // SM | tiles << 32 | CTA << 48
+  kDrawnTime = 7,    // globaltimer (ns) at kDrawn and kDone, to convert clocks
+  kDoneTime = 8,
+  kTimelineSlots = 9
+};
+#if defined(OCTAVO_PREFILL_TIMELINE)
+constexpr int kTimelineItems = 1 << 17;
+__device__ unsigned long long prefill_timeline[kTimelineItems * kTimelineSlots];
+__device__ __forceinline__ void timeline_set(int item, TimelineSlot slot, unsigned long long v) {
+  if (item < kTimelineItems) prefill_timeline[int64_t{item} * kTimelineSlots + slot] = v;
+}
+__device__ __forceinline__ void timeline_stamp(int item, TimelineSlot slot) {
+  unsigned long long clock;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(clock)::"memory");
+  timeline_set(item, slot, clock);
+}
+__device__ __forceinline__ void timeline_time(int item, TimelineSlot slot) {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns)::"memory");
+  timeline_set(item, slot, ns);
+}
+__device__ __forceinline__ void timeline_where(int item, int tiles) {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  timeline_set(item, kWhere,
+               sm | (uint64_t(tiles) << 32) | (uint64_t(blockIdx.x) << 48));
+}
+#else
+__device__ __forceinline__ void timeline_stamp(int, TimelineSlot) {}
+__device__ __forceinline__ void timeline_time(int, TimelineSlot) {}
+__device__ __forceinline__ void timeline_where(int, int) {}
+#endif
+
 /// Three warpgroups: a producer that gathers K and V tiles out of the paged cache, and two
 /// consumers of 64 query rows each that share every 128-key tile. Two Q buffers (this item's and
 /// the next one's), two K and two V buffers sit in shared memory in wgmma.h's swizzled layout
@@ -625,6 +669,10 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
         if (!q_tensor_copy) wgmma::barrier_arrive(q_full(n));
         break;
       }
+      if (tid == 0) {
+        timeline_stamp(index, kDrawn);
+        timeline_time(index, kDrawnTime);
+      }
       const Item it = item_at(index);
       // Q first, as two tensor copies (64 columns each) of the rows' positions x group heads:
       // the same 128-row packing, since a position's group heads are adjacent in q. Issued from
@@ -719,6 +767,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
         if (i < it.num_tiles) {
           if (g >= kStages) wgmma::barrier_wait(k_empty(g), phase(g) ^ 1);
           load(k_tiles + uint32_t(g % kStages) * Tile::kKVBytes, i, 0, k_full(g));
+          if (i == 0 && tid == 0) timeline_stamp(index, kKeysIssued);
         }
         if (i > 0) {
           const int v = g - 1;
@@ -990,6 +1039,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     for (int i = 0; i < 64; ++i) o[i] = 0.0f;
 
     acquire(k_full(tile_base), tile_base);
+    if (tid == 128) timeline_stamp(index, kInputsReady);
     take_turn();
     wgmma::fence();
     issue_scores(s, k_tiles + uint32_t(tile_base % kStages) * Tile::kKVBytes);
@@ -999,10 +1049,12 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     wgmma::pin(s);
     release(k_empty(tile_base));
     tile_softmax(0, pv[0]);
+    if (tid == 128) timeline_stamp(index, kFirstTile);
     for (int t = 1; t < it.num_tiles; t += 2) {
       step(std::integral_constant<int, 1>{}, t);
       if (t + 1 < it.num_tiles) step(std::integral_constant<int, 0>{}, t + 1);
     }
+    if (tid == 128) timeline_stamp(index, kLastStep);
     const int last = it.num_tiles - 1;
     const int g_last = tile_base + last;
     acquire(v_full(g_last), g_last);
@@ -1075,6 +1127,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       }
       wgmma::named_barrier(6, 256);
       if (tid == 128) wgmma::barrier_arrive(q_empty(n));
+    }
+    if (tid == 128) {
+      timeline_stamp(index, kDone);
+      timeline_time(index, kDoneTime);
+      timeline_where(index, it.num_tiles);
     }
     tile_base += it.num_tiles;
   }
