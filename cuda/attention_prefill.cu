@@ -504,7 +504,7 @@ struct HopperTile {
 // one-CTA-per-item kernel put ~7.9 us of fixed cost on each CTA beside 1.55 us per key tile: Q
 // and K(0) landing took 3.5 us, 2.2 of them the producer's 2,048 16-byte Q copies stalling on
 // their own issue, and the thread stores of O stalled likewise; as tensor copies (one
-// instruction per 64 columns) 4 x 4096 went 1.03 -> 0.94 ms, 16 x 1024 -18%, 64 x 512 -24%.
+// instruction per 64 columns) 4 x 4096 went 1.03 -> 0.97 ms, 16 x 1024 -18%, 64 x 512 -24%.
 // Persistence then hides the next item's Q and K(0) under the current one (two Q buffers, so two
 // K and two V stages fit): 4 x 4096 0.944 -> 0.920 ms (600 TFLOP/s, 1.0x torch SDPA), 16 x 1024
 // -11%, 64 x 512 -17%, mixed lengths -9 to -15%; launches of a few items pay ~2 us for it
