@@ -473,7 +473,7 @@ struct HopperTile {
   static constexpr size_t kSharedBytes = 1024 /* alignment slack */ + kQBuffers * kQBytes +
                                          2 * kStages * kKVBytes + kBlocksBytes +
                                          kBarriers * sizeof(uint64_t) +
-                                         (kQBuffers + 1) * sizeof(int32_t) /* item indices */;
+                                         kQBuffers * sizeof(int32_t) /* item indices */;
   static_assert(kSharedBytes <= 227 * 1024, "an H100 block has 227 KiB of shared memory");
   // Registers per thread after the split (setmaxnreg): the producer needs few, the consumers
   // hold S, O and P (160) plus the softmax state. The split redistributes what the CTA was
@@ -508,7 +508,8 @@ struct HopperTile {
 // Persistence then hides the next item's Q and K(0) under the current one (two Q buffers, so two
 // K and two V stages fit): 4 x 4096 0.944 -> 0.920 ms (600 TFLOP/s, 1.0x torch SDPA), 16 x 1024
 // -11%, 64 x 512 -17%, mixed lengths -9 to -15%; launches of a few items pay ~2 us for it
-// (1 x 100 tokens 16.6 -> 18.9 us).
+// (1 x 100 tokens 16.6 -> 18.9 us), and not for the counter: with each CTA's first item taken
+// from blockIdx.x instead, 1 x 100 and 2 x 300 tokens timed the same.
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, const void* q_map,
@@ -561,6 +562,21 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     it.num_tiles = it.n_block_end - key_begin / kBlockN;
     return it;
   };
+  // The next item from the counter (-1: none left). An invalid item starts its (request, KV
+  // head)'s run of position blocks past the chunk (all of the run for a request with no valid
+  // block), so the counter skips to the run's first valid item.
+  auto draw_item = [&]() {
+    for (int index = atomicAdd(&scheduler[0], 1); index < num_items;
+         index = atomicAdd(&scheduler[0], 1)) {
+      const Item it = item_at(index);
+      if (it.valid) return index;
+      const int q_len = p.query_start[it.request + 1] - it.q_begin;
+      const bool usable = q_len > 0 && it.context >= q_len;
+      const int valid_blocks = usable ? (q_len + positions - 1) / positions : 0;
+      atomicMax(&scheduler[0], index - index % position_blocks + position_blocks - valid_blocks);
+    }
+    return -1;
+  };
 
   const int tid = threadIdx.x;
   // Taken from lane 0 so that ptxas knows it is warp-uniform: the consumers' shared-memory
@@ -597,12 +613,12 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // The u-th use of a buffer (tile g: u = g / kStages) completes phase u of its barriers.
   auto phase = [](int g) { return uint32_t((g / kStages) & 1); };
   auto q_phase = [](int n) { return uint32_t((n / kQBuffers) & 1); };
-  // The n-th item's index (-1: no more items) sits in item_slots[n % kQBuffers] before its
-  // Q-full phase completes; fetched_item passes the producer's counter draw to its threads.
+  // The n-th item's index (-1: no more items) sits in item_slots[n % kQBuffers] from when the
+  // producer draws it (its Q buffer free) until the buffer's next item: the producer's threads
+  // read it after a barrier, the consumers after its Q-full phase.
   volatile int32_t* const item_slots =
       reinterpret_cast<int32_t*>(shared + kQBuffers * Tile::kQBytes + 2 * kStages * Tile::kKVBytes +
                                  Tile::kBlocksBytes + Tile::kBarriers * sizeof(uint64_t));
-  volatile int32_t* const fetched_item = item_slots + kQBuffers;
   if (tid == 0) {
     for (int b = 0; b < kStages; ++b) {
       wgmma::barrier_init(k_full(b), 128);
@@ -644,26 +660,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     const int producer_warp = tid / gpu::kWarpSize;
     int tile_base = 0;  // the CTA's tiles before this item
     for (int n = 0;; ++n) {  // the CTA's n-th item
-      if (tid == 0) {
-        // An invalid item lies in its (request, KV head)'s run of position blocks past the
-        // chunk (or in a request with no valid block): the counter skips the whole run.
-        int index = atomicAdd(&scheduler[0], 1);
-        while (index < num_items && !item_at(index).valid) {
-          const int run_start = index - index % position_blocks;
-          const int request = run_start / position_blocks / p.num_kv_heads;
-          const int q_len = p.query_start[request + 1] - p.query_start[request];
-          const bool usable = q_len > 0 && p.context_lens[request] >= q_len;
-          const int valid_blocks = usable ? (q_len + positions - 1) / positions : 0;
-          atomicMax(&scheduler[0], run_start + position_blocks - valid_blocks);
-          index = atomicAdd(&scheduler[0], 1);
-        }
-        *fetched_item = index < num_items ? index : -1;
-      }
-      wgmma::named_barrier(1, 128);
-      const int index = *fetched_item;
       const uint32_t q_tile = q_tiles + uint32_t(n % kQBuffers) * Tile::kQBytes;
       if (n >= kQBuffers) wgmma::barrier_wait(q_empty(n), q_phase(n) ^ 1);
-      if (tid == 0) item_slots[n % kQBuffers] = index;
+      if (tid == 0) item_slots[n % kQBuffers] = draw_item();
+      wgmma::named_barrier(1, 128);
+      const int index = item_slots[n % kQBuffers];
       if (index < 0) {
         if (tid == 0) wgmma::barrier_arrive(q_full(n));
         if (!q_tensor_copy) wgmma::barrier_arrive(q_full(n));
