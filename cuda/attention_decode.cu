@@ -71,6 +71,12 @@ constexpr int kBalanceSplitTokens = 2048;
 constexpr int kMaxBalanceSplits = 8;
 constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H100 SM (2 for
                                       // group tile 8 on CUDA cores, limited by registers)
+// Past this many splits a request's reduction costs more than the last CTAs per SM gain: the
+// plan then aims at kFewCtasPerSm (keeping at least kManySplits splits). H100, 32/8 heads: batch
+// 1 x 8k 64 -> 32 splits 17.6 -> 15.8 us, 1 x 32k 61.3 -> 53.3 us; the split kernel alone was as
+// fast with either count, the reduction of 64 splits took ~3.6-4.6 us.
+constexpr int kManySplits = 32;
+constexpr int kFewCtasPerSm = 2;
 
 /// Compile-time geometry of one head dim.
 template <int kHeadDim>
@@ -761,12 +767,17 @@ int64_t balance_splits(int64_t max_keys) {
 }
 
 /// Splits of the keys before rounding them to whole tiles (the final count is never larger):
-/// until num_requests x KV heads x group tiles x splits is about ctas_per_sm CTAs per SM, no split
-/// shorter than kMinSplitTokens; and at least balance_splits. Non-decreasing in max_keys.
+/// until num_requests x KV heads x group tiles x splits is about `target` CTAs (sm_count x the
+/// instance's CTAs per SM; sm_count x kFewCtasPerSm where that takes more than kManySplits), no
+/// split shorter than kMinSplitTokens; and at least balance_splits. Non-decreasing in max_keys.
 int64_t initial_splits(int64_t num_requests, int64_t ctas_per_request, int64_t target,
-                       int64_t max_keys) {
+                       int64_t sm_count, int64_t max_keys) {
   const int64_t base = num_requests * ctas_per_request;
-  int64_t splits = base >= target ? 1 : (target + base / 2) / base;
+  auto splits_for = [base](int64_t ctas) { return base >= ctas ? 1 : (ctas + base / 2) / base; };
+  int64_t splits = splits_for(target);
+  if (splits > kManySplits) {
+    splits = std::max<int64_t>(kManySplits, splits_for(std::min(target, sm_count * kFewCtasPerSm)));
+  }
   splits = std::min(splits, (max_keys + kMinSplitTokens - 1) / kMinSplitTokens);
   splits = std::max(splits, balance_splits(max_keys));
   return std::clamp<int64_t>(splits, 1, kMaxSplits);
@@ -778,12 +789,12 @@ Plan make_plan(const AttentionParams& p, int64_t* target_ctas = nullptr) {
   plan.group = p.num_heads / p.num_kv_heads;
   plan.group_tile = group_tile_for(plan.group, p.head_dim);
   plan.group_tiles = (plan.group + plan.group_tile - 1) / plan.group_tile;
-  const int64_t target =
-      int64_t{current_sm_count()} * ctas_per_sm(plan.group_tile, p.head_dim);
+  const int64_t sm_count = current_sm_count();
+  const int64_t target = sm_count * ctas_per_sm(plan.group_tile, p.head_dim);
   if (target_ctas != nullptr) *target_ctas = target;
   const int64_t max_keys = max_keys_of(p);
   const int64_t splits = initial_splits(p.num_requests, int64_t{p.num_kv_heads} * plan.group_tiles,
-                                        target, max_keys);
+                                        target, sm_count, max_keys);
   const int tile = tile_tokens(p.head_dim);
   int64_t split_tokens = (max_keys + splits - 1) / splits;
   split_tokens = (split_tokens + tile - 1) / tile * tile;
@@ -963,7 +974,7 @@ size_t decode_workspace_bytes(const AttentionParams& params) {
   const int64_t last = std::min<int64_t>(params.num_requests, target / ctas_per_request + 1);
   int64_t max_slots = balance_splits(max_keys) > 1 ? params.num_requests * balance_splits(max_keys) : 0;
   for (int64_t r = 1; r <= last; ++r) {
-    const int64_t splits = initial_splits(r, ctas_per_request, target, max_keys);
+    const int64_t splits = initial_splits(r, ctas_per_request, target, current_sm_count(), max_keys);
     if (splits > 1) max_slots = std::max(max_slots, r * splits);
   }
   return size_t(max_slots) * params.num_heads *
@@ -1002,15 +1013,15 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
   }
   check_launch("paged_attention_decode");
   if (plan.num_splits > 1) {
+    // Overlapped with the split kernel only at the batches every kernel overlaps: at batch
+    // 8 x 1k and 4 x 4k an overlapped reduction made the pair 2 us slower (H100, 2026-11-28).
     const dim3 grid(params.num_heads, params.num_requests);
     if (params.act_dtype == DType::kBFloat16) {
       launch_overlapped(params.num_requests, decode_reduce_kernel<gpu::bf16>, grid,
-                        dim3(kReduceThreads),
-                        0, cuda_stream, args);
+                        dim3(kReduceThreads), 0, cuda_stream, args);
     } else {
       launch_overlapped(params.num_requests, decode_reduce_kernel<gpu::fp16>, grid,
-                        dim3(kReduceThreads),
-                        0, cuda_stream, args);
+                        dim3(kReduceThreads), 0, cuda_stream, args);
     }
     check_launch("paged_attention_decode (split reduction)");
   }
