@@ -232,5 +232,24 @@ def test_decode_workspace_bound_is_monotone():
         assert _C.ops.decode_workspace_bytes(1, heads, kv, hd, 16, 32768) > 0  # batch 1 splits
 
 
+def test_decode_plan_keeps_few_splits_for_one_long_request():
+    """Past 32 splits a request's reduction costs more than a third and fourth CTA per SM gain,
+    so one request of 32k keys is planned at 2 CTAs per SM (at least 32 splits), not 4. The
+    workspace of a batch of one request holds its splits' partial results (before their
+    rounding to whole tiles), so its size tells the plan."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    heads, kv, hd = 32, 8, 128
+    slot_bytes = heads * (hd * 4 + 8)  # per split: partial output and (max, sum) of every head
+
+    def rounded(ctas):
+        return (ctas + kv // 2) // kv
+
+    splits = _C.ops.decode_workspace_bytes(1, heads, kv, hd, 16, 32768) // slot_bytes
+    expected = rounded(4 * sms)
+    if expected > 32:
+        expected = max(32, rounded(2 * sms))
+    assert splits == expected, (sms, splits, expected)
+
+
 # Decode timings over BENCH.md's shapes are bench/kernels.py's (tests/gpu/test_bench_kernels.py
 # runs it); this file holds the kernel to the CPU reference.
