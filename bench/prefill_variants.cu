@@ -9,9 +9,9 @@
 //   nvcc -std=c++20 -O3 -DNDEBUG -DOCTAVO_WITH_CUDA=1 -DOCTAVO_CUDA_SM90A=1 --expt-relaxed-constexpr
 //     --generate-code=arch=compute_90a,code=[sm_90a] -Icpp/include -Icpp/src -I. -Icuda
 //     -DKERNEL_SOURCE='"attention_prefill.cu"' bench/prefill_variants.cu cuda/attention_decode.cu
-//     -o /tmp/prefill_variants
+//     cuda/device_counters.cc -o /tmp/prefill_variants
 //   (attention_decode.cu defines current_sm_count and current_device_is_sm90, which the kernel
-//   file calls.)
+//   file calls; device_counters.cc its scheduling counters.)
 //   /tmp/prefill_variants --batch 4 --seq 4096 [--mixed] [--heads 32 --kv-heads 8] [--window W]
 //                         [--softcap C] [--timeline FILE]
 //

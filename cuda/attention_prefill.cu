@@ -32,12 +32,10 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -45,6 +43,7 @@
 
 #include "compat.h"
 #include "cuda_ops.h"
+#include "device_counters.h"
 #include "mma_sync.h"
 #include "wgmma.h"
 
@@ -1252,42 +1251,18 @@ bool make_rows_map(const AttentionParams& p, const void* rows, int64_t row_strid
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/// Two zeroed ints in device memory for one launch of the wgmma kernel (its item counter and
-/// its count of finished CTAs; the kernel leaves them zero). Each device has kSchedulerSlots
-/// pairs, allocated at its first launch and kept for the process, handed out in turn so that
-/// launches on different streams do not share a pair unless that many are in flight at once.
+/// Two zeroed ints in device memory for one launch of the wgmma kernel: its item counter and its
+/// count of finished CTAs (the kernel leaves them zero).
 int* scheduler_counters(gpu::Stream stream) {
-  constexpr int kMaxDevices = 64;
-  constexpr int kSchedulerSlots = 64;
-  static std::mutex mutex;
-  static int* slots[kMaxDevices] = {};
-  static std::atomic<uint32_t> next_slot{0};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
-    gpu::get_last_error();
-    throw BackendError("paged_attention_prefill: no usable current CUDA device");
+  static DeviceCounters counters("paged_attention_prefill", 2, 64);
+  int* pair = counters.next(stream);
+  if (pair == nullptr) {
+    throw BackendError(
+        "paged_attention_prefill: the wgmma kernel's first launch on a device cannot be "
+        "captured into a CUDA graph (it allocates its scheduling counters); run it once "
+        "before capturing");
   }
-  std::lock_guard<std::mutex> lock(mutex);
-  if (slots[device] == nullptr) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
-        capture != cudaStreamCaptureStatusNone) {
-      throw BackendError(
-          "paged_attention_prefill: the wgmma kernel's first launch on a device cannot be "
-          "captured into a CUDA graph (it allocates its scheduling counters); run it once "
-          "before capturing");
-    }
-    void* memory = nullptr;
-    const size_t bytes = size_t(kSchedulerSlots) * 2 * sizeof(int);
-    if (cudaMalloc(&memory, bytes) != cudaSuccess || cudaMemset(memory, 0, bytes) != cudaSuccess) {
-      const std::string error = gpu::error_string(gpu::get_last_error());
-      if (memory != nullptr) cudaFree(memory);
-      throw BackendError("paged_attention_prefill: cannot allocate its scheduling counters: " +
-                         error);
-    }
-    slots[device] = static_cast<int*>(memory);
-  }
-  return slots[device] + 2 * (next_slot.fetch_add(1, std::memory_order_relaxed) % kSchedulerSlots);
+  return pair;
 }
 
 template <typename T, int Variant>
