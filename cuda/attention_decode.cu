@@ -6,7 +6,9 @@
 // KV head. The keys [first_key, context) of a request are cut into `num_splits` equal ranges
 // (FlashDecoding): the launcher picks the count so that requests x KV heads x splits fills the
 // GPU; a request whose keys fit one split writes its output directly, the others write unnormalised
-// partial outputs plus (max, sum-exp) to the fp32 workspace and decode_reduce_kernel merges them.
+// partial outputs plus (max, sum-exp) to the fp32 workspace, merged by the last split of the
+// request and KV head to finish (a counter per column, merge_splits) in plans of a few splits, by
+// decode_reduce_kernel in the others.
 // Requests start in the order of params.request_order when given (the executor passes longest
 // first): the block scheduler then packs a batch of uneven lengths with no long request left to
 // run alone at the end (the nano run's decode steps, kernels.py nano-run: 0.80 -> 0.89 of copy
@@ -51,6 +53,7 @@
 
 #include "compat.h"
 #include "cuda_ops.h"
+#include "device_counters.h"
 #include "launch.h"
 #include "mma_sync.h"
 
@@ -119,6 +122,9 @@ struct DecodeArgs {
   AttentionParams p;
   float* partial_out;    // [num_requests][num_heads][num_splits][head_dim], unnormalised
   float2* partial_stat;  // [num_requests][num_heads][num_splits]: (max score, sum of exp)
+  // Zeroed counters, one per CTA column (request x KV head x group tile): the last split of a
+  // column to finish merges it (merge_splits). nullptr: decode_reduce_kernel merges instead.
+  int32_t* split_counters;
   int32_t group;         // query heads per KV head
   int32_t group_tiles;   // CTAs per KV head: ceil(group / group tile)
   int32_t num_splits;
@@ -187,6 +193,108 @@ __device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int reque
   range.begin = first_key + split * a.split_tokens;
   range.end = min(range.begin + a.split_tokens, context);
   return range;
+}
+
+// ---- merging the splits --------------------------------------------------------------------
+
+/// Counters one launch may use (one per CTA column); a launch with more columns merges its splits
+/// with decode_reduce_kernel.
+constexpr size_t kSplitCounters = 16384;
+constexpr int kMergeLoadsInFlight = 8;  // splits whose partial results a thread loads at once
+/// Plans of at most this many splits merge in the split kernel; more go to decode_reduce_kernel,
+/// whose 32 x requests CTAs merge in parallel what one CTA per column would merge in several
+/// rounds of loads. H100, 32/8 heads, both ways alternated in one call: 64 x 4096 (2 splits)
+/// 384-389 -> 375 us, 8 x 1k (8) 15.2-15.7 -> 14.0-14.1 us, 64 uneven up to 8k (<= 4) 462-464 ->
+/// 457-459 us, 8 x 8k (8) 100.8-101.6 -> 102.0 us (once 116); but 4 x 4096 (16 splits) 33 -> 34-36
+/// us, 1 x 8k (32) 15.8 -> 17.3 us, 1 x 32k (32) 53.4 -> 55 us, 1 x 1k (16) 6.7 -> 7.4 us.
+constexpr int kMaxMergedSplits = 8;
+
+/// Running merge of splits' (max score, sum of exp, unnormalised output) over four dims.
+struct MergeState {
+  float max_score = -INFINITY;
+  float sum = 0.0f;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+  __device__ __forceinline__ void add(float other_max, float other_sum, const float4& other_acc) {
+    const float reference = safe_reference(fmaxf(max_score, other_max));
+    const float self_weight = __expf(max_score - reference);  // 0 while nothing was merged
+    const float other_weight = __expf(other_max - reference);
+    sum = sum * self_weight + other_sum * other_weight;
+    acc.x = acc.x * self_weight + other_acc.x * other_weight;
+    acc.y = acc.y * self_weight + other_acc.y * other_weight;
+    acc.z = acc.z * self_weight + other_acc.z * other_weight;
+    acc.w = acc.w * self_weight + other_acc.w * other_weight;
+    max_score = fmaxf(max_score, other_max);
+  }
+};
+
+/// Run by the last CTA of a column to finish its split, after every split's partial results
+/// reached global memory: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m). A thread
+/// takes four dims of one head and, where the column's heads have fewer such quads than the CTA
+/// has threads, every parts-th split; the parts then merge through shared memory (`scratch`,
+/// kThreads x 6 floats). Partial results are read from L2 (ld.cg): other SMs wrote them.
+/// Against decode_reduce_kernel this saves the second launch and its wait for the whole split
+/// kernel (kMaxMergedSplits says where that pays).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void merge_splits(const DecodeArgs& a, int request, int head_begin,
+                                             int heads_here, int num_valid, float* scratch) {
+  constexpr int kQuads = kHeadDim / 4;
+  const int items = heads_here * kQuads;
+  const int parts = max(1, kThreads / items);
+  auto merge_range = [&](int item, int part) {
+    const int64_t first_slot = (int64_t{request} * a.p.num_heads + head_begin + item / kQuads) *
+                               a.num_splits;
+    const float2* const stats = a.partial_stat + first_slot;
+    const float4* const partial =
+        reinterpret_cast<const float4*>(a.partial_out + first_slot * kHeadDim) + item % kQuads;
+    MergeState state;
+    for (int first = part; first < num_valid; first += parts * kMergeLoadsInFlight) {
+      float2 stat[kMergeLoadsInFlight];
+      float4 value[kMergeLoadsInFlight];
+#pragma unroll
+      for (int k = 0; k < kMergeLoadsInFlight; ++k) {
+        const int s = first + k * parts;
+        const bool here = s < num_valid;
+        stat[k] = here ? __ldcg(stats + s) : make_float2(-INFINITY, 0.0f);
+        value[k] = here ? __ldcg(partial + int64_t{s} * kQuads) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int k = 0; k < kMergeLoadsInFlight; ++k) state.add(stat[k].x, stat[k].y, value[k]);
+    }
+    return state;
+  };
+  auto store = [&](int item, const MergeState& state) {
+    const float inv_sum = state.sum > 0.0f ? 1.0f / state.sum : 0.0f;
+    T* const dst = static_cast<T*>(a.p.out) +
+                   (int64_t{request} * a.p.num_heads + head_begin + item / kQuads) * kHeadDim +
+                   4 * (item % kQuads);
+    dst[0] = from_float<T>(state.acc.x * inv_sum);
+    dst[1] = from_float<T>(state.acc.y * inv_sum);
+    dst[2] = from_float<T>(state.acc.z * inv_sum);
+    dst[3] = from_float<T>(state.acc.w * inv_sum);
+  };
+  if (parts == 1) {
+    for (int item = threadIdx.x; item < items; item += kThreads) store(item, merge_range(item, 0));
+    return;
+  }
+  // At most one (item, part) per thread here: items x parts <= kThreads.
+  const int item = threadIdx.x % items;
+  const int part = threadIdx.x / items;
+  const bool active = part < parts;
+  const MergeState mine = active ? merge_range(item, part) : MergeState{};
+  float4* const part_acc = reinterpret_cast<float4*>(scratch);
+  float2* const part_stat = reinterpret_cast<float2*>(part_acc + kThreads);
+  part_acc[threadIdx.x] = mine.acc;
+  part_stat[threadIdx.x] = make_float2(mine.max_score, mine.sum);
+  __syncthreads();
+  if (active && part == 0) {
+    MergeState total = mine;
+    for (int other = 1; other < parts; ++other) {
+      const float2 stat = part_stat[other * items + item];
+      total.add(stat.x, stat.y, part_acc[other * items + item]);
+    }
+    store(item, total);
+  }
 }
 
 // ---- the split kernel ----------------------------------------------------------------------
@@ -619,6 +727,21 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
       if (d == 0) a.partial_stat[slot] = make_float2(block_max, total_sum);
     }
   }
+  if (direct || a.split_counters == nullptr) return;
+  // Count this split done once its partial results are visible to every SM; the column's last
+  // split merges them all and leaves the counter at zero for the next launch.
+  __threadfence();
+  __syncthreads();
+  int last_split = 0;  // thread 0's finding, shared by the barrier below (no shared memory left)
+  if (threadIdx.x == 0) {
+    int32_t* const counter = a.split_counters + int64_t{blockIdx.z} * gridDim.x + blockIdx.x;
+    last_split = atomicAdd(counter, 1) == range.num_valid_splits - 1;
+    if (last_split) *counter = 0;
+  }
+  if (!__syncthreads_or(last_split)) return;
+  __threadfence();
+  merge_splits<T, kHeadDim>(a, request, head_begin, heads_here, range.num_valid_splits,
+                            reinterpret_cast<float*>(shared));
 }
 
 // ---- the reduction over splits -------------------------------------------------------------
@@ -1004,6 +1127,14 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
     const size_t slots = size_t(params.num_requests) * params.num_heads * plan.num_splits;
     args.partial_out = static_cast<float*>(workspace);
     args.partial_stat = reinterpret_cast<float2*>(args.partial_out + slots * params.head_dim);
+    static DeviceCounters split_counters("paged_attention_decode", kSplitCounters, 8);
+    const size_t columns = size_t(params.num_requests) * params.num_kv_heads * plan.group_tiles;
+    // nullptr (decode_reduce_kernel merges) past kMaxMergedSplits or kSplitCounters columns, and
+    // for a first such launch on the device inside a graph capture, where the counters cannot be
+    // allocated.
+    args.split_counters = plan.num_splits <= kMaxMergedSplits && columns <= kSplitCounters
+                              ? split_counters.next(stream)
+                              : nullptr;
   }
   const auto cuda_stream = static_cast<gpu::Stream>(stream);
   if (params.act_dtype == DType::kBFloat16) {
@@ -1012,7 +1143,7 @@ void paged_attention_decode(const AttentionParams& params, void* workspace, Stre
     launch_head_dim<gpu::fp16>(args, plan, cuda_stream);
   }
   check_launch("paged_attention_decode");
-  if (plan.num_splits > 1) {
+  if (plan.num_splits > 1 && args.split_counters == nullptr) {
     // Overlapped with the split kernel only at the batches every kernel overlaps: at batch
     // 8 x 1k and 4 x 4k an overlapped reduction made the pair 2 us slower (H100, 2026-11-28).
     const dim3 grid(params.num_heads, params.num_requests);

@@ -16,7 +16,11 @@ atol + rtol * |ref|.
 """
 
 import math
+import subprocess
+import sys
+import textwrap
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,9 +81,9 @@ def _request_order(context_lens, order):
     return np.random.default_rng(len(context_lens)).permutation(len(context_lens)).astype(np.int32)
 
 
-def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, softcap=0.0,
-         alibi=False, scale=None, order=None):
-    """(gpu output as fp32 numpy, CPU reference as fp32 numpy)."""
+def _calls(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, softcap=0.0,
+           alibi=False, scale=None, order=None):
+    """(a closure that runs the GPU op into `out`, `out` (NaN), the CPU reference as fp32 numpy)."""
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     num_requests = len(case["context_lens"])
@@ -100,15 +104,48 @@ def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, window=0, s
                                                     block_size, max_context_len, window)
     workspace = torch.full((max(workspace_bytes, 16),), 0xFF, dtype=torch.uint8, device="cuda")  # NaN
     out = torch.full((num_requests, num_heads * head_dim), float("nan"), dtype=dtype, device="cuda")
-    _C.ops.paged_attention(
-        q.cuda(), cache.cuda(), out, torch.from_numpy(case["query_start"]).cuda(),
-        torch.from_numpy(case["context_lens"]).cuda(), torch.from_numpy(case["block_tables"]).cuda(),
-        torch.from_numpy(slopes).cuda() if alibi else None, *scalars, **options,
-        stream=torch.cuda.current_stream().cuda_stream, max_query_len=1,
-        max_context_len=max_context_len, workspace=workspace,
-        request_order=None if request_order is None else torch.from_numpy(request_order).cuda())
+    inputs = [q.cuda(), cache.cuda(), out, torch.from_numpy(case["query_start"]).cuda(),
+              torch.from_numpy(case["context_lens"]).cuda(),
+              torch.from_numpy(case["block_tables"]).cuda(),
+              torch.from_numpy(slopes).cuda() if alibi else None, *scalars]
+    order_tensor = None if request_order is None else torch.from_numpy(request_order).cuda()
+
+    def call():
+        _C.ops.paged_attention(*inputs, **options, stream=torch.cuda.current_stream().cuda_stream,
+                               max_query_len=1, max_context_len=max_context_len,
+                               workspace=workspace, request_order=order_tensor)
+    return call, out, expected
+
+
+def _run(case, num_heads, num_kv_heads, head_dim, block_size, dtype, **options):
+    """(gpu output as fp32 numpy, CPU reference as fp32 numpy)."""
+    call, out, expected = _calls(case, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                                 **options)
+    call()
     torch.cuda.synchronize()
     return out.float().cpu().numpy(), expected
+
+
+def _graph_replays(case, num_heads, num_kv_heads, head_dim, block_size, dtype, replays,
+                   eager_first):
+    """Outputs of `replays` replays of one op captured in a CUDA graph, the output set to NaN
+    before each, and the CPU reference. With eager_first, one eager call precedes the capture."""
+    call, out, expected = _calls(case, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        if eager_first:
+            call()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            call()
+    outputs = []
+    for _ in range(replays):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        outputs.append(out.float().cpu().numpy())
+    return outputs, expected
 
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -230,6 +267,58 @@ def test_decode_workspace_bound_is_monotone():
                 needed = _C.ops.decode_workspace_bytes(batch, heads, kv, hd, 16, context)
                 assert needed <= reserved, (heads, kv, hd, batch, context, needed, reserved)
         assert _C.ops.decode_workspace_bytes(1, heads, kv, hd, 16, 32768) > 0  # batch 1 splits
+
+
+# Split requests beside requests written directly. Batches planned at most 8 splits merge in the
+# split kernel (its last split per request and KV head): one CTA per KV head (GQA 4), two (GQA
+# 16), one query head per CTA (MHA, head dim 64). The last batch splits 22 ways, which the
+# reduction kernel merges.
+MERGED_IN_KERNEL = [3000] * 12 + [5, 17, 700, 2049]
+SPLIT_BATCHES = [(MERGED_IN_KERNEL, 32, 8, 128), ([2500] * 20 + [17, 3, 900, 1300], 32, 2, 128),
+                 ([6000] * 30 + [40] * 10, 4, 4, 64), ([8192, 3000, 5], 32, 8, 128)]
+
+
+@pytest.mark.parametrize("context_lens,num_heads,num_kv_heads,head_dim", SPLIT_BATCHES)
+def test_decode_split_merge_over_graph_replays(context_lens, num_heads, num_kv_heads, head_dim):
+    """The last split of a request's KV head merges the splits and leaves its counter at zero for
+    the next launch: every replay of a captured call (output reset to NaN before each) writes the
+    whole output, close to the CPU reference, with the same bits; and so do eager calls past the
+    counters' 8 regions. (The batch merged by the reduction kernel checks the same of it.)"""
+    case = _make_case(5, context_lens, num_heads, num_kv_heads, head_dim, 16)
+    outputs, expected = _graph_replays(case, num_heads, num_kv_heads, head_dim, 16,
+                                       torch.bfloat16, replays=5, eager_first=True)
+    for got in outputs:
+        assert_close_to_reference(got, expected, TOLERANCES[torch.bfloat16], "replay", "request")
+        assert np.array_equal(got, outputs[0])
+    call, out, _ = _calls(case, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16)
+    for _ in range(12):
+        out.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        assert np.array_equal(out.float().cpu().numpy(), outputs[0])
+
+
+def test_decode_first_split_launch_captured_in_a_graph():
+    """A process whose first launch that would merge its splits in the split kernel is captured
+    into a CUDA graph cannot allocate the counters there: that launch merges with the reduction
+    kernel instead, and the replays match the CPU reference (in a fresh process, whose counters
+    are unallocated)."""
+    script = textwrap.dedent("""
+        import sys
+        sys.path[:0] = [{tests!r}, {here!r}]
+        import numpy as np, torch
+        import test_attention_decode as t
+        case = t._make_case(5, t.MERGED_IN_KERNEL, 32, 8, 128, 16)
+        outputs, expected = t._graph_replays(case, 32, 8, 128, 16, torch.bfloat16, replays=3,
+                                             eager_first=False)
+        for got in outputs:
+            t.assert_close_to_reference(got, expected, t.TOLERANCES[torch.bfloat16], "captured",
+                                        "request")
+        print("ok")
+    """).format(tests=str(Path(__file__).parent.parent), here=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_decode_plan_keeps_few_splits_for_one_long_request():
