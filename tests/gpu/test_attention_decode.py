@@ -275,7 +275,7 @@ def test_decode_workspace_bound_is_monotone():
 # reduction kernel merges.
 MERGED_IN_KERNEL = [3000] * 12 + [5, 17, 700, 2049]
 SPLIT_BATCHES = [(MERGED_IN_KERNEL, 32, 8, 128), ([2500] * 20 + [17, 3, 900, 1300], 32, 2, 128),
-                 ([6000] * 30 + [40] * 10, 4, 4, 64), ([8192, 3000, 5], 32, 8, 128)]
+                 ([3000] * 30 + [40] * 10, 4, 4, 64), ([8192, 3000, 5], 32, 8, 128)]
 
 
 @pytest.mark.parametrize("context_lens,num_heads,num_kv_heads,head_dim", SPLIT_BATCHES)
