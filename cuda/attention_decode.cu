@@ -76,8 +76,9 @@ constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H1
                                       // group tile 8 on CUDA cores, limited by registers)
 // Past this many splits a request's reduction costs more than the last CTAs per SM gain: the
 // plan then aims at kFewCtasPerSm (keeping at least kManySplits splits). H100, 32/8 heads: batch
-// 1 x 8k 64 -> 32 splits 17.6 -> 15.8 us, 1 x 32k 61.3 -> 53.3 us; the split kernel alone was as
-// fast with either count, the reduction of 64 splits took ~3.6-4.6 us.
+// 1 x 8k 64 -> 32 splits 17.6 -> 15.8 us, 1 x 32k 61.3 -> 53.3 us. Without the reduction the
+// split kernel was as fast with half the splits (1 x 8k 13.8 / 13.9 us) or faster (1 x 32k 58.0
+// -> 52.0 us); the reduction of 64 splits took ~3.6-4.6 us.
 constexpr int kManySplits = 32;
 constexpr int kFewCtasPerSm = 2;
 
@@ -202,7 +203,7 @@ __device__ __forceinline__ SplitRange split_range(const DecodeArgs& a, int reque
 constexpr size_t kSplitCounters = 16384;
 constexpr int kMergeLoadsInFlight = 8;  // splits whose partial results a thread loads at once
 /// Plans of at most this many splits merge in the split kernel; more go to decode_reduce_kernel,
-/// whose 32 x requests CTAs merge in parallel what one CTA per column would merge in several
+/// whose heads x requests CTAs merge in parallel what one CTA per column would merge in several
 /// rounds of loads. H100, 32/8 heads, both ways alternated in one call: 64 x 4096 (2 splits)
 /// 384-389 -> 375 us, 8 x 1k (8) 15.2-15.7 -> 14.0-14.1 us, 64 uneven up to 8k (<= 4) 462-464 ->
 /// 457-459 us, 8 x 8k (8) 100.8-101.6 -> 102.0 us (once 116); but 4 x 4096 (16 splits) 33 -> 34-36
@@ -232,7 +233,8 @@ struct MergeState {
 /// reached global memory: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m). A thread
 /// takes four dims of one head and, where the column's heads have fewer such quads than the CTA
 /// has threads, every parts-th split; the parts then merge through shared memory (`scratch`,
-/// kThreads x 6 floats). Partial results are read from L2 (ld.cg): other SMs wrote them.
+/// kThreads x 6 floats). Partial results are read from L2 (load_published): other SMs wrote
+/// them.
 /// Against decode_reduce_kernel this saves the second launch and its wait for the whole split
 /// kernel (kMaxMergedSplits says where that pays).
 template <typename T, int kHeadDim>
@@ -255,8 +257,9 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, int request, i
       for (int k = 0; k < kMergeLoadsInFlight; ++k) {
         const int s = first + k * parts;
         const bool here = s < num_valid;
-        stat[k] = here ? __ldcg(stats + s) : make_float2(-INFINITY, 0.0f);
-        value[k] = here ? __ldcg(partial + int64_t{s} * kQuads) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        stat[k] = here ? gpu::load_published(stats + s) : make_float2(-INFINITY, 0.0f);
+        value[k] = here ? gpu::load_published(partial + int64_t{s} * kQuads)
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
 #pragma unroll
       for (int k = 0; k < kMergeLoadsInFlight; ++k) state.add(stat[k].x, stat[k].y, value[k]);

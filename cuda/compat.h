@@ -102,6 +102,18 @@ __device__ __forceinline__ void allow_next_launch() {
 #endif
 }
 
+/// Loads `*p` from L2, past this SM's L1: for data that CTAs on other SMs of the running kernel
+/// wrote and published (their __threadfence, then an atomic this CTA observed, then its own
+/// __threadfence). On AMD the fence already invalidates the L1, so a plain load does.
+template <typename T>
+__device__ __forceinline__ T load_published(const T* p) {
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 /// Starts pulling the 128-byte line holding `p` into L2 (no register written, no wait).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
