@@ -496,8 +496,9 @@ struct HopperTile {
 // key tiles inside the context, a cp.async gather for the one holding its end). Each consumer
 // issues S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and runs the softmax of S(t) as soon
 // as S(t) is done, under P V; the two consumers also take turns at issuing, so one's softmax runs
-// under the other's products. O leaves through the item's Q buffer as tensor copies. Scores,
-// masks and the online softmax follow prefill_body's rules.
+// under the other's products. O leaves through the item's Q buffer as tensor copies, each
+// consumer's rows on their own (OutCopy). Scores, masks and the online softmax follow
+// prefill_body's rules.
 //
 // Why so (H100, bench/results/RESULTS.md, 2026-11-28): a per-CTA timeline (clock stamps) of the
 // one-CTA-per-item kernel put ~7.9 us of fixed cost on each CTA beside 1.55 us per key tile: Q
@@ -508,12 +509,23 @@ struct HopperTile {
 // K and two V stages fit): 4 x 4096 0.944 -> 0.920 ms (600 TFLOP/s, 1.0x torch SDPA), 16 x 1024
 // -11%, 64 x 512 -17%, mixed lengths -9 to -15%; launches of a few items pay ~2 us for it
 // (1 x 100 tokens 16.6 -> 18.9 us), and not for the counter: with each CTA's first item taken
-// from blockIdx.x instead, 1 x 100 and 2 x 300 tokens timed the same.
+// from blockIdx.x instead, 1 x 100 and 2 x 300 tokens timed the same. With the whole tile's
+// copies issued once both consumers had staged their rows, the consumer ahead in the ping-pong
+// waited half a step for the other at every item's end; copying each consumer's rows alone
+// took the item's last P V and epilogue from 2.0 to 1.5 us: 4 x 4096 0.918 -> 0.909 ms, 64 x
+// 512 -3.6%, outputs bit-identical (alternated, one H100, 2026-11-28).
+
+/// How the wgmma kernel's O tiles leave shared memory: tensor copies of each consumer's 64 rows
+/// (the group divides 64), tensor copies of the whole tile once both consumers are done (other
+/// groups), or the threads' 16-byte stores (no tensor map: alignment, driver). Partial tiles
+/// always take the threads' stores.
+enum class OutCopy : int { kThreads = 0, kWholeTile = 1, kPerConsumer = 2 };
+
 template <typename T, int Variant>
 __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, const void* cache_map,
                                                   bool tensor_copies, const void* q_map,
                                                   bool q_tensor_copy, const void* out_map,
-                                                  bool out_tensor_copy, int* scheduler,
+                                                  OutCopy out_copy, int* scheduler,
                                                   unsigned char* raw_shared) {
 #if OCTAVO_WGMMA
   using Tile = HopperTile;
@@ -602,7 +614,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // Buffer b's barriers: "full" completes when its tile landed (the producer's 128 threads
   // arrive), "empty" when both consumers' products that read it are done (8 warps arrive). Q
   // buffer b: "full" as K's (one arrival with the tensor copy), "empty" once its item's O has
-  // left it (one arrival).
+  // left it (one arrival per consumer, for its rows).
   auto k_full = [&](int g) { return barriers + uint32_t(g % kStages) * 8; };
   auto k_empty = [&](int g) { return barriers + uint32_t(kStages + g % kStages) * 8; };
   auto v_full = [&](int g) { return barriers + uint32_t(2 * kStages + g % kStages) * 8; };
@@ -631,7 +643,7 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
       // Thread 0's arrival (after it wrote the item index) plus, without the tensor copy, each
       // producer thread's arrival on its Q copies.
       wgmma::barrier_init(q_full(b), q_tensor_copy ? 1 : 129);
-      wgmma::barrier_init(q_empty(b), 1);
+      wgmma::barrier_init(q_empty(b), Tile::kConsumers);
     }
   }
   __syncthreads();
@@ -1079,9 +1091,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     release(v_empty(g_last));
 
     // Epilogue: normalise O into the consumer's own rows of the item's Q buffer (its last
-    // Q K^T is done; the other consumer reads only its rows), in Q's swizzled layout, then out:
-    // a whole tile as two tensor copies, a partial one as 16-byte chunks, a warp writing two
-    // whole 256-byte rows at once. Then the buffer is free for the item after next's Q.
+    // Q K^T is done; the other consumer reads only its rows), in Q's swizzled layout, then out.
+    // Once both consumers' rows have left, the buffer is free for the item after next's Q.
     unsigned char* const staging = shared + q_offset;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -1097,9 +1108,24 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
             pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
       }
     }
-    if (out_tensor_copy && it.positions_valid == positions) {
-      // Whole tiles leave as two tensor copies, issued once both consumers have staged their
-      // rows (a partial tile's box would overwrite the next request's rows).
+    const bool whole_tile = it.positions_valid == positions;
+    if (out_copy == OutCopy::kPerConsumer && whole_tile) {
+      // Each consumer's 64 rows leave as two tensor copies of their own: it goes on to its next
+      // item without waiting for the other consumer, which runs half a step behind.
+      wgmma::fence_shared_for_async_reads();
+      warpgroup_barrier();
+      if (tid % 128 == 0) {
+        for (int half_index = 0; half_index < 2; ++half_index) {
+          wgmma::tensor_store_3d(out_map, half_index * 64, it.kv_head * group,
+                                 it.q_begin + it.m0 + consumer * (positions / 2),
+                                 q_rows + uint32_t(half_index) * Tile::kQHalfBytes);
+        }
+        wgmma::bulk_stores_read_shared();
+        wgmma::barrier_arrive(q_empty(n));
+      }
+    } else if (out_copy == OutCopy::kWholeTile && whole_tile) {
+      // A group that does not divide 64 splits a position's rows between the consumers: the
+      // tile leaves as two tensor copies issued once both consumers have staged their rows.
       wgmma::fence_shared_for_async_reads();
       wgmma::named_barrier(6, 256);
       if (tid == 128) {
@@ -1108,9 +1134,11 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
                                  q_tiles + q_offset + uint32_t(half_index) * Tile::kQHalfBytes);
         }
         wgmma::bulk_stores_read_shared();
-        wgmma::barrier_arrive(q_empty(n));
       }
+      if (tid % 128 == 0) wgmma::barrier_arrive(q_empty(n));
     } else {
+      // A partial tile's box would overwrite the next request's rows: each consumer stores its
+      // own valid rows, 16-byte chunks, a warp writing two whole 256-byte rows at once.
       warpgroup_barrier();
       constexpr int kRowChunks = kHeadDim / 8;  // 16-byte chunks of a row
       const int consumer_thread = tid % 128;
@@ -1127,8 +1155,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
               *reinterpret_cast<const uint4*>(staging + offset);
         }
       }
-      wgmma::named_barrier(6, 256);
-      if (tid == 128) wgmma::barrier_arrive(q_empty(n));
+      warpgroup_barrier();
+      if (consumer_thread == 0) wgmma::barrier_arrive(q_empty(n));
     }
     if (tid == 128) {
       timeline_stamp(index, kDone);
@@ -1153,10 +1181,10 @@ __global__ void __launch_bounds__(HopperTile::kThreads, 1)
                                         const __grid_constant__ CUtensorMap q_map,
                                         const __grid_constant__ CUtensorMap out_map,
                                         const int tensor_copies, const int q_tensor_copy,
-                                        const int out_tensor_copy, int* const scheduler) {
+                                        const OutCopy out_copy, int* const scheduler) {
   extern __shared__ __align__(16) unsigned char prefill_sm90_shared[];
   prefill_sm90_body<T, Variant>(params, &cache_map, tensor_copies != 0, &q_map, q_tensor_copy != 0,
-                                &out_map, out_tensor_copy != 0, scheduler, prefill_sm90_shared);
+                                &out_map, out_copy, scheduler, prefill_sm90_shared);
 }
 
 // ---- the host launcher ------------------------------------------------------------------------
@@ -1229,8 +1257,8 @@ bool make_cache_map(const AttentionParams& p, CUtensorMap* map) {
 }
 
 /// q or out (`rows`, row_stride elements apart) as a 3-D tensor [tokens][heads][head dim] whose
-/// box is one CTA's positions x a KV head's group of query heads x 64 columns, 128B-swizzled:
-/// the wgmma kernel's packed 128-row tile, one half per copy. False when the driver cannot make
+/// box is `positions` positions x a KV head's group of query heads x 64 columns, 128B-swizzled:
+/// the wgmma kernel's packed 128-row tile (or one consumer's 64 rows), one half per copy. False when the driver cannot make
 /// one or the layout does not allow it (the kernel then moves those rows with its threads).
 bool make_rows_map(const AttentionParams& p, const void* rows, int64_t row_stride, int group,
                    int positions, CUtensorMap* map) {
@@ -1291,12 +1319,17 @@ void launch_sm90(const AttentionParams& p, gpu::Stream stream) {
   const bool tensor_copies = make_cache_map(p, &cache_map);
   CUtensorMap q_map{};
   const bool q_tensor_copy = make_rows_map(p, p.q, p.q_stride, group, positions, &q_map);
+  // O leaves per consumer (64 rows: positions / 2 positions) where the group divides 64.
+  const bool per_consumer = HopperTile::kBlockM / 2 % group == 0;
   CUtensorMap out_map{};
-  const bool out_tensor_copy =
-      make_rows_map(p, p.out, int64_t{p.num_heads} * p.head_dim, group, positions, &out_map);
+  const OutCopy out_copy =
+      !make_rows_map(p, p.out, int64_t{p.num_heads} * p.head_dim, group,
+                     per_consumer ? positions / 2 : positions, &out_map)
+          ? OutCopy::kThreads
+          : per_consumer ? OutCopy::kPerConsumer : OutCopy::kWholeTile;
   kernel<<<grid, HopperTile::kThreads, HopperTile::kSharedBytes, stream>>>(
       p, cache_map, q_map, out_map, tensor_copies ? 1 : 0, q_tensor_copy ? 1 : 0,
-      out_tensor_copy ? 1 : 0, scheduler_counters(stream));
+      out_copy, scheduler_counters(stream));
   check_launch("paged_attention_prefill (wgmma)");
 }
 
