@@ -1266,8 +1266,9 @@ bool make_cache_map(const AttentionParams& p, CUtensorMap* map) {
 
 /// q or out (`rows`, row_stride elements apart) as a 3-D tensor [tokens][heads][head dim] whose
 /// box is `positions` positions x a KV head's group of query heads x 64 columns, 128B-swizzled:
-/// the wgmma kernel's packed 128-row tile (or one consumer's 64 rows), one half per copy. False when the driver cannot make
-/// one or the layout does not allow it (the kernel then moves those rows with its threads).
+/// the wgmma kernel's packed 128-row tile (or one consumer's 64 rows), one half per copy. False
+/// when the driver cannot make one or the layout does not allow it (the kernel then moves those
+/// rows with its threads).
 bool make_rows_map(const AttentionParams& p, const void* rows, int64_t row_stride, int group,
                    int positions, CUtensorMap* map) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
