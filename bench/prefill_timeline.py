@@ -43,13 +43,19 @@ def summarise(stamps: np.ndarray) -> dict:
 
     # An item's wait for its inputs counts from when its CTA finished the item before (or from
     # the draw, for a CTA's first item): what persistence is meant to hide.
+    # And how early the producer drew a CTA's next item and issued its K(0), counted back from
+    # the end of the item before (negative: after it), which says whether the wait is the
+    # producer's.
     wait = np.empty(len(stamps), dtype=np.int64)
+    drawn_lead, k0_lead = [], []
     cta_spans = []
     for c in np.unique(cta):
         rows = np.where(cta == c)[0]
         rows = rows[np.argsort(stamps[rows, DONE])]
         previous_done = np.concatenate([[stamps[rows[0], DRAWN]], stamps[rows[:-1], DONE]])
         wait[rows] = stamps[rows, INPUTS_READY] - previous_done
+        drawn_lead.extend(previous_done[1:] - stamps[rows[1:], DRAWN])
+        k0_lead.extend(previous_done[1:] - stamps[rows[1:], KEYS_ISSUED])
         cta_spans.append((stamps[rows, DONE].max() - stamps[rows[0], DRAWN], len(rows)))
     parts = {
         "waiting for Q and K(0)": wait,
@@ -71,6 +77,8 @@ def summarise(stamps: np.ndarray) -> dict:
         "cta_span_us": (float(us(spans.min())), float(us(spans.max()))),
         "items_per_cta": (int(counts.min()), int(counts.max())),
         "producer_k0_after_draw_us": float(us((stamps[:, KEYS_ISSUED] - stamps[:, DRAWN]).mean())),
+        "next_drawn_lead_us": float(us(np.mean(drawn_lead))) if drawn_lead else None,
+        "next_k0_lead_us": float(us(np.mean(k0_lead))) if k0_lead else None,
     }
 
 
@@ -82,6 +90,10 @@ def print_summary(summary: dict, label: str) -> None:
     print(f"  median time per key tile after the first: {summary['per_tile_us']:.3f} us")
     print(f"  producer issued K(0) {summary['producer_k0_after_draw_us']:.3f} us after drawing "
           f"the item")
+    if summary["next_drawn_lead_us"] is not None:
+        print(f"  a CTA's next item: drawn {summary['next_drawn_lead_us']:.3f} us and its K(0) "
+              f"issued {summary['next_k0_lead_us']:.3f} us before the item before ended "
+              f"(negative: after)")
     low, high = summary["cta_span_us"]
     print(f"  CTA busy span {low:.1f} - {high:.1f} us; items per CTA "
           f"{summary['items_per_cta'][0]} - {summary['items_per_cta'][1]}")

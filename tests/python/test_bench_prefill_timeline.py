@@ -24,19 +24,20 @@ def _module():
 
 def _made_up_stamps(path, ctas=3, items_per_cta=4, ghz=1.5):
     """Items back to back on each CTA: 3000 cycles waiting for inputs, 1500 on the first tile,
-    600 a further tile, 900 on the epilogue; item i of a CTA has 2 + i tiles."""
+    600 a further tile, 900 on the epilogue; item i of a CTA has 2 + i tiles. A CTA's later
+    items are drawn 1500 cycles before the item before ends, and their K(0) issued 600 after."""
     rows = []
     for cta in range(ctas):
         clock = 10_000 * cta
         for i in range(items_per_cta):
             tiles = 2 + i
-            drawn = clock
-            ready = drawn + 3000
+            drawn = clock if i == 0 else clock - 1500
+            ready = clock + 3000
             first = ready + 1500
             last = first + 600 * (tiles - 1)
             done = last + 900
             where = (7 + cta) | (tiles << 32) | (cta << 48)
-            rows.append([drawn, drawn + 100, ready, first, last, done, where,
+            rows.append([drawn, drawn + 600, ready, first, last, done, where,
                          round(drawn / ghz), round(done / ghz)])
             clock = done
     stamps = np.zeros((64, 9), dtype=np.uint64)  # items never drawn stay zero
@@ -58,6 +59,9 @@ def test_parts_of_made_up_items(tmp_path):
     assert summary["per_tile_us"] == pytest.approx(0.4, rel=1e-3)
     assert sum(share for _, share in parts.values()) == pytest.approx(1.0)
     assert summary["items_per_cta"] == (4, 4)
+    assert summary["producer_k0_after_draw_us"] == pytest.approx(0.4, rel=1e-3)
+    assert summary["next_drawn_lead_us"] == pytest.approx(1.0, rel=1e-3)
+    assert summary["next_k0_lead_us"] == pytest.approx(0.6, rel=1e-3)
 
 
 def test_command_line_prints_the_parts_and_refuses_an_empty_dump(tmp_path):
@@ -68,6 +72,7 @@ def test_command_line_prints_the_parts_and_refuses_an_empty_dump(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("made-up: 12 items on 3 CTAs")
     assert re.search(r"waiting for Q and K\(0\)\s+2\.000 us", run.stdout)
+    assert "next item: drawn 1.000 us and its K(0) issued 0.600 us before" in run.stdout
 
     empty = str(tmp_path / "empty.bin")
     np.zeros((8, 9), dtype=np.uint64).tofile(empty)
