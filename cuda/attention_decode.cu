@@ -1099,8 +1099,9 @@ size_t decode_workspace_bytes(const AttentionParams& params) {
   // of r x splits there is at num_requests; below, the occupancy rule may ask for more.
   const int64_t last = std::min<int64_t>(params.num_requests, target / ctas_per_request + 1);
   int64_t max_slots = balance_splits(max_keys) > 1 ? params.num_requests * balance_splits(max_keys) : 0;
+  const int64_t sm_count = current_sm_count();
   for (int64_t r = 1; r <= last; ++r) {
-    const int64_t splits = initial_splits(r, ctas_per_request, target, current_sm_count(), max_keys);
+    const int64_t splits = initial_splits(r, ctas_per_request, target, sm_count, max_keys);
     if (splits > 1) max_slots = std::max(max_slots, r * splits);
   }
   return size_t(max_slots) * params.num_heads *

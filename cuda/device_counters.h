@@ -23,8 +23,6 @@ class DeviceCounters {
   /// where nothing may be allocated. Throws BackendError when the allocation fails.
   int* next(void* stream);
 
-  size_t ints_per_slot() const { return ints_per_slot_; }
-
  private:
   static constexpr int kMaxDevices = 64;
   const char* owner_;
