@@ -580,10 +580,10 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // block), so the counter skips to the run's first valid item. Drawn when the producer moves on
   // to the item: drawing two tiles earlier left an item's ~1 us wait for Q and K(0) as it was
   // and made every tile slower (the producer spilled more in its loop; 4 x 4096 +8%, H100).
-  auto draw_item = [&]() {
+  auto draw_item = [&](Item& it) {
     for (int index = atomicAdd(&scheduler[0], 1); index < num_items;
          index = atomicAdd(&scheduler[0], 1)) {
-      const Item it = item_at(index);
+      it = item_at(index);
       if (it.valid) return index;
       const int q_len = p.query_start[it.request + 1] - it.q_begin;
       const bool usable = q_len > 0 && it.context >= q_len;
@@ -631,8 +631,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
   // The n-th item's index (-1: no more items) sits in item_slots[n % kQBuffers] from when the
   // producer draws it (its Q buffer free) until the buffer's next item: the producer's threads
   // read it after a barrier, the consumers after its Q-full phase. Its fields (item_at) sit in
-  // items[n % kQBuffers] likewise, written by the producer's thread 0 before it arrives on Q
-  // full: the consumers take them from there rather than from global memory at the item's start
+  // items[n % kQBuffers] likewise, written by the producer's thread 0 as it draws the item: every
+  // other thread takes them from there rather than from global memory at the item's start
   // (H100, alternated, outputs bit-identical: 4 x 4096 -1.0%, 16 x 1024 -2.3%, 1 x 8192 -1.3%).
   volatile int32_t* const item_slots =
       reinterpret_cast<int32_t*>(shared + kQBuffers * Tile::kQBytes + 2 * kStages * Tile::kKVBytes +
@@ -682,7 +682,12 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
     for (int n = 0;; ++n) {  // the CTA's n-th item
       const uint32_t q_tile = q_tiles + uint32_t(n % kQBuffers) * Tile::kQBytes;
       if (n >= kQBuffers) wgmma::barrier_wait(q_empty(n), q_phase(n) ^ 1);
-      if (tid == 0) item_slots[n % kQBuffers] = draw_item();
+      if (tid == 0) {
+        Item drawn;
+        const int drawn_index = draw_item(drawn);
+        if (drawn_index >= 0) items[n % kQBuffers] = drawn;
+        item_slots[n % kQBuffers] = drawn_index;
+      }
       wgmma::named_barrier(1, 128);
       const int index = item_slots[n % kQBuffers];
       if (index < 0) {
@@ -694,8 +699,8 @@ __device__ __forceinline__ void prefill_sm90_body(const AttentionParams& p, cons
         timeline_stamp(index, kDrawn);
         timeline_time(index, kDrawnTime);
       }
-      const Item it = item_at(index);
-      if (tid == 0) items[n % kQBuffers] = it;
+      // Thread 0 looked the item up as it drew it; the others read it here, not from global memory.
+      const Item it = items[n % kQBuffers];
       // Q first, as two tensor copies (64 columns each) of the rows' positions x group heads:
       // the same 128-row packing, since a position's group heads are adjacent in q. Issued from
       // 128 threads as 2,048 16-byte copies it took ~2.2 us of the producer's time (the copies'
