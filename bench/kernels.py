@@ -1,12 +1,12 @@
 """The kernels of a step over a grid of shapes, against the ceilings measured in the same run.
 
-    python bench/kernels.py [--quick] [--sections decode,nano-run,prefill,gemv,layer-ops]
-                            [--result-json FILE]
+    python bench/kernels.py [--quick]
+        [--sections decode,nano-run,llama8b-run,prefill,gemv,layer-ops] [--result-json FILE]
 
 Decode (one query token per request): time, GB/s of K/V read and the fraction of the copy
 bandwidth, for full batches, small batches with long contexts, a batch of uneven lengths and
-GQA 8 (64 query heads); then the nano run's decode steps replayed as the engine launches them
-(NanoRunDecode), rows in order and longest first.
+GQA 8 (64 query heads); then the nano and llama8b runs' decode steps replayed as the engine
+launches them (RunDecode): nano's rows in order and longest first, llama8b's longest first.
 Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate, beside torch's
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
@@ -61,7 +61,7 @@ LAYER_OPS = ("norm", "rotary_write_kv", "activation")
 # (rows, model): nano's running batch, llama8b's, and the latency workload's single row.
 LAYER_OP_SHAPES = [(256, "qwen3-0.6b"), (512, "llama-3.1-8b"), (1, "llama-3.1-8b")]
 QUICK_LAYER_OPS = [(4, "qwen3-0.6b")]
-SECTIONS = ("decode", "nano-run", "prefill", "gemv", "layer-ops")
+SECTIONS = ("decode", "nano-run", "llama8b-run", "prefill", "gemv", "layer-ops")
 
 
 def graph_seconds(fn, repeats: int = 20) -> float:
@@ -150,26 +150,30 @@ def graph_bucket(batch: int) -> int:
     return next((b for b in (1, 2, 4) if batch <= b), (batch + 7) // 8 * 8)
 
 
-class NanoRunDecode:
-    """Decode attention over the nano run (BENCH.md), step by step as the engine launches it:
-    Qwen3-0.6B's 16 query / 8 KV heads; the running requests in admission order, padded to the
-    graph bucket with empty rows; the block table and plan at the graph's width (a power of two of
-    16 blocks and up); the launch starting rows in order, or longest context first
-    (request_order, as the executor passes it)."""
+# (requests, query heads, KV heads) of BENCH.md's throughput workloads.
+RUN_WORKLOADS = {"nano": (256, 16, 8), "llama8b": (512, 32, 8)}
 
-    HEADS, KV_HEADS = 16, 8
 
-    def __init__(self):
+class RunDecode:
+    """Decode attention over a throughput workload's run (BENCH.md: nano, Qwen3-0.6B's 16 query /
+    8 KV heads; llama8b, Llama-3.1-8B's 32 / 8), step by step as the engine launches it, every
+    request running from the first decode step (the KV pool holds both workloads whole): the
+    running requests in admission order, padded to the graph bucket with empty rows; the block
+    table and plan at the graph's width (a power of two of 16 blocks and up); the launch starting
+    rows in order, or longest context first (request_order, as the executor passes it)."""
+
+    def __init__(self, workload: str):
+        requests, self.heads, self.kv_heads = RUN_WORKLOADS[workload]
         rng = random.Random(0)
-        self.lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+        self.lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(requests)]
         self.max_model_len = max(p + o for p, o in self.lengths) + 1
         self.max_blocks = (self.max_model_len + BLOCK - 1) // BLOCK
         rows = len(self.lengths)
-        self.cache = torch.randn((rows * self.max_blocks, 2, self.KV_HEADS, BLOCK, HEAD_DIM),
+        self.cache = torch.randn((rows * self.max_blocks, 2, self.kv_heads, BLOCK, HEAD_DIM),
                                  device="cuda", dtype=DTYPE)
         self.tables = torch.randperm(rows * self.max_blocks, device="cuda").to(torch.int32).view(
             rows, self.max_blocks)
-        self.token_bytes = self.KV_HEADS * HEAD_DIM * 2 * self.cache.element_size()
+        self.token_bytes = self.kv_heads * HEAD_DIM * 2 * self.cache.element_size()
         self.decode_steps = max(o for _, o in self.lengths)
 
     def step(self, step: int, longest_first: bool):
@@ -186,19 +190,21 @@ class NanoRunDecode:
         if longest_first:  # stable, padding rows (empty) last: the executor's order
             order = torch.tensor(sorted(range(bucket), key=lambda r: -padded[r]),
                                  dtype=torch.int32, device="cuda")
-        q = torch.randn((bucket, self.HEADS * HEAD_DIM), device="cuda", dtype=DTYPE)
+        q = torch.randn((bucket, self.heads * HEAD_DIM), device="cuda", dtype=DTYPE)
         call = decode_call(q, self.cache, torch.empty_like(q), context_lens,
-                           self.tables[:bucket, :width].contiguous(), self.HEADS, self.KV_HEADS,
+                           self.tables[:bucket, :width].contiguous(), self.heads, self.kv_heads,
                            min(self.max_model_len, width * BLOCK), order)
         return call, sum(contexts) * self.token_bytes, len(contexts)
 
 
-def nano_run_decode(copy_bandwidth: float, step_stride: int, longest_first: bool) -> dict:
-    """Every `step_stride`-th decode step of the nano run (NanoRunDecode): the bytes-weighted
+def run_decode(workload: str, copy_bandwidth: float, step_stride: int,
+               longest_first: bool) -> dict:
+    """Every `step_stride`-th decode step of the workload's run (RunDecode): the bytes-weighted
     fraction of copy bandwidth over them is the kernel's share of the run's floor, overall and by
     running batch."""
-    run = NanoRunDecode()
-    by_batch = {"256-129": [0, 0.0], "128-33": [0, 0.0], "32-1": [0, 0.0]}
+    run = RunDecode(workload)
+    limits = [512, 256, 128, 32] if len(run.lengths) > 256 else [256, 128, 32]
+    by_batch = {f"{high}-{low + 1}": [0, 0.0] for high, low in zip(limits, limits[1:] + [0])}
     total_bytes, total_seconds, steps = 0, 0.0, 0
     for step in range(1, run.decode_steps, step_stride):
         call, kv_bytes, running = run.step(step, longest_first)
@@ -209,7 +215,7 @@ def nano_run_decode(copy_bandwidth: float, step_stride: int, longest_first: bool
         total_bytes += kv_bytes
         total_seconds += seconds
         steps += 1
-    return {"kernel": "paged_decode_nano_run", "order": "longest_first" if longest_first
+    return {"kernel": f"paged_decode_{workload}_run", "order": "longest_first" if longest_first
             else "rows", "steps": steps, "step_stride": step_stride,
             "layer_ms": round(total_seconds * 1e3, 3), "kv_GB": round(total_bytes / 1e9, 2),
             "fraction_of_copy": round(total_bytes / total_seconds / copy_bandwidth, 3),
@@ -361,8 +367,9 @@ def main(argv=None) -> None:
     runs = {
         "decode": [lambda s=s: decode(*s, copy)
                    for s in (QUICK_DECODE if args.quick else DECODE_SHAPES)],
-        "nano-run": [lambda order=order: nano_run_decode(copy, 256 if args.quick else 16, order)
+        "nano-run": [lambda order=order: run_decode("nano", copy, 256 if args.quick else 16, order)
                      for order in (False, True)],
+        "llama8b-run": [lambda: run_decode("llama8b", copy, 256 if args.quick else 16, True)],
         "prefill": [lambda s=s: prefill(*s, matmul)
                     for s in (QUICK_PREFILL if args.quick else PREFILL_SHAPES)],
         "gemv": [lambda s=s: gemv(*s, copy) for s in (QUICK_GEMV if args.quick else GEMV_SHAPES)],

@@ -21,12 +21,15 @@ def test_kernels_bench_quick(tmp_path):
     prefill = [line for line in lines if line["kernel"] == "paged_prefill"]
     gemv = [line for line in lines if line["kernel"] == "gemv"]
     nano_run = [line for line in lines if line["kernel"] == "paged_decode_nano_run"]
+    llama8b_run = [line for line in lines if line["kernel"] == "paged_decode_llama8b_run"]
     layer_ops = [line for line in lines
                  if line["kernel"] in ("norm", "rotary_write_kv", "activation")]
     assert len(decode) == 3 and len(prefill) == 1 and len(gemv) == 1
     assert sorted(line["heads"] for line in decode) == [32, 32, 64]
     assert sorted(line["order"] for line in nano_run) == ["longest_first", "rows"]
-    for line in nano_run:
+    assert [line["order"] for line in llama8b_run] == ["longest_first"]
+    assert set(llama8b_run[0]["by_batch"]) <= {"512-257", "256-129", "128-33", "32-1"}
+    for line in nano_run + llama8b_run:
         assert line["steps"] == 4 and line["kv_GB"] > 0 and 0 < line["fraction_of_copy"] < 1.5
     assert any(line["uneven"] for line in decode)
     for line in decode:
