@@ -11,8 +11,8 @@ Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
 read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
-Layer ops (the row-wise kernels between the GEMMs: residual add + RMSNorm, rotary + KV cache write,
-SiLU-GLU) at the workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
+Layer ops (the row-wise kernels between the GEMMs: RMSNorm, rotary + KV cache write, SiLU-GLU) at
+the workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
 bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are
 replayed from a CUDA graph, so the host's per-call work never shows in the time (decode; prefill
 kernels take milliseconds and are timed back to back). One JSON line per shape; --result-json
@@ -298,15 +298,16 @@ def layer_op_call(op: str, rows: int, model: str, device: str = "cuda", dtype=DT
         return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
 
     element = 2
-    if op == "norm":  # residual add + RMSNorm, as every sub-block opens
-        x, residual, weight = rand(rows, hidden), rand(rows, hidden), rand(hidden)
+    if op == "norm":  # RMSNorm of the residual stream, as every sub-block opens (the output
+        # projections add into the stream themselves)
+        x, weight = rand(rows, hidden), rand(hidden)
         out = torch.empty_like(x)
 
         def call():
-            _C.ops.norm(x, out, weight, None, residual, stream=stream())
+            _C.ops.norm(x, out, weight, None, None, stream=stream())
 
-        # x and the residual in, the residual and out back, the weight once
-        return call, (4 * rows + 1) * hidden * element
+        # x in, out back, the weight once
+        return call, (2 * rows + 1) * hidden * element
     if op == "rotary_write_kv":  # in place in the fused [q | k | v] row, k and v into the cache
         d = HEAD_DIM
         width = (heads + 2 * kv_heads) * d

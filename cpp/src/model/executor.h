@@ -207,6 +207,9 @@ class Executor {
   /// Throws unless every deferred token id names a row the previous launch sampled.
   void check_deferred_tokens(const StepBatch& batch) const;
   void run_layer(int layer_index, const ForwardShape& shape, bool first);
+  /// Whether the sub-blocks' output projections add into residual_ themselves (run_layer): all
+  /// but models with sandwich norms, whose outputs are normalised before the add.
+  bool outputs_fold_into_residual() const { return !spec_.sandwich_norms; }
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
             bool accumulate = false, bool fp32_out = false, const float* bias_f32 = nullptr);
@@ -272,7 +275,8 @@ class Executor {
   DeviceBuffer hidden2_;    // [T, hidden] second norm of a two-norm parallel block
   DeviceBuffer qkv_;        // [T, q + 2 kv]
   DeviceBuffer attn_out_;   // [T, q]
-  DeviceBuffer delta_;      // [T, hidden] a sub-block's output before the residual add
+  DeviceBuffer delta_;      // [T, hidden] a sub-block's output before the residual add (only
+                            // with sandwich norms: outputs_fold_into_residual)
   DeviceBuffer mlp_in_;     // [T, 2 * inter]
   DeviceBuffer mlp_act_;    // [T, inter]
   DeviceBuffer sample_hidden_;  // [S, hidden]
