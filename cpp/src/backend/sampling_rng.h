@@ -42,11 +42,21 @@ constexpr uint32_t fmix32(uint32_t h) {
 /// uniform from it.
 constexpr uint64_t draw_key(uint64_t seed, uint64_t draw) { return splitmix64(seed ^ splitmix64(draw)); }
 
-/// Uniform float in (0, 1), 23 random bits, for token `id` of the draw with key `key`. Strictly
-/// inside the interval, so that both logarithms of gumbel_noise stay finite.
-constexpr float token_uniform(uint64_t key, int32_t id) {
-  const uint32_t h = fmix32(fmix32(uint32_t(id) ^ uint32_t(key)) + uint32_t(key >> 32));
-  return (float(h >> 9) + 0.5f) * 0x1p-23f;
+/// The 32-bit hash of token `id` in the draw with key `key`, from which its uniform comes.
+constexpr uint32_t token_hash(uint64_t key, int32_t id) {
+  return fmix32(fmix32(uint32_t(id) ^ uint32_t(key)) + uint32_t(key >> 32));
+}
+
+/// Uniform float in (0, 1) from a token hash's top 23 bits: strictly inside the interval, so that
+/// both logarithms of the Gumbel variate stay finite. Non-decreasing in the hash.
+constexpr float hash_uniform(uint32_t hash) { return (float(hash >> 9) + 0.5f) * 0x1p-23f; }
+
+/// Uniform float in (0, 1), 23 random bits, for token `id` of the draw with key `key`.
+constexpr float token_uniform(uint64_t key, int32_t id) { return hash_uniform(token_hash(key, id)); }
+
+/// The standard Gumbel variate of a token hash (non-decreasing in the hash, up to logf's last bit).
+OCTAVO_HOST_DEVICE inline float hash_gumbel(uint32_t hash) {
+  return -logf(-logf(hash_uniform(hash)));
 }
 
 /// A standard Gumbel variate for token `id` of the draw with key `key`. The draw is the kept token
@@ -55,7 +65,7 @@ constexpr float token_uniform(uint64_t key, int32_t id) {
 /// logf on both sides: the CPU's and the GPU's logf may differ in the last bit, which moves a draw
 /// only when the two best noisy values are within an ulp of each other.
 OCTAVO_HOST_DEVICE inline float gumbel_noise(uint64_t key, int32_t id) {
-  return -logf(-logf(token_uniform(key, id)));
+  return hash_gumbel(token_hash(key, id));
 }
 
 }  // namespace octavo
