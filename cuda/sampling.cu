@@ -40,8 +40,9 @@
 // exactly the CPU's token.
 //
 // Speed: one read of the row for greedy and unfiltered draws, three for filtered ones in the
-// usual case; pass 1 is compute-bound on flat rows (block_stats says why). A row's passes run on one SM, so a small batch would be latency-bound:
-// batches of up to kMaxSplitRows rows run passes 1 and 2 over vocabulary slices on many blocks.
+// usual case; pass 1 is compute-bound on flat rows (see init_race). A row's passes run on one
+// SM, so a small batch would be latency-bound: batches of up to kMaxSplitRows rows run passes 1
+// and 2 over vocabulary slices on many blocks.
 // A row whose logits hold a NaN, +inf or no finite value, or whose settings are out of range
 // (the CPU throws on both), gets sampled = -1 and NaN logprobs: a kernel cannot throw.
 #include <algorithm>
@@ -178,7 +179,7 @@ struct Shared {
       uint32_t count[kSubBins];
       u64 weight[kSubBins];
     } sub;
-    float noise_bound[kNoiseBuckets];  // pass 1's draw (fill_noise_bounds), before any window
+    float noise_bound[kNoiseBuckets];  // pass 1's draw (init_race), before any window
   };
   u64 scratch[kWarps];
   uint32_t gathered;
@@ -607,7 +608,8 @@ __device__ Stats block_stats(const RowCtx& c, const Race& race, Shared& sh) {
       pending_terms = 0;
       m_local = x;
     } else if (x > -INFINITY) {
-      // x - m_local <= kRescaleSlack: __expf is within ~11 ulp there (CUDA's bound).
+      // Over x - m_local in [-8, 8], where the terms that carry the sum lie, __expf is within
+      // ~11 ulp (CUDA's bound); the larger relative error of smaller terms hardly moves it.
       pending += __expf(x - m_local);
       if (++pending_terms == kPendingTerms) {
         sum_local += double(pending);
