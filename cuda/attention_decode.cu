@@ -1059,28 +1059,26 @@ int cached_device_attribute(cudaDeviceAttr attribute, std::atomic<int>* cache, i
   return value;
 }
 
-constexpr int kMaxDevices = 64;
-
 }  // namespace
 
 int current_sm_count() {
-  static std::atomic<int> cached[kMaxDevices] = {};
-  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cached, kMaxDevices,
+  static std::atomic<int> cached[kMaxCudaDevices] = {};
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cached, kMaxCudaDevices,
                                  "the SM count");
 }
 
 bool current_device_overlaps_launches() {
-  static std::atomic<int> cached[kMaxDevices] = {};
-  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cached, kMaxDevices,
+  static std::atomic<int> cached[kMaxCudaDevices] = {};
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cached, kMaxCudaDevices,
                                  "the compute capability") >= 9;
 }
 
 bool current_device_is_sm90() {
-  static std::atomic<int> major[kMaxDevices] = {};
-  static std::atomic<int> minor[kMaxDevices] = {};
-  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major, kMaxDevices,
+  static std::atomic<int> major[kMaxCudaDevices] = {};
+  static std::atomic<int> minor[kMaxCudaDevices] = {};
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, major, kMaxCudaDevices,
                                  "the compute capability") == 9 &&
-         cached_device_attribute(cudaDevAttrComputeCapabilityMinor, minor, kMaxDevices,
+         cached_device_attribute(cudaDevAttrComputeCapabilityMinor, minor, kMaxCudaDevices,
                                  "the compute capability") == 0;
 }
 

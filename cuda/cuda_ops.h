@@ -11,6 +11,10 @@ namespace octavo::cuda {
 
 using StreamHandle = void*;  // a cudaStream_t; nullptr is the legacy default stream
 
+/// Devices a process keeps per-device state for (cached attributes, counters): ordinals 0 to
+/// kMaxCudaDevices - 1.
+inline constexpr int kMaxCudaDevices = 64;
+
 /// Number of CUDA devices visible; 0 when there is no driver or no device (never throws).
 int device_count();
 

@@ -13,7 +13,7 @@ DeviceCounters::DeviceCounters(const char* owner, size_t ints_per_slot, int slot
 
 int* DeviceCounters::next(void* stream) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxCudaDevices) {
     cudaGetLastError();
     throw BackendError(std::string(owner_) + ": no usable current CUDA device");
   }

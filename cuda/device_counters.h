@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <mutex>
 
+#include "cuda/cuda_ops.h"
+
 namespace octavo::cuda {
 
 class DeviceCounters {
@@ -24,12 +26,11 @@ class DeviceCounters {
   int* next(void* stream);
 
  private:
-  static constexpr int kMaxDevices = 64;
   const char* owner_;
   size_t ints_per_slot_;
   int slots_;
   std::mutex mutex_;
-  int* memory_[kMaxDevices] = {};
+  int* memory_[kMaxCudaDevices] = {};
   std::atomic<unsigned> next_slot_{0};
 };
 
