@@ -625,14 +625,19 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   const size_t act = dtype_size(act_dtype_);
   const bool folded = outputs_fold_into_residual();
   void* const sub_block_out = folded ? residual_.data() : delta_.data();
+  // Normalises the residual stream into `out`, first adding delta_ into it when a sub-block's
+  // output is still waiting there.
+  auto norm_stream = [&](void* out, const void* nw, const void* nb, bool delta_waits) {
+    if (delta_waits) {
+      norm(delta_.data(), residual_.data(), out, T, nw, nb);
+    } else {
+      norm(residual_.data(), nullptr, out, T, nw, nb);
+    }
+  };
 
-  if (first || folded) {
-    norm(residual_.data(), nullptr, hidden_.data(), T, w.input_norm_w, w.input_norm_b);
-  } else {
-    norm(delta_.data(), residual_.data(), hidden_.data(), T, w.input_norm_w, w.input_norm_b);
-  }
+  norm_stream(hidden_.data(), w.input_norm_w, w.input_norm_b, !first && !folded);
   if (spec_.residual == ResidualKind::kParallelTwoNorms) {
-    norm(residual_.data(), nullptr, hidden2_.data(), T, w.post_norm_w, w.post_norm_b);
+    norm_stream(hidden2_.data(), w.post_norm_w, w.post_norm_b, /*delta_waits=*/false);
   }
 
   // QKV: one fused GEMM writes [T, q | k | v]; q, k and v are strided views into it.
@@ -722,11 +727,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
 
   const void* mlp_input = hidden_.data();
   if (spec_.residual == ResidualKind::kSequential) {
-    if (folded) {
-      norm(residual_.data(), nullptr, hidden_.data(), T, w.post_norm_w, w.post_norm_b);
-    } else {
-      norm(delta_.data(), residual_.data(), hidden_.data(), T, w.post_norm_w, w.post_norm_b);
-    }
+    norm_stream(hidden_.data(), w.post_norm_w, w.post_norm_b, !folded);
   } else if (spec_.residual == ResidualKind::kParallelTwoNorms) {
     mlp_input = hidden2_.data();
   }
