@@ -33,6 +33,15 @@ template <typename T>
 __device__ __forceinline__ T shfl(T value, int src_lane) {
   return __shfl_sync(0xffffffffu, value, src_lane, kWarpSize);
 }
+/// shfl_xor within aligned groups of `width` lanes (a power of two <= 32, lane_mask < width), for
+/// code where only some groups of a warp take the branch: every lane of the caller's group must.
+template <typename T>
+__device__ __forceinline__ T shfl_xor_group(T value, int lane_mask, int width) {
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const unsigned group = width >= kWarpSize ? 0xffffffffu
+                                            : ((1u << width) - 1u) << (lane & ~unsigned(width - 1));
+  return __shfl_xor_sync(group, value, lane_mask, width);
+}
 
 using bf16 = __nv_bfloat16;
 using fp16 = __half;

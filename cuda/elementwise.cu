@@ -432,20 +432,42 @@ struct RopeKVGeometry {
   int rot_dim;         // elements that rotate (0 in write-only mode)
   int v_items_per_head;
   int total;           // items per token
+  int norm_lanes;      // QK norm from the items' own registers: the lanes holding one head's
+                       // rotation items (a power of two <= 32); 0: squares summed beforehand
 };
+
+template <int P>
+__device__ __forceinline__ float sum_of_squares(const float (&x)[P]) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < P; ++j) sum += x[j] * x[j];
+  return sum;
+}
 
 // A head's QK norm inside rope_kv_kernel: x * inv_rms * weight (or (1 + weight)).
 template <typename T>
 struct HeadNorm {
   const T* weight;  // [head_dim]; nullptr: no norm
-  float inv_rms;
+  float inv_rms;    // summed beforehand (lanes == 0)
   bool plus_one;
+  int lanes;        // > 0: the head's rotation items sit in this many aligned lanes, which sum
+                    // their squares here (one memory round trip fewer than summing beforehand)
+  float inv_head_dim;
+  float eps;
+  // The head's inv_rms, given this lane's share of its squares.
+  __device__ __forceinline__ float head_inv_rms(float squares) const {
+    if (lanes == 0) return inv_rms;
+    for (int offset = lanes / 2; offset > 0; offset >>= 1) {
+      squares += gpu::shfl_xor_group(squares, offset, lanes);
+    }
+    return rsqrtf(squares * inv_head_dim + eps);
+  }
   template <int P>
-  __device__ __forceinline__ void apply(float (&x)[P], int first) const {
+  __device__ __forceinline__ void apply(float (&x)[P], int first, float inv) const {
     float w[P];
     load_chunk<T, P>(weight + first, w);
 #pragma unroll
-    for (int j = 0; j < P; ++j) x[j] = x[j] * inv_rms * (plus_one ? 1.0f + w[j] : w[j]);
+    for (int j = 0; j < P; ++j) x[j] = x[j] * inv * (plus_one ? 1.0f + w[j] : w[j]);
   }
 };
 
@@ -463,8 +485,9 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     load_chunk<T, P>(head + i, a);
     load_chunk<T, P>(head + i + half, b);
     if (norm.weight != nullptr) {
-      norm.apply(a, i);
-      norm.apply(b, i + half);
+      const float inv = norm.head_inv_rms(norm.lanes ? sum_of_squares(a) + sum_of_squares(b) : 0.0f);
+      norm.apply(a, i, inv);
+      norm.apply(b, i + half, inv);
     }
     if (rotate) {
       float c[P], s[P];
@@ -490,7 +513,9 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     const int i = item * P;
     float e[2 * P];
     load_chunk<T, 2 * P>(head + 2 * i, e);
-    if (norm.weight != nullptr) norm.apply(e, 2 * i);
+    if (norm.weight != nullptr) {
+      norm.apply(e, 2 * i, norm.head_inv_rms(norm.lanes ? sum_of_squares(e) : 0.0f));
+    }
     if (rotate) {
       float c[P], s[P];
       load_floats<P>(cos + i, c);
@@ -543,11 +568,13 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
   const bool neox = RotaryPairing(r.pairing) == RotaryPairing::kNeox;
   const int half = g.rot_dim / 2;
   const int head_dim = kWrite ? w.head_dim : r.head_dim;
-  // QK norm (the launcher passes the weights only when every element of a head rotates): each
-  // warp sums the squares of whole heads, then the items scale what they load.
-  extern __shared__ float inv_rms[];  // [num_heads + num_kv_heads] when normalising
+  // QK norm (the launcher passes the weights only when every element of a head rotates): the
+  // lanes of a head's items sum its squares from their registers (g.norm_lanes), or, where the
+  // items do not fit that, each warp first sums the squares of whole heads; the items then scale
+  // what they load.
+  extern __shared__ float inv_rms[];  // [num_heads + num_kv_heads] when summed beforehand
   const bool qk_norm = kRotate && r.q_norm_weight != nullptr;
-  if (qk_norm) {
+  if (qk_norm && g.norm_lanes == 0) {
     const int warps = int(blockDim.x) / gpu::kWarpSize, lane = threadIdx.x % gpu::kWarpSize;
     for (int h = threadIdx.x / gpu::kWarpSize; h < r.num_heads + r.num_kv_heads; h += warps) {
       const T* head = h < r.num_heads
@@ -568,8 +595,10 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
     __syncthreads();
   }
   auto head_norm = [&](const void* weight, int h) {
-    return qk_norm ? HeadNorm<T>{static_cast<const T*>(weight), inv_rms[h], r.qk_norm_plus_one}
-                   : HeadNorm<T>{nullptr, 1.0f, false};
+    return qk_norm ? HeadNorm<T>{static_cast<const T*>(weight), g.norm_lanes ? 0.0f : inv_rms[h],
+                                 r.qk_norm_plus_one, g.norm_lanes, 1.0f / float(head_dim),
+                                 r.qk_norm_eps}
+                   : HeadNorm<T>{nullptr, 1.0f, false, 0, 0.0f, 0.0f};
   };
   for (int item = threadIdx.x; item < g.total; item += blockDim.x) {
     if (item < g.q_items) {
@@ -810,14 +839,20 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
   }
   g.total = int(total);
   if (g.total == 0) return;
+  // A head's rotation items are consecutive items from a multiple of rot_items (q heads, then k
+  // heads whose every item rotates under QK norm), and a block's threads a multiple of the warp:
+  // with rot_items a power of two <= 32, each head's items sit in aligned lanes of one warp.
+  const bool items_fit_lanes = g.rot_items > 0 && g.rot_items <= 32 && (g.rot_items & (g.rot_items - 1)) == 0;
+  g.norm_lanes = rotate_mode && r.q_norm_weight != nullptr && items_fit_lanes ? g.rot_items : 0;
   // One item per thread where a token has up to 512 (Llama-3-8B: 448): a thread's second item
   // would load only after its first item's stores, one more memory round trip per token.
   const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, 512);
   const auto s = static_cast<gpu::Stream>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const size_t inv_rms_bytes =
-        r.q_norm_weight != nullptr ? size_t(r.num_heads + r.num_kv_heads) * sizeof(float) : 0;
+    const size_t inv_rms_bytes = r.q_norm_weight != nullptr && g.norm_lanes == 0
+                                     ? size_t(r.num_heads + r.num_kv_heads) * sizeof(float)
+                                     : 0;
     auto launch = [&](auto kernel) {
       launch_overlapped(num_tokens, kernel, dim3(num_tokens), dim3(threads), inv_rms_bytes, s, r, w, g);
     };

@@ -29,6 +29,11 @@ template <typename T>
 __device__ __forceinline__ T shfl(T value, int src_lane) {
   return __shfl(value, src_lane, kWarpSize);
 }
+/// shfl_xor within aligned groups of `width` lanes (compat.h); AMD's shuffle takes no lane mask.
+template <typename T>
+__device__ __forceinline__ T shfl_xor_group(T value, int lane_mask, int width) {
+  return __shfl_xor(value, lane_mask, width);
+}
 
 using bf16 = __hip_bfloat16;
 using fp16 = __half;
