@@ -24,6 +24,7 @@
 #include <octavo/error.h>
 #include <octavo/model_spec.h>
 
+#include "backend/row_scale.h"
 #include "compat.h"
 #include "cuda_ops.h"
 #include "launch.h"
@@ -422,6 +423,7 @@ __global__ void __launch_bounds__(kNormMaxThreads) norm_block_kernel(const NormP
 // of adjacent pairs); it is rotated in registers, stored back in place and, for k, into the cache
 // in the same pass, so the fused op reads q, k, v once and writes q, k and the cache once.
 enum RopeKVMode : int { kRotaryOnly, kWriteOnly, kRotaryAndWrite };
+constexpr int kMaxRopeThreads = 512;
 
 struct RopeKVGeometry {
   int q_items;         // num_heads * rotation items per head (0 when q is not rotated)
@@ -442,6 +444,29 @@ __device__ __forceinline__ float sum_of_squares(const float (&x)[P]) {
 #pragma unroll
   for (int j = 0; j < P; ++j) sum += x[j] * x[j];
   return sum;
+}
+
+// RowRmsScale's factor for row `row`, summed by the whole block (every thread gets it);
+// `scratch` as block_sum's.
+template <typename T>
+__device__ __forceinline__ float block_row_rms_scale(const RowRmsScale s, int64_t row,
+                                                     float* scratch) {
+  const T* x = static_cast<const T*>(s.source) + row * s.stride;
+  float squares = 0.0f;
+  if (s.width % kVecElems == 0 && s.stride % kVecElems == 0 &&
+      (reinterpret_cast<uintptr_t>(s.source) & 15) == 0) {
+    for (int i = threadIdx.x * kVecElems; i < s.width; i += blockDim.x * kVecElems) {
+      float v[kVecElems];
+      load_chunk<T, kVecElems>(x + i, v);
+      squares += sum_of_squares(v);
+    }
+  } else {
+    for (int i = threadIdx.x; i < s.width; i += blockDim.x) {
+      const float v = to_float(x[i]);
+      squares += v * v;
+    }
+  }
+  return rsqrtf(block_sum(squares, scratch) / float(s.width) + s.eps);
 }
 
 // A head's QK norm inside rope_kv_kernel: x * inv_rms * weight (or (1 + weight)).
@@ -474,9 +499,16 @@ struct HeadNorm {
 // Normalises (when norm.weight is set) and rotates (when `rotate`) the kPairs pairs of rotation
 // item `item` of `head`, stores them back in place (when either happened) and into `cache_head`
 // (when not null).
+template <int P>
+__device__ __forceinline__ void scale_all(float (&x)[P], float scale) {
+#pragma unroll
+  for (int j = 0; j < P; ++j) x[j] *= scale;
+}
+
 template <typename T, bool kVec>
 __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool neox, int half,
-                                          const float* cos, bool rotate, const HeadNorm<T>& norm) {
+                                          const float* cos, bool rotate, float scale,
+                                          const HeadNorm<T>& norm) {
   const bool in_place = rotate || norm.weight != nullptr;
   if (neox) {
     constexpr int P = kVec ? kVecElems : 1;
@@ -484,6 +516,8 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     float a[P], b[P];
     load_chunk<T, P>(head + i, a);
     load_chunk<T, P>(head + i + half, b);
+    scale_all(a, scale);
+    scale_all(b, scale);
     if (norm.weight != nullptr) {
       const float inv = norm.head_inv_rms(norm.lanes ? sum_of_squares(a) + sum_of_squares(b) : 0.0f);
       norm.apply(a, i, inv);
@@ -513,6 +547,7 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     const int i = item * P;
     float e[2 * P];
     load_chunk<T, 2 * P>(head + 2 * i, e);
+    scale_all(e, scale);
     if (norm.weight != nullptr) {
       norm.apply(e, 2 * i, norm.head_inv_rms(norm.lanes ? sum_of_squares(e) : 0.0f));
     }
@@ -565,6 +600,19 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
   }
   if (!rotate && k_cache == nullptr) return;  // nothing to do for this token
 
+  // The row scale (an RMSNorm folded into the qkv projection): one factor per token, for q and k
+  // (r.row_scale) and v (w.v_row_scale); the launcher allows two only if they are the same.
+  // (A value, not a reference: a reference to either parameter would copy both to local memory.)
+  const RowRmsScale row_scale =
+      kRotate && r.row_scale.source != nullptr ? r.row_scale : w.v_row_scale;
+  float scale = 1.0f;
+  if ((kRotate || kWrite) && row_scale.source != nullptr) {
+    __shared__ float scratch[kMaxRopeThreads / gpu::kWarpSize];
+    scale = block_row_rms_scale<T>(row_scale, t, scratch);
+  }
+  const float qk_scale = kRotate && r.row_scale.source != nullptr ? scale : 1.0f;
+  const float v_scale = kWrite && w.v_row_scale.source != nullptr ? scale : 1.0f;
+
   const bool neox = RotaryPairing(r.pairing) == RotaryPairing::kNeox;
   const int half = g.rot_dim / 2;
   const int head_dim = kWrite ? w.head_dim : r.head_dim;
@@ -583,7 +631,7 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
                                 int64_t{h - r.num_heads} * head_dim;
       float squares = 0.0f;
       for (int e = lane; e < head_dim; e += gpu::kWarpSize) {
-        const float x = to_float(head[e]);
+        const float x = to_float(head[e]) * qk_scale;  // the norm sees the scaled head
         squares += x * x;
       }
 #pragma unroll
@@ -605,7 +653,7 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
       if (!rotate && !qk_norm) continue;
       const int h = item / g.rot_items;
       T* head = static_cast<T*>(r.q) + t * r.q_stride + int64_t{h} * head_dim;
-      rope_item<T, kVec>(head, nullptr, item - h * g.rot_items, neox, half, cos, rotate,
+      rope_item<T, kVec>(head, nullptr, item - h * g.rot_items, neox, half, cos, rotate, qk_scale,
                          head_norm(r.q_norm_weight, h));
       continue;
     }
@@ -617,7 +665,7 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
                 t * (kWrite ? w.k_stride : r.k_stride) + int64_t{h} * head_dim;
       T* cache_head = k_cache != nullptr ? k_cache + h * head_run : nullptr;
       if (i < g.k_rot_items) {
-        rope_item<T, kVec>(head, cache_head, i, neox, half, cos, rotate,
+        rope_item<T, kVec>(head, cache_head, i, neox, half, cos, rotate, qk_scale,
                            head_norm(r.k_norm_weight, r.num_heads + h));
       } else if (cache_head != nullptr) {
         const int e = g.rot_dim + (i - g.k_rot_items) * C;
@@ -631,7 +679,14 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
       const int h = i / g.v_items_per_head;
       const int e = (i - h * g.v_items_per_head) * C;
       const T* head = static_cast<const T*>(w.v) + t * w.v_stride + int64_t{h} * head_dim;
-      copy_chunk<T, C>(v_cache + h * head_run + e, head + e);
+      if (v_scale != 1.0f) {
+        float x[C];
+        load_chunk<T, C>(head + e, x);
+        scale_all(x, v_scale);
+        store_chunk<T, C>(v_cache + h * head_run + e, x);
+      } else {
+        copy_chunk<T, C>(v_cache + h * head_run + e, head + e);
+      }
     }
   }
 }
@@ -655,7 +710,10 @@ __device__ __forceinline__ float activate(float x) {
 // A flat grid-stride loop over the output's chunks; each reads its gate (and up) chunk.
 constexpr int kActivationThreads = 256;
 constexpr int kActivationMaxBlocks = 1 << 16;
+constexpr int kActivationMaxRowBlocks = 65535;  // gridDim.y's limit
 
+// With a row scale the grid is (blocks per row, rows): each block sums its row's squares itself
+// (the row is in L2, just read by the GEMM before), then scales the chunks it takes.
 template <typename T, int C, Activation A>
 __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const ActivationParams p) {
   gpu::wait_for_previous_kernels();
@@ -666,6 +724,28 @@ __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const Ac
   const int64_t in_width = kGlu ? 2 * int64_t{p.inter} : p.inter;
   const T* in = static_cast<const T*>(p.in);
   T* out = static_cast<T*>(p.out);
+  if (p.row_scale.source != nullptr) {
+    __shared__ float scratch[kActivationThreads / gpu::kWarpSize];
+    for (int64_t t = blockIdx.y; t < p.num_tokens; t += gridDim.y) {
+      const float scale = block_row_rms_scale<T>(p.row_scale, t, scratch);
+      for (int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; c < chunks_per_row;
+           c += int64_t{gridDim.x} * blockDim.x) {
+        const int64_t e = c * C;
+        float x[C];
+        load_chunk<T, C>(in + t * in_width + e, x);
+#pragma unroll
+        for (int j = 0; j < C; ++j) x[j] = activate<A>(scale * x[j]);
+        if constexpr (kGlu) {
+          float up[C];
+          load_chunk<T, C>(in + t * in_width + p.inter + e, up);
+#pragma unroll
+          for (int j = 0; j < C; ++j) x[j] *= scale * up[j];
+        }
+        store_chunk<T, C>(out + t * p.inter + e, x);
+      }
+    }
+    return;
+  }
   for (int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; index < total;
        index += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = index / chunks_per_row;
@@ -727,6 +807,11 @@ __global__ void __launch_bounds__(kLogitBiasThreads) add_logit_bias_kernel(const
 
 void check_rotary(const RotaryParams& p, const char* op) {
   require_half(p.act_dtype, op, "activations");
+  check_row_scale(p.row_scale, op);
+  if (p.row_scale.source != nullptr && p.rotary_dim != p.head_dim) {
+    throw InvalidArgument(std::string(op) + ": a row scale needs every element to rotate (rotary_dim " +
+                          str(p.rotary_dim) + ", head_dim " + str(p.head_dim) + ")");
+  }
   require_non_negative(p.num_tokens, op, "num_tokens");
   require_non_negative(p.num_heads, op, "num_heads");
   require_non_negative(p.num_kv_heads, op, "num_kv_heads");
@@ -770,6 +855,7 @@ void qk_norm_apart(const RotaryParams& r, StreamHandle stream) {
 
 void check_write_kv(const WriteKVParams& p, const char* op) {
   require_half(p.act_dtype, op, "activations");
+  check_row_scale(p.v_row_scale, op);
   require_same(p.cache_dtype, p.act_dtype, op, "cache");
   require_non_negative(p.num_tokens, op, "num_tokens");
   if (p.num_kv_heads <= 0 || p.head_dim <= 0 || p.block_size <= 0) {
@@ -846,7 +932,7 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
   g.norm_lanes = rotate_mode && r.q_norm_weight != nullptr && items_fit_lanes ? g.rot_items : 0;
   // One item per thread where a token has up to 512 (Llama-3-8B: 448): a thread's second item
   // would load only after its first item's stores, one more memory round trip per token.
-  const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, 512);
+  const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, kMaxRopeThreads);
   const auto s = static_cast<gpu::Stream>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -994,6 +1080,14 @@ void rotary_write_kv(const RotaryParams& rotary, const WriteKVParams& write, Str
         "rotary_write_kv: the rotary and write params disagree on k, k_stride, num_tokens, "
         "num_kv_heads, head_dim or the activation dtype (the fused op rotates the k it writes)");
   }
+  const RowRmsScale& a = rotary.row_scale;
+  const RowRmsScale& b = write.v_row_scale;
+  if (a.source != nullptr && b.source != nullptr &&
+      (a.source != b.source || a.stride != b.stride || a.width != b.width || a.eps != b.eps)) {
+    throw InvalidArgument(
+        "rotary_write_kv: the q/k row scale and the v row scale differ (the fused op computes "
+        "one factor per token; pass the same RowRmsScale, or one of them)");
+  }
   launch_rope_kv(rotary, write, kRotaryAndWrite, stream, "rotary_write_kv");
 }
 
@@ -1006,6 +1100,7 @@ void activation(const ActivationParams& p, StreamHandle stream) {
     throw InvalidArgument("activation: unknown Activation value " + str(p.activation) +
                           " (expected 0.." + str(int(Activation::kRelu)) + ")");
   }
+  check_row_scale(p.row_scale, "activation");
   if (p.num_tokens == 0 || p.inter == 0) return;
   const bool vec = p.inter % kVecElems == 0 && aligned16(p.in) && aligned16(p.out);
   const auto s = static_cast<gpu::Stream>(stream);
@@ -1014,9 +1109,13 @@ void activation(const ActivationParams& p, StreamHandle stream) {
     dispatch_chunk(vec, [&](auto chunk) {
       constexpr int C = decltype(chunk)::value;
       const int64_t total = int64_t{p.num_tokens} * (p.inter / C);
-      const int blocks = int(std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks));
+      dim3 grid(unsigned(std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks)));
+      if (p.row_scale.source != nullptr) {
+        grid = dim3(unsigned(ceil_div(int64_t{p.inter / C}, kActivationThreads)),
+                    unsigned(std::min<int64_t>(p.num_tokens, kActivationMaxRowBlocks)));
+      }
       auto launch = [&](auto kernel) {
-        launch_overlapped(p.num_tokens, kernel, dim3(blocks), dim3(kActivationThreads), 0, s, p);
+        launch_overlapped(p.num_tokens, kernel, grid, dim3(kActivationThreads), 0, s, p);
       };
       switch (act) {
         case Activation::kSiluGlu: return launch(activation_kernel<T, C, Activation::kSiluGlu>);

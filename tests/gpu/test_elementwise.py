@@ -658,6 +658,72 @@ def test_activation_in_place(act):
     assert_close(to_np(gpu), ref, dtype, "in place")
 
 
+# ---- row scales: an RMSNorm folded into the projection before the op -------------------------
+
+# (head_dim, heads, kv heads, pairing, QK norm, stream width): QK norm from the items' registers
+# (128 NeoX, 64 and 256 GPT-J) and from the first pass (80 NeoX: 5 items a head); stream rows of
+# 16-byte chunks (1024, 4096) and scalar ones (100, 1001).
+ROW_SCALE_CASES = [(128, 16, 8, NEOX, True, 1024), (128, 32, 8, NEOX, False, 4096),
+                   (64, 8, 1, GPTJ, True, 100), (80, 32, 8, NEOX, True, 1001),
+                   (256, 8, 2, GPTJ, True, 4096)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("case", ROW_SCALE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rotary_write_kv_row_scale(dtype, mode, case):
+    """Each token's q, k and v times its stream row's 1 / RMS, before QK norm and rotation."""
+    head_dim, num_heads, num_kv_heads, pairing, qk_norm, hidden = case
+    rng = seed_of("fused_row_scale", dtype, mode, case)
+    block_size = 16
+    num_blocks, slots, positions = make_batch(rng, CONTEXTS[mode], block_size, mode == "decode")
+    num_tokens = len(slots)
+    qkv, qkv_np, width = qkv_buffer(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+    stream, stream_np = rand((num_tokens, hidden), dtype, 3.0)
+    cos_sin = cos_sin_table(4096, head_dim)
+    k_off, v_off = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    shape = (num_blocks, 2, num_kv_heads, block_size, head_dim)
+    args = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                block_size=block_size, pairing=pairing, q_stride=width, k_stride=width,
+                v_stride=width, k_offset=k_off, v_offset=v_off, row_scale_eps=1e-5)
+    cpu_extra, gpu_extra = dict(row_scale_source=stream_np), dict(row_scale_source=stream.cuda())
+    if qk_norm:
+        q_w, q_w_np = rand((head_dim,), dtype)
+        k_w, k_w_np = rand((head_dim,), dtype)
+        cpu_extra.update(q_norm_weight=q_w_np, k_norm_weight=k_w_np, qk_norm_eps=1e-6)
+        gpu_extra.update(q_norm_weight=q_w.cuda(), k_norm_weight=k_w.cuda(), qk_norm_eps=1e-6)
+    ref_qkv, ref_cache = qkv_np.copy(), np.full(shape, np.nan, np.float32)
+    _C.ops.rotary_write_kv(ref_qkv, ref_qkv, ref_qkv, positions, cos_sin, ref_cache, slots,
+                           **args, **cpu_extra)
+    gpu, cache = qkv.cuda(), poisoned(shape, dtype)
+    _C.ops.rotary_write_kv(gpu, gpu, gpu, cuda_i32(positions), torch.from_numpy(cos_sin).cuda(),
+                           cache, cuda_i64(slots), **args, **gpu_extra)
+    got_qkv, got_cache = to_np(gpu), to_np(cache)
+    assert_close(got_qkv[:, :v_off], ref_qkv[:, :v_off], dtype, "q and k")
+    assert_same_bits(got_qkv[:, v_off:], qkv_np[:, v_off:], "v in the buffer untouched")
+    np.testing.assert_array_equal(np.isnan(got_cache), np.isnan(ref_cache))
+    written = ~np.isnan(ref_cache)
+    assert_close(got_cache[written], ref_cache[written], dtype, "cache (k and the scaled v)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("act", [SILU_GLU, GELU_TANH_GLU, GELU], ids=lambda a: ACTIVATIONS[a])
+@pytest.mark.parametrize("num_tokens, inter, hidden",
+                         [(1, 3072, 1024), (7, 14336, 4096), (300, 100, 1001), (33, 3072, 100),
+                          (70000, 8, 64)])
+def test_activation_row_scale(dtype, act, num_tokens, inter, hidden):
+    """Each input row times its stream row's 1 / RMS first; 70,000 rows pass gridDim.y's limit."""
+    seed_of("act_row_scale", dtype, act, num_tokens, inter, hidden)
+    glu = act in (SILU_GLU, GELU_GLU, GELU_TANH_GLU)
+    x, x_np = rand((num_tokens, 2 * inter if glu else inter), dtype, 2.0)
+    stream, stream_np = rand((num_tokens, hidden), dtype, 3.0)
+    ref = np.full((num_tokens, inter), np.nan, np.float32)
+    _C.ops.activation(x_np, ref, act, row_scale_source=stream_np, row_scale_eps=1e-5)
+    out = poisoned((num_tokens, inter), dtype)
+    _C.ops.activation(x.cuda(), out, act, row_scale_source=stream.cuda(), row_scale_eps=1e-5)
+    assert_close(to_np(out), ref, dtype, ACTIVATIONS[act])
+
+
 # ---- gather_rows -----------------------------------------------------------------------------
 
 

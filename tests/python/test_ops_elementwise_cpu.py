@@ -186,6 +186,66 @@ def test_rotary_write_kv_is_rotary_then_write_kv():
     assert not np.array_equal(fused_qkv, qkv)
 
 
+def row_inv_rms(rows, eps):
+    return 1.0 / np.sqrt(np.mean(rows.astype(np.float64) ** 2, axis=1) + eps)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_write_kv_row_scale_scales_q_k_and_v_first(qk_norm):
+    """A row scale (an RMSNorm folded into the qkv projection): token t's q, k and v times
+    rsqrt(mean(stream_t^2) + eps), before the QK norm and the rotation; the cache gets the scaled
+    v, the buffer's own v stays as it was."""
+    rng = np.random.default_rng(3)
+    h, kv, d, bs, hidden = 2, 1, 4, 4, 6
+    qkv = rng.standard_normal((3, (h + 2 * kv) * d)).astype(np.float32)
+    stream = (rng.standard_normal((3, hidden)) * [[0.5], [3.0], [40.0]]).astype(np.float32)
+    angles = np.arange(8)[:, None] * np.array([1.0, 0.1])[None, :]
+    cos_sin = np.concatenate([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    positions, slots = np.array([0, 5, 7], np.int32), np.array([3, -1, 4], np.int64)
+    width = qkv.shape[1]
+    args = dict(q_stride=width, k_stride=width, v_stride=width, k_offset=h * d,
+                v_offset=(h + kv) * d)
+    norms = {}
+    if qk_norm:
+        norms = dict(q_norm_weight=rng.standard_normal(d).astype(np.float32),
+                     k_norm_weight=rng.standard_normal(d).astype(np.float32), qk_norm_eps=1e-5)
+
+    scaled = qkv * row_inv_rms(stream, 1e-5)[:, None].astype(np.float32)
+    want_qkv, want_cache = scaled.copy(), np.zeros((2, 2, kv, bs, d), np.float32)
+    _C.ops.rotary_write_kv(want_qkv, want_qkv, want_qkv, positions, cos_sin, want_cache, slots,
+                           h, kv, d, bs, **args, **norms)
+    got_qkv, got_cache = qkv.copy(), np.zeros_like(want_cache)
+    _C.ops.rotary_write_kv(got_qkv, got_qkv, got_qkv, positions, cos_sin, got_cache, slots,
+                           h, kv, d, bs, **args, **norms, row_scale_source=stream,
+                           row_scale_eps=1e-5)
+    k_end = (h + kv) * d
+    np.testing.assert_allclose(got_qkv[:, :k_end], want_qkv[:, :k_end], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_qkv[:, k_end:], qkv[:, k_end:])
+    np.testing.assert_allclose(got_cache, want_cache, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="row_scale_source"):
+        _C.ops.rotary_write_kv(got_qkv, got_qkv, got_qkv, positions, cos_sin, got_cache, slots,
+                               h, kv, d, bs, **args, row_scale_source=stream[:2])
+    with pytest.raises(ValueError, match="every element to rotate"):
+        _C.ops.rotary_write_kv(got_qkv, got_qkv, got_qkv, positions, cos_sin[:, [0, 2]].copy(),
+                               got_cache, slots, h, kv, d, bs, rotary_dim=2, **args,
+                               row_scale_source=stream)
+
+
+@pytest.mark.parametrize("act", [SILU_GLU, GELU])
+def test_activation_row_scale_scales_the_input_rows_first(act):
+    rng = np.random.default_rng(4)
+    glu = act == SILU_GLU
+    x = rng.standard_normal((3, 10 if glu else 5)).astype(np.float32)
+    stream = (rng.standard_normal((3, 7)) * [[0.1], [1.0], [25.0]]).astype(np.float32)
+    want = np.zeros((3, 5), np.float32)
+    _C.ops.activation(x * row_inv_rms(stream, 1e-6)[:, None].astype(np.float32), want, act)
+    got = np.zeros_like(want)
+    _C.ops.activation(x, got, act, row_scale_source=stream, row_scale_eps=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="eps"):
+        _C.ops.activation(x, got, act, row_scale_source=stream, row_scale_eps=-1.0)
+
+
 def test_activation_known_values():
     x = np.array([[-1.0, 0.0, 2.0]], np.float32)
     out = np.zeros_like(x)

@@ -129,6 +129,16 @@ struct GemmParams {
   DType out_dtype;
 };
 
+/// The inverse RMS of row t of `source`, rsqrt(mean(source[t, 0:width]^2) + eps): an RMSNorm
+/// whose weight the executor folded into the projection that made an op's input, so that the op
+/// applies the rest of the norm to each row of that input. source == nullptr: no scale.
+struct RowRmsScale {
+  const void* source;  // [rows] x [width], act dtype, rows `stride` elements apart
+  int64_t stride;
+  int32_t width;
+  float eps;
+};
+
 /// Rotates q and k in place at their tokens' positions. cos_sin holds, per position p, rotary_dim/2
 /// cosines then rotary_dim/2 sines (fp32; the host computes it once from RopeConfig, every scaling
 /// variant folded in). Only the first rotary_dim elements of each head rotate.
@@ -156,6 +166,9 @@ struct RotaryParams {
   float qk_norm_eps;
   bool qk_norm_plus_one;
   DType norm_weight_dtype;
+  // q and k of token t are multiplied by row_scale's row t first (before the QK norm); needs
+  // rotary_dim == head_dim.
+  RowRmsScale row_scale;
 };
 
 /// The grouped norm RotaryParams' QK norm amounts to for its q heads (or, with k_heads, its k
@@ -191,6 +204,9 @@ struct WriteKVParams {
   int64_t v_stride;
   DType act_dtype;
   DType cache_dtype;
+  // The v written for token t is multiplied by v_row_scale's row t (k is written as given: the
+  // fused rotary_write_kv scales it as it rotates it).
+  RowRmsScale v_row_scale;
 };
 
 /// Paged attention for a batch of requests, each with q_len new tokens (a prompt chunk, or 1 for
@@ -251,6 +267,7 @@ struct ActivationParams {
   int32_t inter;
   uint8_t activation;
   DType act_dtype;
+  RowRmsScale row_scale;  // input row t (gate and up) is multiplied by its row t first
 };
 
 /// out[i, :] = in[rows[i], :]: picks the hidden states of the tokens that sample.

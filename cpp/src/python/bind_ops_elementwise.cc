@@ -283,6 +283,24 @@ void set_qk_norm(octavo::RotaryParams& p, const char* op, bool cuda, const OptAr
   p.qk_norm_plus_one = plus_one;
 }
 
+/// RowRmsScale over the rows of `source` ([num_tokens, width], contiguous, the act dtype), or
+/// none when it is not given.
+octavo::RowRmsScale row_scale_of(const char* op, bool cuda, const OptArray& source,
+                                 int64_t num_tokens, float eps, octavo::DType act_dtype) {
+  if (!source) return {};
+  if (on_cuda(*source) != cuda) throw InvalidArgument(std::string(op) + ": arrays on different devices");
+  const int64_t width = last_dim(*source);
+  if (width <= 0 || int64_t(source->size()) != num_tokens * width) {
+    throw InvalidArgument(std::string(op) + ": row_scale_source has " +
+                          str(int64_t(source->size())) + " elements; expected [num_tokens = " +
+                          str(num_tokens) + ", width > 0]");
+  }
+  if (dtype_of(*source, "row_scale_source") != act_dtype) {
+    throw InvalidArgument(std::string(op) + ": row_scale_source's dtype differs from the activations'");
+  }
+  return octavo::RowRmsScale{source->data(), width, int32_t(width), eps};
+}
+
 void rotary(OptArray q, OptArray k, AnyArray positions, AnyArray cos_sin, int num_heads,
             int num_kv_heads, int head_dim, int rotary_dim, int pairing, int64_t q_stride,
             int64_t k_stride, int64_t q_offset, int64_t k_offset, OptArray q_norm_weight,
@@ -317,23 +335,27 @@ void rotary_write_kv(AnyArray q, AnyArray k, AnyArray v, AnyArray positions, Any
                      int head_dim, int block_size, int rotary_dim, int pairing, int64_t q_stride,
                      int64_t k_stride, int64_t v_stride, int64_t q_offset, int64_t k_offset,
                      int64_t v_offset, OptArray q_norm_weight, OptArray k_norm_weight,
-                     float qk_norm_eps, bool qk_norm_plus_one, uintptr_t stream) {
+                     float qk_norm_eps, bool qk_norm_plus_one, OptArray row_scale_source,
+                     float row_scale_eps, uintptr_t stream) {
   const char* op = "rotary_write_kv";
   const bool cuda = same_device_is_cuda(op, q, k, v, positions, cos_sin, cache, slot_mapping);
   octavo::RotaryParams r =
       rotary_params(op, q, k, positions, cos_sin, num_heads, num_kv_heads, head_dim, rotary_dim,
                     pairing, q_stride, k_stride, q_offset, k_offset);
   set_qk_norm(r, op, cuda, q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_plus_one);
-  const octavo::WriteKVParams w = write_kv_params(op, k, v, cache, slot_mapping, num_kv_heads,
-                                                  head_dim, block_size, k_stride, v_stride,
-                                                  k_offset, v_offset);
+  octavo::WriteKVParams w = write_kv_params(op, k, v, cache, slot_mapping, num_kv_heads,
+                                            head_dim, block_size, k_stride, v_stride, k_offset,
+                                            v_offset);
+  r.row_scale = w.v_row_scale =
+      row_scale_of(op, cuda, row_scale_source, r.num_tokens, row_scale_eps, r.act_dtype);
   // The CPU reference has no fused op: rotary, then write_kv of the rotated k.
   if (cuda) return OCTAVO_ON_CUDA(rotary_write_kv(r, w, as_stream(stream)));
   octavo::cpu::rotary(r);
   octavo::cpu::write_kv(w);
 }
 
-void activation(AnyArray x, AnyArray out, int activation, uintptr_t stream) {
+void activation(AnyArray x, AnyArray out, int activation, OptArray row_scale_source,
+                float row_scale_eps, uintptr_t stream) {
   const char* op = "activation";
   const bool cuda = same_device_is_cuda(op, x, out);
   octavo::ActivationParams p{};
@@ -353,6 +375,7 @@ void activation(AnyArray x, AnyArray out, int activation, uintptr_t stream) {
                           str(int64_t{p.num_tokens} * p.inter * (glu ? 2 : 1)) +
                           (glu ? " (gate | up: twice out's)" : " (as out)"));
   }
+  p.row_scale = row_scale_of(op, cuda, row_scale_source, p.num_tokens, row_scale_eps, p.act_dtype);
   if (cuda) return OCTAVO_ON_CUDA(activation(p, as_stream(stream)));
   octavo::cpu::activation(p);
 }
@@ -479,12 +502,17 @@ void bind_ops_elementwise(nb::module_& ops) {
           arg("pairing") = 0, arg("q_stride") = 0, arg("k_stride") = 0, arg("v_stride") = 0,
           arg("q_offset") = 0, arg("k_offset") = 0, arg("v_offset") = 0,
           arg("q_norm_weight").none() = nb::none(), arg("k_norm_weight").none() = nb::none(),
-          arg("qk_norm_eps") = 1e-6f, arg("qk_norm_plus_one") = false, arg("stream") = 0,
+          arg("qk_norm_eps") = 1e-6f, arg("qk_norm_plus_one") = false,
+          arg("row_scale_source").none() = nb::none(), arg("row_scale_eps") = 1e-6f,
+          arg("stream") = 0,
           "rotary on q and k (QK norm first when the weights are given), then write_kv of the\n"
-          "rotated k and v: one fused kernel on the GPU.");
-  ops.def("activation", &activation, arg("x"), arg("out"), arg("activation"), arg("stream") = 0,
+          "rotated k and v: one fused kernel on the GPU. With row_scale_source ([tokens, width]),\n"
+          "token t's q, k and v are first multiplied by rsqrt(mean(row_t^2) + row_scale_eps).");
+  ops.def("activation", &activation, arg("x"), arg("out"), arg("activation"),
+          arg("row_scale_source").none() = nb::none(), arg("row_scale_eps") = 1e-6f, arg("stream") = 0,
           "out = act(x) (plain) or act(gate) * up for x = [tokens, 2 * inter] (GLU: gate | up).\n"
-          "activation: an Activation value; inter is out's last dim.");
+          "activation: an Activation value; inter is out's last dim. With row_scale_source\n"
+          "([tokens, width]), row t of x is first multiplied by rsqrt(mean(row_t^2) + eps).");
   ops.def("gather_rows", &gather_rows, arg("x"), arg("rows"), arg("out"), arg("stream") = 0,
           "out[i] = x[rows[i]] (rows: int32); the row width is x's last dim.");
   ops.def("add_logit_bias", &add_logit_bias, arg("logits"), arg("row_offsets"), arg("token_ids"),

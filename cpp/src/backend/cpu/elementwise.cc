@@ -11,6 +11,7 @@
 #include <octavo/model_spec.h>
 
 #include "backend/cpu/dtype.h"
+#include "backend/row_scale.h"
 #include "backend/ops.h"
 
 namespace octavo::cpu {
@@ -197,6 +198,21 @@ void qk_norm(const RotaryParams& p) {
   norm(qk_norm_params(p, /*k_heads=*/true));
 }
 
+// RotaryParams' row scale: token t's q and k heads times its factor, in place.
+void scale_rows(const RotaryParams& p) {
+  for (int32_t t = 0; t < p.num_tokens; ++t) {
+    const float scale = row_rms_scale(p.row_scale, t);
+    if (p.q != nullptr) {
+      float* q = static_cast<float*>(p.q) + t * p.q_stride;
+      for (int64_t i = 0; i < int64_t{p.num_heads} * p.head_dim; ++i) q[i] *= scale;
+    }
+    if (p.k != nullptr) {
+      float* k = static_cast<float*>(p.k) + t * p.k_stride;
+      for (int64_t i = 0; i < int64_t{p.num_kv_heads} * p.head_dim; ++i) k[i] *= scale;
+    }
+  }
+}
+
 }  // namespace
 
 void rotary(const RotaryParams& p) {
@@ -219,6 +235,14 @@ void rotary(const RotaryParams& p) {
                             ") is outside the rotary table of " + str(p.max_position) +
                             " positions (build the table for a longer context)");
     }
+  }
+  check_row_scale(p.row_scale, "rotary");
+  if (p.row_scale.source != nullptr) {
+    if (p.rotary_dim != p.head_dim) {
+      throw InvalidArgument("rotary: a row scale needs every element to rotate (rotary_dim " +
+                            str(p.rotary_dim) + ", head_dim " + str(p.head_dim) + ")");
+    }
+    scale_rows(p);
   }
   if (p.q_norm_weight != nullptr) qk_norm(p);
   const int32_t half = p.rotary_dim / 2;
@@ -269,12 +293,20 @@ inline float gelu_tanh(float x) {
 inline float relu(float x) { return x > 0.0f ? x : 0.0f; }
 
 template <float (*Act)(float), bool kGlu>
-void apply_activation(const float* in, float* out, int32_t num_tokens, int64_t inter) {
+void apply_activation(const float* in, float* out, int32_t num_tokens, int64_t inter,
+                      const RowRmsScale& row_scale) {
   const int64_t in_width = kGlu ? 2 * inter : inter;
 #pragma omp parallel for schedule(static) if (num_tokens * inter >= kParallelMinElements)
   for (int32_t t = 0; t < num_tokens; ++t) {
     const float* gate = in + t * in_width;
     float* y = out + t * inter;
+    if (row_scale.source != nullptr) {
+      const float s = row_rms_scale(row_scale, t);
+      for (int64_t i = 0; i < inter; ++i) {
+        y[i] = kGlu ? Act(s * gate[i]) * (s * gate[inter + i]) : Act(s * gate[i]);
+      }
+      continue;
+    }
     for (int64_t i = 0; i < inter; ++i) {
       y[i] = kGlu ? Act(gate[i]) * gate[inter + i] : Act(gate[i]);
     }
@@ -290,14 +322,17 @@ void activation(const ActivationParams& p) {
   const auto* in = static_cast<const float*>(p.in);
   auto* out = static_cast<float*>(p.out);
   const int32_t tokens = p.num_tokens;
+  check_row_scale(p.row_scale, "activation");
+  const RowRmsScale& s = p.row_scale;
   switch (Activation(p.activation)) {
-    case Activation::kSiluGlu: return apply_activation<silu, true>(in, out, tokens, p.inter);
-    case Activation::kGeluGlu: return apply_activation<gelu_erf, true>(in, out, tokens, p.inter);
+    case Activation::kSiluGlu: return apply_activation<silu, true>(in, out, tokens, p.inter, s);
+    case Activation::kGeluGlu: return apply_activation<gelu_erf, true>(in, out, tokens, p.inter, s);
     case Activation::kGeluTanhGlu:
-      return apply_activation<gelu_tanh, true>(in, out, tokens, p.inter);
-    case Activation::kGelu: return apply_activation<gelu_erf, false>(in, out, tokens, p.inter);
-    case Activation::kGeluTanh: return apply_activation<gelu_tanh, false>(in, out, tokens, p.inter);
-    case Activation::kRelu: return apply_activation<relu, false>(in, out, tokens, p.inter);
+      return apply_activation<gelu_tanh, true>(in, out, tokens, p.inter, s);
+    case Activation::kGelu: return apply_activation<gelu_erf, false>(in, out, tokens, p.inter, s);
+    case Activation::kGeluTanh:
+      return apply_activation<gelu_tanh, false>(in, out, tokens, p.inter, s);
+    case Activation::kRelu: return apply_activation<relu, false>(in, out, tokens, p.inter, s);
   }
   throw InvalidArgument("activation: unknown Activation value " + str(p.activation) +
                         " (expected 0.." + str(int(Activation::kRelu)) + ")");

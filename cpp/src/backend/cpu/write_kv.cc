@@ -3,10 +3,12 @@
 // token; slots are distinct per step (the scheduler gives each new token its own slot), so items
 // never write the same bytes.
 #include <string>
+#include <vector>
 
 #include <octavo/error.h>
 
 #include "backend/cpu/dtype.h"
+#include "backend/row_scale.h"
 #include "backend/ops.h"
 
 namespace octavo::cpu {
@@ -27,6 +29,7 @@ void write_kv(const WriteKVParams& p) {
                             std::to_string(t) + ") is negative; only -1 (skip) is allowed");
     }
   }
+  check_row_scale(p.v_row_scale, "write_kv");
   const auto* k = static_cast<const float*>(p.k);
   const auto* v = static_cast<const float*>(p.v);
   const int64_t head_dim = p.head_dim;
@@ -40,13 +43,20 @@ void write_kv(const WriteKVParams& p) {
     if (slot == -1) continue;
     const int64_t block = slot / p.block_size;
     const int64_t offset = slot % p.block_size;
+    const float* v_row = v + t * p.v_stride;
+    std::vector<float> scaled_v;
+    if (p.v_row_scale.source != nullptr) {
+      const float scale = row_rms_scale(p.v_row_scale, t);
+      scaled_v.assign(v_row, v_row + int64_t{p.num_kv_heads} * head_dim);
+      for (float& x : scaled_v) x *= scale;
+      v_row = scaled_v.data();
+    }
     for (int32_t h = 0; h < p.num_kv_heads; ++h) {
       const int64_t k_offset = block * block_elements + h * head_run + offset * head_dim;
       const int64_t v_offset = k_offset + p.num_kv_heads * head_run;
       store_row(k + t * p.k_stride + h * head_dim, head_dim, p.layer_cache, p.cache_dtype,
                 k_offset);
-      store_row(v + t * p.v_stride + h * head_dim, head_dim, p.layer_cache, p.cache_dtype,
-                v_offset);
+      store_row(v_row + h * head_dim, head_dim, p.layer_cache, p.cache_dtype, v_offset);
     }
   }
 }
