@@ -167,7 +167,7 @@ Executor::Executor(const ModelSpec& spec, Backend& backend, DType weight_dtype,
   const size_t act = dtype_size(act_dtype_);
   const size_t hidden = spec_.hidden_size, inter = spec_.intermediate_size;
   residual_ = DeviceBuffer(backend_, T * hidden * act);
-  hidden_ = DeviceBuffer(backend_, T * hidden * act);
+  if (!norms_fold_into_projections()) hidden_ = DeviceBuffer(backend_, T * hidden * act);
   if (spec_.residual == ResidualKind::kParallelTwoNorms) hidden2_ = DeviceBuffer(backend_, T * hidden * act);
   qkv_ = DeviceBuffer(backend_, T * (spec_.q_size() + 2 * size_t(spec_.max_kv_heads()) * spec_.head_dim) * act);
   attn_out_ = DeviceBuffer(backend_, T * spec_.q_size() * act);
@@ -239,6 +239,45 @@ void Executor::allocate_kv_cache(int num_blocks) {
   kv_cache_ = DeviceBuffer(backend_, kv_layer_offsets_.back());
 }
 
+bool Executor::norms_fold_into_projections() const {
+  const bool rms = spec_.norm == NormKind::kRMSNorm || spec_.norm == NormKind::kRMSNormPlusOne;
+  // fp16 keeps the norms: the unnormalised stream times the weights can leave its range (LLM
+  // residual streams carry outliers in the thousands); bf16 and fp32 have fp32's exponent range.
+  return rms && act_dtype_ != DType::kFloat16 && !spec_.norm_bias && spec_.residual == ResidualKind::kSequential &&
+         outputs_fold_into_residual() && spec_.positions == PositionKind::kRotary &&
+         spec_.rotary_dim() == spec_.head_dim && !spec_.qkv_bias && !spec_.mlp_bias;
+}
+
+namespace {
+
+// Uploads t ([rows, K] in `source`) into `buffer` as `stored`, column k multiplied by scale[k]
+// (in fp32, then one rounding): a norm's weight folded into the projection after it.
+void upload_column_scaled(Backend& backend, const HostTensor& t, DType source, DType stored,
+                          const std::vector<float>& scale, DeviceBuffer& buffer) {
+  const int64_t K = int64_t(scale.size());
+  int64_t rows = 1;
+  for (int64_t d : t.shape) rows *= d;
+  rows /= K;
+  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kConvertChunkBytes / (K * sizeof(float))));
+  std::vector<float> row_f32(size_t(chunk_rows * K));
+  std::vector<std::byte> staging(size_t(chunk_rows * K) * dtype_size(stored));
+  const auto* src = static_cast<const std::byte*>(t.data);
+  for (int64_t first = 0; first < rows; first += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, rows - first);
+#pragma omp parallel for schedule(static) if (n * K >= (int64_t{1} << 16))
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = row_f32.data() + r * K;
+      convert_dtype(src + (first + r) * K * dtype_size(source), source, row, DType::kFloat32, K);
+      for (int64_t k = 0; k < K; ++k) row[k] *= scale[k];
+      convert_dtype(row, DType::kFloat32, staging.data() + r * K * dtype_size(stored), stored, K);
+    }
+    backend.upload(buffer.as<std::byte>() + first * K * dtype_size(stored), staging.data(),
+                   size_t(n * K) * dtype_size(stored));
+  }
+}
+
+}  // namespace
+
 void Executor::load_weights(const std::vector<HostTensor>& weights) {
   if (std::optional<MemoryInfo> memory = backend_.memory_info()) {
     size_t needed = 0;
@@ -261,6 +300,20 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
       throw FormatError("weight '" + t.name + "' was given twice");
     }
   }
+  // With norms_fold_into_projections(): the projection weights and the norm each is scaled by.
+  std::unordered_map<std::string, const HostTensor*> column_scales;
+  if (norms_fold_into_projections()) {
+    const std::string mlp_in = is_glu(spec_.activation) ? "gate_up" : "up";
+    for (int l = 0; l < spec_.num_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      for (const auto& [projection, norm] : {std::pair{p + "qkv.weight", p + "input_norm.weight"},
+                                             std::pair{p + mlp_in + ".weight",
+                                                       p + "post_attn_norm.weight"}}) {
+        auto it = by_name.find(norm);
+        if (it != by_name.end()) column_scales[projection] = it->second;
+      }
+    }
+  }
   for (const ExpectedWeight& e : expected_weights(spec_)) {
     auto it = by_name.find(e.name);
     if (it == by_name.end()) {
@@ -278,7 +331,21 @@ void Executor::load_weights(const std::vector<HostTensor>& weights) {
     // The LM head's bias is added to fp32 logits: it is kept in fp32.
     const DType stored = e.name == "lm_head.bias" ? DType::kFloat32 : weight_dtype_;
     DeviceBuffer buffer(backend_, count * dtype_size(stored));
-    if (source == stored) {
+    if (auto scaled = column_scales.find(e.name); scaled != column_scales.end()) {
+      const HostTensor& norm = *scaled->second;
+      if (norm.shape != std::vector<int64_t>{spec_.hidden_size}) {
+        throw FormatError("weight '" + norm.name + "' has shape " + shape_string(norm.shape) +
+                          "; " + spec_.architecture + " with this config needs [" +
+                          std::to_string(spec_.hidden_size) + "]");
+      }
+      std::vector<float> scale(size_t(spec_.hidden_size));
+      convert_dtype(norm.data, parse_dtype(norm.dtype, "weight '" + norm.name + "'"), scale.data(),
+                    DType::kFloat32, scale.size());
+      if (spec_.norm == NormKind::kRMSNormPlusOne) {
+        for (float& w : scale) w += 1.0f;  // (1 + w) in fp32, as HF forms it
+      }
+      upload_column_scaled(backend_, t, source, stored, scale, buffer);
+    } else if (source == stored) {
       backend_.upload(buffer.data(), t.data, count * dtype_size(stored));
     } else {
       // Converted a slice at a time through one staging buffer: no whole-model host copy.
@@ -635,7 +702,12 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
     }
   };
 
-  norm_stream(hidden_.data(), w.input_norm_w, w.input_norm_b, !first && !folded);
+  // With folded norms the GEMMs read the stream and the ops after them scale each row.
+  const bool fold_norms = norms_fold_into_projections();
+  const RowRmsScale stream_scale =
+      fold_norms ? RowRmsScale{residual_.data(), hidden, hidden, spec_.norm_eps} : RowRmsScale{};
+  const void* const normed = fold_norms ? residual_.data() : hidden_.data();
+  if (!fold_norms) norm_stream(hidden_.data(), w.input_norm_w, w.input_norm_b, !first && !folded);
   if (spec_.residual == ResidualKind::kParallelTwoNorms) {
     norm_stream(hidden2_.data(), w.post_norm_w, w.post_norm_b, /*delta_waits=*/false);
   }
@@ -643,7 +715,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   // QKV: one fused GEMM writes [T, q | k | v]; q, k and v are strided views into it.
   const int width = q_size + 2 * kv_size;
   auto* qkv = qkv_.as<std::byte>();
-  gemm(hidden_.data(), w.qkv_w, w.qkv_b, qkv, T, width, hidden);
+  gemm(normed, w.qkv_w, w.qkv_b, qkv, T, width, hidden);
   void* q = qkv;
   void* k = qkv + size_t(q_size) * act;
   void* v = qkv + size_t(q_size + kv_size) * act;
@@ -661,6 +733,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   wkv.k_stride = wkv.v_stride = kv_stride;
   wkv.act_dtype = act_dtype_;
   wkv.cache_dtype = kv_shape_.dtype;
+  wkv.v_row_scale = stream_scale;
   RotaryParams r{};
   r.q = q;
   r.k = k;
@@ -671,6 +744,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   r.q_stride = q_stride;
   r.k_stride = kv_stride;
   r.act_dtype = act_dtype_;
+  r.row_scale = stream_scale;
   if (spec_.qk_norm) {
     r.q_norm_weight = w.q_norm_w;
     r.k_norm_weight = w.k_norm_w;
@@ -725,9 +799,9 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
     norm(delta_.data(), nullptr, delta_.data(), T, w.attn_out_norm_w, w.attn_out_norm_b);
   }
 
-  const void* mlp_input = hidden_.data();
+  const void* mlp_input = normed;
   if (spec_.residual == ResidualKind::kSequential) {
-    norm_stream(hidden_.data(), w.post_norm_w, w.post_norm_b, !folded);
+    if (!fold_norms) norm_stream(hidden_.data(), w.post_norm_w, w.post_norm_b, !folded);
   } else if (spec_.residual == ResidualKind::kParallelTwoNorms) {
     mlp_input = hidden2_.data();
   }
@@ -741,6 +815,7 @@ void Executor::run_layer(int l, const ForwardShape& f, bool first) {
   ap.inter = inter;
   ap.activation = uint8_t(spec_.activation);
   ap.act_dtype = act_dtype_;
+  ap.row_scale = stream_scale;
   backend_.activation(ap);
   // Unfolded, parallel blocks sum attention and MLP into one delta; sequential ones start a
   // fresh delta.

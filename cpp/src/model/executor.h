@@ -210,6 +210,13 @@ class Executor {
   /// Whether the sub-blocks' output projections add into residual_ themselves (run_layer): all
   /// but models with sandwich norms, whose outputs are normalised before the add.
   bool outputs_fold_into_residual() const { return !spec_.sandwich_norms; }
+  /// Whether each sub-block's RMSNorm folds into the projection after it (sequential RMSNorm
+  /// models whose outputs fold into the residual, with full rotary, no qkv or MLP bias, and
+  /// bf16 or fp32 activations): at
+  /// load the norm weight multiplies the input columns of qkv and gate_up (or up), those GEMMs
+  /// read the residual stream itself, and the op after each (rotary + KV write, the activation)
+  /// multiplies its row by the stream row's 1 / RMS (RowRmsScale): no norm launch in a layer.
+  bool norms_fold_into_projections() const;
   void norm(const void* in, void* residual, void* out, int rows, const void* w, const void* b);
   void gemm(const void* in, const void* w, const void* b, void* out, int m, int n, int k,
             bool accumulate = false, bool fp32_out = false, const float* bias_f32 = nullptr);
@@ -271,7 +278,7 @@ class Executor {
 
   // Workspace, act dtype unless noted.
   DeviceBuffer residual_;   // [T, hidden]
-  DeviceBuffer hidden_;     // [T, hidden] normed input of a sub-block
+  DeviceBuffer hidden_;     // [T, hidden] normed input of a sub-block (unless norms fold)
   DeviceBuffer hidden2_;    // [T, hidden] second norm of a two-norm parallel block
   DeviceBuffer qkv_;        // [T, q + 2 kv]
   DeviceBuffer attn_out_;   // [T, q]
