@@ -11,8 +11,9 @@ Prefill (causal prompts): time, TFLOP/s and the fraction of the bf16 matmul rate
 scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GEMMs (a few rows
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
 read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
-Layer ops (the row-wise kernels between the GEMMs: RMSNorm, rotary + KV cache write, SiLU-GLU) at
-the workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
+Layer ops (the row-wise kernels between the GEMMs: RMSNorm, rotary + KV cache write, SiLU-GLU; the
+last two with the residual row's 1 / RMS, as the executor runs them when norms fold) at the
+workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
 bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are
 replayed from a CUDA graph, so the host's per-call work never shows in the time (decode; prefill
 kernels take milliseconds and are timed back to back). One JSON line per shape; --result-json
@@ -298,8 +299,11 @@ def layer_op_call(op: str, rows: int, model: str, device: str = "cuda", dtype=DT
         return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
 
     element = 2
-    if op == "norm":  # RMSNorm of the residual stream, as every sub-block opens (the output
-        # projections add into the stream themselves)
+    # Both models fold their sub-blocks' RMSNorms into the projections (Executor): rotary + KV
+    # write and the activation scale each row by its residual-stream row's 1 / RMS.
+    residual = rand(rows, hidden)
+    if op == "norm":  # RMSNorm of the residual stream: the final norm, and the sub-blocks of
+        # models whose norms do not fold
         x, weight = rand(rows, hidden), rand(hidden)
         out = torch.empty_like(x)
 
@@ -323,17 +327,20 @@ def layer_op_call(op: str, rows: int, model: str, device: str = "cuda", dtype=DT
             _C.ops.rotary_write_kv(qkv, qkv, qkv, positions, cos_sin, cache, slots, heads,
                                    kv_heads, d, BLOCK, q_stride=width, k_stride=width,
                                    v_stride=width, k_offset=heads * d,
-                                   v_offset=(heads + kv_heads) * d, stream=stream(), **norms)
+                                   v_offset=(heads + kv_heads) * d, row_scale_source=residual,
+                                   stream=stream(), **norms)
 
-        # q, k, v in; q and k back; k and v into the cache; a float32 cos | sin row per token
-        return call, rows * ((2 * heads + 5 * kv_heads) * d * element + d * 4)
-    if op == "activation":  # SiLU(gate) * up
+        # q, k, v in; q and k back; k and v into the cache; a float32 cos | sin row and the
+        # residual row per token
+        return call, rows * ((2 * heads + 5 * kv_heads) * d * element + d * 4 + hidden * element)
+    if op == "activation":  # SiLU(gate) * up, gate and up scaled by the residual row's 1 / RMS
         x, out = rand(rows, 2 * inter), torch.empty((rows, inter), dtype=dtype, device=device)
 
         def call():
-            _C.ops.activation(x, out, 0, stream=stream())
+            _C.ops.activation(x, out, 0, row_scale_source=residual, stream=stream())
 
-        return call, 3 * rows * inter * element
+        # gate and up in, out back, the residual row once from memory
+        return call, rows * (3 * inter + hidden) * element
     raise ValueError(f"unknown layer op {op!r}; choose from {', '.join(LAYER_OPS)}")
 
 
