@@ -519,7 +519,8 @@ __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool
     scale_all(a, scale);
     scale_all(b, scale);
     if (norm.weight != nullptr) {
-      const float inv = norm.head_inv_rms(norm.lanes ? sum_of_squares(a) + sum_of_squares(b) : 0.0f);
+      const float inv =
+          norm.head_inv_rms(norm.lanes ? sum_of_squares(a) + sum_of_squares(b) : 0.0f);
       norm.apply(a, i, inv);
       norm.apply(b, i + half, inv);
     }
@@ -809,7 +810,8 @@ void check_rotary(const RotaryParams& p, const char* op) {
   require_half(p.act_dtype, op, "activations");
   check_row_scale(p.row_scale, op);
   if (p.row_scale.source != nullptr && p.rotary_dim != p.head_dim) {
-    throw InvalidArgument(std::string(op) + ": a row scale needs every element to rotate (rotary_dim " +
+    throw InvalidArgument(std::string(op) +
+                          ": a row scale needs every element to rotate (rotary_dim " +
                           str(p.rotary_dim) + ", head_dim " + str(p.head_dim) + ")");
   }
   require_non_negative(p.num_tokens, op, "num_tokens");
@@ -928,11 +930,13 @@ void launch_rope_kv(const RotaryParams& checked, const WriteKVParams& w, RopeKVM
   // A head's rotation items are consecutive items from a multiple of rot_items (q heads, then k
   // heads whose every item rotates under QK norm), and a block's threads a multiple of the warp:
   // with rot_items a power of two <= 32, each head's items sit in aligned lanes of one warp.
-  const bool items_fit_lanes = g.rot_items > 0 && g.rot_items <= 32 && (g.rot_items & (g.rot_items - 1)) == 0;
+  const bool items_fit_lanes =
+      g.rot_items > 0 && g.rot_items <= 32 && (g.rot_items & (g.rot_items - 1)) == 0;
   g.norm_lanes = rotate_mode && r.q_norm_weight != nullptr && items_fit_lanes ? g.rot_items : 0;
   // One item per thread where a token has up to 512 (Llama-3-8B: 448): a thread's second item
   // would load only after its first item's stores, one more memory round trip per token.
-  const int threads = std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, kMaxRopeThreads);
+  const int threads =
+      std::clamp(round_up(g.total, gpu::kWarpSize), gpu::kWarpSize, kMaxRopeThreads);
   const auto s = static_cast<gpu::Stream>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1109,7 +1113,8 @@ void activation(const ActivationParams& p, StreamHandle stream) {
     dispatch_chunk(vec, [&](auto chunk) {
       constexpr int C = decltype(chunk)::value;
       const int64_t total = int64_t{p.num_tokens} * (p.inter / C);
-      dim3 grid(unsigned(std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks)));
+      dim3 grid(unsigned(
+          std::min<int64_t>(ceil_div(total, kActivationThreads), kActivationMaxBlocks)));
       if (p.row_scale.source != nullptr) {
         grid = dim3(unsigned(ceil_div(int64_t{p.inter / C}, kActivationThreads)),
                     unsigned(std::min<int64_t>(p.num_tokens, kActivationMaxRowBlocks)));

@@ -243,9 +243,10 @@ bool Executor::norms_fold_into_projections() const {
   const bool rms = spec_.norm == NormKind::kRMSNorm || spec_.norm == NormKind::kRMSNormPlusOne;
   // fp16 keeps the norms: the unnormalised stream times the weights can leave its range (LLM
   // residual streams carry outliers in the thousands); bf16 and fp32 have fp32's exponent range.
-  return rms && act_dtype_ != DType::kFloat16 && !spec_.norm_bias && spec_.residual == ResidualKind::kSequential &&
-         outputs_fold_into_residual() && spec_.positions == PositionKind::kRotary &&
-         spec_.rotary_dim() == spec_.head_dim && !spec_.qkv_bias && !spec_.mlp_bias;
+  return rms && act_dtype_ != DType::kFloat16 && !spec_.norm_bias &&
+         spec_.residual == ResidualKind::kSequential && outputs_fold_into_residual() &&
+         spec_.positions == PositionKind::kRotary && spec_.rotary_dim() == spec_.head_dim &&
+         !spec_.qkv_bias && !spec_.mlp_bias;
 }
 
 namespace {
@@ -258,7 +259,8 @@ void upload_column_scaled(Backend& backend, const HostTensor& t, DType source, D
   int64_t rows = 1;
   for (int64_t d : t.shape) rows *= d;
   rows /= K;
-  const int64_t chunk_rows = std::max<int64_t>(1, int64_t(kConvertChunkBytes / (K * sizeof(float))));
+  const int64_t chunk_rows =
+      std::max<int64_t>(1, int64_t(kConvertChunkBytes / (K * sizeof(float))));
   std::vector<float> row_f32(size_t(chunk_rows * K));
   std::vector<std::byte> staging(size_t(chunk_rows * K) * dtype_size(stored));
   const auto* src = static_cast<const std::byte*>(t.data);

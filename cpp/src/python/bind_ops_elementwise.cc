@@ -288,7 +288,9 @@ void set_qk_norm(octavo::RotaryParams& p, const char* op, bool cuda, const OptAr
 octavo::RowRmsScale row_scale_of(const char* op, bool cuda, const OptArray& source,
                                  int64_t num_tokens, float eps, octavo::DType act_dtype) {
   if (!source) return {};
-  if (on_cuda(*source) != cuda) throw InvalidArgument(std::string(op) + ": arrays on different devices");
+  if (on_cuda(*source) != cuda) {
+    throw InvalidArgument(std::string(op) + ": arrays on different devices");
+  }
   const int64_t width = last_dim(*source);
   if (width <= 0 || int64_t(source->size()) != num_tokens * width) {
     throw InvalidArgument(std::string(op) + ": row_scale_source has " +
@@ -296,7 +298,8 @@ octavo::RowRmsScale row_scale_of(const char* op, bool cuda, const OptArray& sour
                           str(num_tokens) + ", width > 0]");
   }
   if (dtype_of(*source, "row_scale_source") != act_dtype) {
-    throw InvalidArgument(std::string(op) + ": row_scale_source's dtype differs from the activations'");
+    throw InvalidArgument(std::string(op) +
+                          ": row_scale_source's dtype differs from the activations'");
   }
   return octavo::RowRmsScale{source->data(), width, int32_t(width), eps};
 }
@@ -509,7 +512,8 @@ void bind_ops_elementwise(nb::module_& ops) {
           "rotated k and v: one fused kernel on the GPU. With row_scale_source ([tokens, width]),\n"
           "token t's q, k and v are first multiplied by rsqrt(mean(row_t^2) + row_scale_eps).");
   ops.def("activation", &activation, arg("x"), arg("out"), arg("activation"),
-          arg("row_scale_source").none() = nb::none(), arg("row_scale_eps") = 1e-6f, arg("stream") = 0,
+          arg("row_scale_source").none() = nb::none(), arg("row_scale_eps") = 1e-6f,
+          arg("stream") = 0,
           "out = act(x) (plain) or act(gate) * up for x = [tokens, 2 * inter] (GLU: gate | up).\n"
           "activation: an Activation value; inter is out's last dim. With row_scale_source\n"
           "([tokens, width]), row t of x is first multiplied by rsqrt(mean(row_t^2) + eps).");
