@@ -496,15 +496,15 @@ struct HeadNorm {
   }
 };
 
-// Normalises (when norm.weight is set) and rotates (when `rotate`) the kPairs pairs of rotation
-// item `item` of `head`, stores them back in place (when either happened) and into `cache_head`
-// (when not null).
 template <int P>
 __device__ __forceinline__ void scale_all(float (&x)[P], float scale) {
 #pragma unroll
   for (int j = 0; j < P; ++j) x[j] *= scale;
 }
 
+// Scales (by the token's row scale), normalises (when norm.weight is set) and rotates (when
+// `rotate`) the kPairs pairs of rotation item `item` of `head`, stores them back in place (when
+// either happened) and into `cache_head` (when not null).
 template <typename T, bool kVec>
 __device__ __forceinline__ void rope_item(T* head, T* cache_head, int item, bool neox, int half,
                                           const float* cos, bool rotate, float scale,
@@ -607,7 +607,7 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
   const RowRmsScale row_scale =
       kRotate && r.row_scale.source != nullptr ? r.row_scale : w.v_row_scale;
   float scale = 1.0f;
-  if ((kRotate || kWrite) && row_scale.source != nullptr) {
+  if (row_scale.source != nullptr) {
     __shared__ float scratch[kMaxRopeThreads / gpu::kWarpSize];
     scale = block_row_rms_scale<T>(row_scale, t, scratch);
   }
@@ -643,10 +643,10 @@ __global__ void rope_kv_kernel(const RotaryParams r, const WriteKVParams w, cons
     }
     __syncthreads();
   }
+  const float inv_head_dim = 1.0f / float(head_dim);
   auto head_norm = [&](const void* weight, int h) {
     return qk_norm ? HeadNorm<T>{static_cast<const T*>(weight), g.norm_lanes ? 0.0f : inv_rms[h],
-                                 r.qk_norm_plus_one, g.norm_lanes, 1.0f / float(head_dim),
-                                 r.qk_norm_eps}
+                                 r.qk_norm_plus_one, g.norm_lanes, inv_head_dim, r.qk_norm_eps}
                    : HeadNorm<T>{nullptr, 1.0f, false, 0, 0.0f, 0.0f};
   };
   for (int item = threadIdx.x; item < g.total; item += blockDim.x) {

@@ -37,26 +37,29 @@ void write_kv(const WriteKVParams& p) {
   const int64_t block_elements = 2 * p.num_kv_heads * head_run;
   // Decode writes one token per request: not worth waking the OpenMP team for small batches.
   const int64_t elements = int64_t{p.num_tokens} * p.num_kv_heads * head_dim;
-#pragma omp parallel for schedule(static) if (elements >= (int64_t{1} << 15))
-  for (int32_t t = 0; t < p.num_tokens; ++t) {
-    const int64_t slot = p.slot_mapping[t];
-    if (slot == -1) continue;
-    const int64_t block = slot / p.block_size;
-    const int64_t offset = slot % p.block_size;
-    const float* v_row = v + t * p.v_stride;
-    std::vector<float> scaled_v;
-    if (p.v_row_scale.source != nullptr) {
-      const float scale = row_rms_scale(p.v_row_scale, t);
-      scaled_v.assign(v_row, v_row + int64_t{p.num_kv_heads} * head_dim);
-      for (float& x : scaled_v) x *= scale;
-      v_row = scaled_v.data();
-    }
-    for (int32_t h = 0; h < p.num_kv_heads; ++h) {
-      const int64_t k_offset = block * block_elements + h * head_run + offset * head_dim;
-      const int64_t v_offset = k_offset + p.num_kv_heads * head_run;
-      store_row(k + t * p.k_stride + h * head_dim, head_dim, p.layer_cache, p.cache_dtype,
-                k_offset);
-      store_row(v_row + h * head_dim, head_dim, p.layer_cache, p.cache_dtype, v_offset);
+#pragma omp parallel if (elements >= (int64_t{1} << 15))
+  {
+    std::vector<float> scaled_v;  // one token's v times its row scale: one buffer a thread
+    if (p.v_row_scale.source != nullptr) scaled_v.resize(size_t(p.num_kv_heads) * head_dim);
+#pragma omp for schedule(static)
+    for (int32_t t = 0; t < p.num_tokens; ++t) {
+      const int64_t slot = p.slot_mapping[t];
+      if (slot == -1) continue;
+      const int64_t block = slot / p.block_size;
+      const int64_t offset = slot % p.block_size;
+      const float* v_row = v + t * p.v_stride;
+      if (p.v_row_scale.source != nullptr) {
+        const float scale = row_rms_scale(p.v_row_scale, t);
+        for (size_t i = 0; i < scaled_v.size(); ++i) scaled_v[i] = v_row[i] * scale;
+        v_row = scaled_v.data();
+      }
+      for (int32_t h = 0; h < p.num_kv_heads; ++h) {
+        const int64_t k_offset = block * block_elements + h * head_run + offset * head_dim;
+        const int64_t v_offset = k_offset + p.num_kv_heads * head_run;
+        store_row(k + t * p.k_stride + h * head_dim, head_dim, p.layer_cache, p.cache_dtype,
+                  k_offset);
+        store_row(v_row + h * head_dim, head_dim, p.layer_cache, p.cache_dtype, v_offset);
+      }
     }
   }
 }
