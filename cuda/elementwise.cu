@@ -715,14 +715,31 @@ constexpr int kActivationMaxRowBlocks = 65535;  // gridDim.y's limit
 
 // With a row scale the grid is (blocks per row, rows): each block sums its row's squares itself
 // (the row is in L2, just read by the GEMM before), then scales the chunks it takes.
+// One chunk of a row: out[e, e + C) = act(scale * gate) (* scale * up). The unscaled path passes
+// 1, which the compiler folds away.
+template <typename T, int C, Activation A>
+__device__ __forceinline__ void activate_chunk(const T* in_row, T* out_row, int64_t e, int inter,
+                                               float scale) {
+  float x[C];
+  load_chunk<T, C>(in_row + e, x);
+#pragma unroll
+  for (int j = 0; j < C; ++j) x[j] = activate<A>(scale * x[j]);
+  if constexpr (is_glu(A)) {
+    float up[C];
+    load_chunk<T, C>(in_row + inter + e, up);
+#pragma unroll
+    for (int j = 0; j < C; ++j) x[j] *= scale * up[j];
+  }
+  store_chunk<T, C>(out_row + e, x);
+}
+
 template <typename T, int C, Activation A>
 __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const ActivationParams p) {
   gpu::wait_for_previous_kernels();
   gpu::allow_next_launch();
-  constexpr bool kGlu = is_glu(A);
   const int64_t chunks_per_row = p.inter / C;
   const int64_t total = chunks_per_row * p.num_tokens;
-  const int64_t in_width = kGlu ? 2 * int64_t{p.inter} : p.inter;
+  const int64_t in_width = is_glu(A) ? 2 * int64_t{p.inter} : p.inter;
   const T* in = static_cast<const T*>(p.in);
   T* out = static_cast<T*>(p.out);
   if (p.row_scale.source != nullptr) {
@@ -731,18 +748,7 @@ __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const Ac
       const float scale = block_row_rms_scale<T>(p.row_scale, t, scratch);
       for (int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; c < chunks_per_row;
            c += int64_t{gridDim.x} * blockDim.x) {
-        const int64_t e = c * C;
-        float x[C];
-        load_chunk<T, C>(in + t * in_width + e, x);
-#pragma unroll
-        for (int j = 0; j < C; ++j) x[j] = activate<A>(scale * x[j]);
-        if constexpr (kGlu) {
-          float up[C];
-          load_chunk<T, C>(in + t * in_width + p.inter + e, up);
-#pragma unroll
-          for (int j = 0; j < C; ++j) x[j] *= scale * up[j];
-        }
-        store_chunk<T, C>(out + t * p.inter + e, x);
+        activate_chunk<T, C, A>(in + t * in_width, out + t * p.inter, c * C, p.inter, scale);
       }
     }
     return;
@@ -751,17 +757,7 @@ __global__ void __launch_bounds__(kActivationThreads) activation_kernel(const Ac
        index += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = index / chunks_per_row;
     const int64_t e = (index - t * chunks_per_row) * C;
-    float x[C];
-    load_chunk<T, C>(in + t * in_width + e, x);
-#pragma unroll
-    for (int j = 0; j < C; ++j) x[j] = activate<A>(x[j]);
-    if constexpr (kGlu) {
-      float up[C];
-      load_chunk<T, C>(in + t * in_width + p.inter + e, up);
-#pragma unroll
-      for (int j = 0; j < C; ++j) x[j] *= up[j];
-    }
-    store_chunk<T, C>(out + t * p.inter + e, x);
+    activate_chunk<T, C, A>(in + t * in_width, out + t * p.inter, e, p.inter, 1.0f);
   }
 }
 

@@ -300,15 +300,10 @@ void apply_activation(const float* in, float* out, int32_t num_tokens, int64_t i
   for (int32_t t = 0; t < num_tokens; ++t) {
     const float* gate = in + t * in_width;
     float* y = out + t * inter;
-    if (row_scale.source != nullptr) {
-      const float s = row_rms_scale(row_scale, t);
-      for (int64_t i = 0; i < inter; ++i) {
-        y[i] = kGlu ? Act(s * gate[i]) * (s * gate[inter + i]) : Act(s * gate[i]);
-      }
-      continue;
-    }
+    // x * 1 is x exactly: rows without a scale come out as before.
+    const float s = row_scale.source != nullptr ? row_rms_scale(row_scale, t) : 1.0f;
     for (int64_t i = 0; i < inter; ++i) {
-      y[i] = kGlu ? Act(gate[i]) * gate[inter + i] : Act(gate[i]);
+      y[i] = kGlu ? Act(s * gate[i]) * (s * gate[inter + i]) : Act(s * gate[i]);
     }
   }
 }
