@@ -25,9 +25,10 @@
 //   running max grows); row groups merge at the end (shuffles within a warp, shared memory across
 //   warps).
 // - Tensor cores (group tiles 4 and 8 at head dims 64 and 128): the group's heads are the rows of
-//   m16n8k16 MMAs for S = Q K^T and m16n8k8 MMAs for O += P V, each warp taking a quarter of every
-//   tile's keys with its own online softmax; tiles are stored XOR-swizzled for ldmatrix, and P
-//   goes in as two 16-bit parts (high + low) so the weights keep ~fp32 precision.
+//   m16n8k16 MMAs for S = Q K^T and O += P V, each warp taking a quarter of every tile's keys
+//   with its own online softmax; tiles are stored XOR-swizzled for ldmatrix, and P goes in as two
+//   16-bit parts (high + low, the two k halves of one MMA against the same V rows) so the weights
+//   keep ~fp32 precision.
 // Both end in the same merge across warps through shared memory.
 //
 // Speed. Bound by HBM bandwidth: the K/V bytes dominate (q, outputs and partials are <1% at the
@@ -78,9 +79,12 @@ constexpr int kCtasPerSmTarget = 4;   // 4 CTAs x 48 KiB shared memory fit an H1
 // plan then aims at kFewCtasPerSm (keeping at least kManySplits splits). H100, 32/8 heads: batch
 // 1 x 8k 64 -> 32 splits 17.6 -> 15.8 us, 1 x 32k 61.3 -> 53.3 us. Without the reduction the
 // split kernel was as fast with half the splits (1 x 8k 13.8 / 13.9 us) or faster (1 x 32k 58.0
-// -> 52.0 us); the reduction of 64 splits took ~3.6-4.6 us.
+// -> 52.0 us); the reduction of 64 splits took ~3.6-4.6 us. H200 (2026-11-28), between the two:
+// 1 x 32k 32 -> ~48 splits 48.9-50.7 -> 40.6-41.8 us (0.65 -> 0.79 of copy; 64 splits 43.5 us),
+// 1 x 8k 15.4-15.7 -> 14.5-15.2 us. At 2 CTAs per SM a warp scheduler holds two warps, whose
+// MMA and softmax chains it cannot hide (ncu at 1 x 32k: 0.33 issues a cycle, DRAM 59% busy).
 constexpr int kManySplits = 32;
-constexpr int kFewCtasPerSm = 2;
+constexpr int kFewCtasPerSm = 3;
 
 /// Compile-time geometry of one head dim.
 template <int kHeadDim>
@@ -525,11 +529,10 @@ __global__ void __launch_bounds__(kThreads, ctas_per_sm(kGroupTile, kHeadDim))
         for (int c = 0; c < kHeadDim / 32; ++c) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, fragment_address(v_tile, tb, c));
+          // P's high and low parts are the two k halves of one MMA, each against the same V.
+          const uint32_t a[4] = {p_high[tb], 0u, p_low[tb], 0u};
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            mma_1688<T>(out[4 * c + i], p_high[tb], 0u, b[i]);
-            mma_1688<T>(out[4 * c + i], p_low[tb], 0u, b[i]);
-          }
+          for (int i = 0; i < 4; ++i) mma_16816<T>(out[4 * c + i], a, b[i], b[i]);
         }
       }
     }
