@@ -12,8 +12,9 @@ scaled_dot_product_attention on contiguous tensors of the same shapes. Decode GE
 times Llama-3.1-8B's weights): the few-row kernel decode steps use (cuda/gemv.cu), GB/s of weight
 read and the fraction of the copy bandwidth, beside torch's cuBLAS matmul of the same shapes.
 Layer ops (the row-wise kernels between the GEMMs: RMSNorm, rotary + KV cache write, SiLU-GLU; the
-last two with the residual row's 1 / RMS, as the executor runs them when norms fold) at the
-workloads' batches: bytes moved per call and the fraction of the copy bandwidth.
+last two with the residual row's 1 / RMS, as the executor runs them when norms fold, and SiLU-GLU
+also without it) at the workloads' batches: bytes moved per call and the fraction of the copy
+bandwidth.
 bf16, head dim 128, 32 query / 8 KV heads unless stated, block 16 (BENCH.md's shapes). Calls are
 replayed from a CUDA graph, so the host's per-call work never shows in the time (decode; prefill
 kernels take milliseconds and are timed back to back). One JSON line per shape; --result-json
@@ -58,7 +59,7 @@ QUICK_PREFILL = [(2, 512)]
 # whether rotary carries a QK norm.
 LAYER_MODELS = {"qwen3-0.6b": (1024, 16, 8, 3072, True),
                 "llama-3.1-8b": (4096, 32, 8, 14336, False)}
-LAYER_OPS = ("norm", "rotary_write_kv", "activation")
+LAYER_OPS = ("norm", "rotary_write_kv", "activation", "activation_unscaled")
 # (rows, model): nano's running batch, llama8b's, and the latency workload's single row.
 LAYER_OP_SHAPES = [(256, "qwen3-0.6b"), (512, "llama-3.1-8b"), (1, "llama-3.1-8b")]
 QUICK_LAYER_OPS = [(4, "qwen3-0.6b")]
@@ -341,6 +342,14 @@ def layer_op_call(op: str, rows: int, model: str, device: str = "cuda", dtype=DT
 
         # gate and up in, out back, the residual row once from memory
         return call, rows * (3 * inter + hidden) * element
+    if op == "activation_unscaled":  # the same without the row scale (models whose norms do not
+        # fold): the difference is what the row's sum of squares costs the activation
+        x, out = rand(rows, 2 * inter), torch.empty((rows, inter), dtype=dtype, device=device)
+
+        def call():
+            _C.ops.activation(x, out, 0, stream=stream())
+
+        return call, rows * 3 * inter * element
     raise ValueError(f"unknown layer op {op!r}; choose from {', '.join(LAYER_OPS)}")
 
 

@@ -23,7 +23,8 @@ def test_kernels_bench_quick(tmp_path):
     nano_run = [line for line in lines if line["kernel"] == "paged_decode_nano_run"]
     llama8b_run = [line for line in lines if line["kernel"] == "paged_decode_llama8b_run"]
     layer_ops = [line for line in lines
-                 if line["kernel"] in ("norm", "rotary_write_kv", "activation")]
+                 if line["kernel"] in ("norm", "rotary_write_kv", "activation",
+                                       "activation_unscaled")]
     assert len(decode) == 3 and len(prefill) == 1 and len(gemv) == 1
     assert sorted(line["heads"] for line in decode) == [32, 32, 64]
     assert sorted(line["order"] for line in nano_run) == ["longest_first", "rows"]
@@ -38,7 +39,8 @@ def test_kernels_bench_quick(tmp_path):
         assert line["ms"] > 0 and line["sdpa_ms"] > 0 and 0 < line["fraction_of_matmul"] < 1.5
     for line in gemv:
         assert line["us"] > 0 and line["cublas_us"] > 0 and 0 < line["fraction_of_copy"] < 1.5
-    assert sorted(line["kernel"] for line in layer_ops) == ["activation", "norm", "rotary_write_kv"]
+    assert sorted(line["kernel"] for line in layer_ops) == ["activation", "activation_unscaled",
+                                                            "norm", "rotary_write_kv"]
     for line in layer_ops:
         assert line["us"] > 0 and line["rows"] == 4 and 0 < line["fraction_of_copy"] < 1.5
     assert all(line["copy_bandwidth_TBps"] > 0 for line in lines)
