@@ -710,9 +710,10 @@ def test_rotary_write_kv_row_scale(dtype, mode, case):
 @pytest.mark.parametrize("act", [SILU_GLU, GELU_TANH_GLU, GELU], ids=lambda a: ACTIVATIONS[a])
 @pytest.mark.parametrize("num_tokens, inter, hidden",
                          [(1, 3072, 1024), (7, 14336, 4096), (300, 100, 1001), (33, 3072, 100),
-                          (70000, 8, 64)])
+                          (600, 14336, 4096), (150, 6144, 700), (70000, 8, 64)])
 def test_activation_row_scale(dtype, act, num_tokens, inter, hidden):
-    """Each input row times its stream row's 1 / RMS first; 70,000 rows pass gridDim.y's limit."""
+    """Each input row times its stream row's 1 / RMS first; 70,000 rows pass gridDim.y's limit;
+    600 rows get one block a row (many chunks a thread), 150 rows a few blocks a row."""
     seed_of("act_row_scale", dtype, act, num_tokens, inter, hidden)
     glu = act in (SILU_GLU, GELU_GLU, GELU_TANH_GLU)
     x, x_np = rand((num_tokens, 2 * inter if glu else inter), dtype, 2.0)
