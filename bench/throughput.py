@@ -3,6 +3,13 @@
     python bench/throughput.py --model DIR [--device cpu] --num-prompts 64 \
         --input-len 100:1024 --output-len 100:1024
     python bench/throughput.py --random-model tiny-llama --num-prompts 16 --input-len 32 --output-len 32
+    python bench/throughput.py --random-model qwen3-0.6b --device cuda --num-prompts 256 \
+        --backend hf --hf-max-batch-size 128
+
+--backend hf measures the `transformers` baseline the way BENCH.md's peer table was measured: the
+same requests through `generate` in static batches of --hf-max-batch-size (in request order), left
+padded, SDPA attention, pure sampling (temperature 1, no top-k / top-p), each batch run to its
+longest output (EOS suppressed); only each request's own output tokens count.
 
 Lengths are drawn as BENCH.md prescribes: random.Random(seed), (randint(in), randint(out)) per
 request. Prints one JSON line: requests, prompt and output tokens, wall seconds, output and total
@@ -110,6 +117,46 @@ def build_random_model(name: str, directory: str) -> None:
     build_tokenizer(directory)
 
 
+def run_hf(model_dir: str, device: str, dtype: str, prompts: list[list[int]],
+           output_lens: list[int], batch_size: int, seed: int) -> tuple[float, int]:
+    """Wall seconds of `transformers` generate over the requests in static batches, and the tokens
+    it generated (each batch runs to its longest output, so at least sum(output_lens))."""
+    import torch
+    import transformers
+
+    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+              "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise SystemExit(f"--backend hf: unknown dtype {dtype!r}; choose from {', '.join(dtypes)}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtypes[dtype], attn_implementation="sdpa").to(device).eval()
+    config = model.config
+    pad = next((t for t in (config.pad_token_id, config.eos_token_id, 0) if isinstance(t, int)), 0)
+    torch.manual_seed(seed)
+    generated = 0
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        longest = max(output_lens[first:first + batch_size])
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        settings = transformers.GenerationConfig(
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=longest,
+            min_new_tokens=longest, pad_token_id=pad, eos_token_id=config.eos_token_id)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+        if out.shape[1] - width != longest:
+            raise RuntimeError(f"transformers generated {out.shape[1] - width} tokens a row for a "
+                               f"batch whose longest output is {longest}")
+        generated += len(batch) * longest
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, generated
+
+
 def commit() -> str:
     """OCTAVO_COMMIT when set (a copy of the tree without its git history), else git's HEAD."""
     if os.environ.get("OCTAVO_COMMIT"):
@@ -141,23 +188,38 @@ def main() -> None:
                         help="launch each step while the one before it runs (default: on GPUs)")
     parser.add_argument("--profile", action="store_true",
                         help="also report GPU kernel time over the run (CUDA only)")
+    parser.add_argument("--backend", choices=("octavo", "hf"), default="octavo",
+                        help="hf: the transformers baseline (see above)")
+    parser.add_argument("--hf-max-batch-size", type=int, default=None,
+                        help="requests a transformers generate call takes (--backend hf only)")
     args = parser.parse_args()
     if args.profile and not args.device.startswith("cuda"):
         parser.error("--profile reports GPU kernel time: it needs --device cuda")
+    if args.backend == "hf":
+        if args.hf_max_batch_size is None or args.hf_max_batch_size < 1:
+            parser.error("--backend hf needs --hf-max-batch-size N (N >= 1): transformers runs "
+                         "static batches")
+        engine_only = [flag for flag, value in (
+            ("--max-num-seqs", args.max_num_seqs),
+            ("--max-num-batched-tokens", args.max_num_batched_tokens),
+            ("--async-scheduling", args.async_scheduling)) if value is not None]
+        if engine_only:
+            parser.error(f"{', '.join(engine_only)}: octavo engine settings; --backend hf "
+                         "batches by --hf-max-batch-size")
+    elif args.hf_max_batch_size is not None:
+        parser.error("--hf-max-batch-size is for --backend hf")
+    if args.backend == "hf":
+        return main_hf(args)
 
     from octavo import LLM, SamplingParams
 
     with model_directory(args.model, args.random_model) as model_dir:
-        rng = random.Random(args.seed)
-        lengths = [(rng.randint(*args.input_len), rng.randint(*args.output_len))
-                   for _ in range(args.num_prompts)]
+        lengths = workload_lengths(args)
         llm = LLM(model=model_dir, device=args.device, dtype=args.dtype,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=max(i + o for i, o in lengths) + 1,
                   async_scheduling=args.async_scheduling)
-        vocab = llm.model_spec["vocab_size"]
-        token_rng = random.Random(args.seed + 1)
-        prompts = [[token_rng.randrange(vocab) for _ in range(i)] for i, _ in lengths]
+        prompts = random_prompts(lengths, llm.model_spec["vocab_size"], args.seed)
         params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k,
                                  detokenize=not args.no_detokenize)
                   for k, (_, o) in enumerate(lengths)]
@@ -178,11 +240,7 @@ def main() -> None:
         profile_report = kernel_summary(prof, 1.0)
         profile_report["gpu_idle_share"] = round(1 - profile_report["gpu_busy_ms"] / 1e3 / wall, 3)
     print(json.dumps({
-        "bench": "throughput", "model": args.random_model or args.model, "device": args.device,
-        "requests": args.num_prompts, "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens, "wall_s": round(wall, 3),
-        "output_tok_s": round(output_tokens / wall, 1),
-        "total_tok_s": round((prompt_tokens + output_tokens) / wall, 1),
+        **common_report(args, prompt_tokens, output_tokens, wall),
         "detokenize": not args.no_detokenize,
         # Where the wall time went: the C++ step (host scheduling, executor incl. the GPU wait,
         # host outputs) and Python around it (detokenization, stop strings, bookkeeping).
@@ -198,6 +256,53 @@ def main() -> None:
         "startup_graph_capture_s": round(stats.startup_graph_capture_seconds, 3),
         "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
                           - stats.output_seconds, 3),
+        **profile_report,
+        "commit": commit(),
+    }))
+
+
+def workload_lengths(args) -> list[tuple[int, int]]:
+    """(prompt, output) lengths as BENCH.md draws them."""
+    rng = random.Random(args.seed)
+    return [(rng.randint(*args.input_len), rng.randint(*args.output_len))
+            for _ in range(args.num_prompts)]
+
+
+def random_prompts(lengths, vocab_size: int, seed: int) -> list[list[int]]:
+    token_rng = random.Random(seed + 1)
+    return [[token_rng.randrange(vocab_size) for _ in range(i)] for i, _ in lengths]
+
+
+def common_report(args, prompt_tokens: int, output_tokens: int, wall: float) -> dict:
+    return {
+        "bench": "throughput", "backend": args.backend, "model": args.random_model or args.model,
+        "device": args.device, "requests": args.num_prompts, "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens, "wall_s": round(wall, 3),
+        "output_tok_s": round(output_tokens / wall, 1),
+        "total_tok_s": round((prompt_tokens + output_tokens) / wall, 1),
+    }
+
+
+def main_hf(args) -> None:
+    """The transformers baseline over the same requests (BENCH.md's peer method)."""
+    import transformers
+
+    with model_directory(args.model, args.random_model) as model_dir:
+        lengths = workload_lengths(args)
+        vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+        prompts = random_prompts(lengths, vocab, args.seed)
+        profiler = contextlib.nullcontext()
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            profiler = profile(activities=[ProfilerActivity.CUDA])
+        with profiler as prof:
+            wall, generated = run_hf(model_dir, args.device, args.dtype, prompts,
+                                     [o for _, o in lengths], args.hf_max_batch_size, args.seed)
+    profile_report = kernel_summary(prof, 1.0) if args.profile else {}
+    print(json.dumps({
+        **common_report(args, sum(i for i, _ in lengths), sum(o for _, o in lengths), wall),
+        "hf_max_batch_size": args.hf_max_batch_size,
+        "generated_tokens": generated,  # with each static batch's overrun past shorter outputs
         **profile_report,
         "commit": commit(),
     }))

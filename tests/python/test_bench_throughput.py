@@ -43,3 +43,36 @@ def test_throughput_bench_profile_needs_cuda(llama_dir):
     run = subprocess.run([sys.executable, SCRIPT, "--model", llama_dir, "--profile"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--profile" in run.stderr and "cuda" in run.stderr
+
+
+def test_throughput_bench_hf_backend_runs_the_same_requests_in_static_batches(llama_dir):
+    """--backend hf: BENCH.md's transformers baseline; each batch of 2 runs to its longest output
+    and only each request's own tokens count."""
+    command = [sys.executable, SCRIPT, "--model", llama_dir, "--num-prompts", "5",
+               "--input-len", "8:20", "--output-len", "3:7", "--seed", "4", "--backend", "hf",
+               "--hf-max-batch-size", "2"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = json.loads(run.stdout.strip().splitlines()[-1])
+    rng = random.Random(4)
+    lengths = [(rng.randint(8, 20), rng.randint(3, 7)) for _ in range(5)]
+    outputs = [o for _, o in lengths]
+    assert line["backend"] == "hf" and line["hf_max_batch_size"] == 2
+    assert line["prompt_tokens"] == sum(i for i, _ in lengths)
+    assert line["output_tokens"] == sum(outputs)
+    assert line["generated_tokens"] == sum(len(outputs[b:b + 2]) * max(outputs[b:b + 2])
+                                           for b in range(0, 5, 2))
+    assert line["output_tok_s"] > 0 and line["wall_s"] > 0
+    assert "steps" not in line  # no engine statistics for transformers
+
+
+def test_throughput_bench_backend_flags_are_checked(llama_dir):
+    cases = [(["--backend", "hf"], "--hf-max-batch-size"),
+             (["--backend", "hf", "--hf-max-batch-size", "0"], "N >= 1"),
+             (["--hf-max-batch-size", "4"], "--backend hf"),
+             (["--backend", "hf", "--hf-max-batch-size", "4", "--max-num-seqs", "8"],
+              "--max-num-seqs")]
+    for flags, message in cases:
+        run = subprocess.run([sys.executable, SCRIPT, "--model", llama_dir, *flags],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (flags, run.stderr)
