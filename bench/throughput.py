@@ -146,8 +146,14 @@ def run_hf(model_dir: str, device: str, dtype: str, prompts: list[list[int]],
         settings = transformers.GenerationConfig(
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=longest,
             min_new_tokens=longest, pad_token_id=pad, eos_token_id=config.eos_token_id)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+        try:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask,
+                                     generation_config=settings)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"transformers ran out of memory on a batch of {len(batch)} requests "
+                             f"({width} prompt + {longest} output tokens); lower "
+                             "--hf-max-batch-size") from None
         if out.shape[1] - width != longest:
             raise RuntimeError(f"transformers generated {out.shape[1] - width} tokens a row for a "
                                f"batch whose longest output is {longest}")
