@@ -50,6 +50,21 @@ def kernel_summary(prof, divisor: float, top: int = 12) -> dict:
     }
 
 
+def cuda_profiler(enabled: bool):
+    """torch.profiler over CUDA kernels when `enabled`, else a context that does nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def profile_report(prof, wall: float) -> dict:
+    """kernel_summary over the whole run, and the share of the wall time no kernel ran."""
+    report = kernel_summary(prof, 1.0)
+    report["gpu_idle_share"] = round(1 - report["gpu_busy_ms"] / 1e3 / wall, 3)
+    return report
+
+
 def save_random_untied_llama(config, directory: str) -> None:
     """A random bf16 Llama checkpoint without transformers' initialisation (minutes on the CPU
     for 8 B parameters): the module is built on the meta device for its tensor names and shapes,
@@ -117,10 +132,8 @@ def build_random_model(name: str, directory: str) -> None:
     build_tokenizer(directory)
 
 
-def run_hf(model_dir: str, device: str, dtype: str, prompts: list[list[int]],
-           output_lens: list[int], batch_size: int, seed: int) -> tuple[float, int]:
-    """Wall seconds of `transformers` generate over the requests in static batches, and the tokens
-    it generated (each batch runs to its longest output, so at least sum(output_lens))."""
+def load_hf_model(model_dir: str, device: str, dtype: str):
+    """The checkpoint as a `transformers` model with SDPA attention, bf16 on GPUs for "auto"."""
     import torch
     import transformers
 
@@ -128,8 +141,17 @@ def run_hf(model_dir: str, device: str, dtype: str, prompts: list[list[int]],
               "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise SystemExit(f"--backend hf: unknown dtype {dtype!r}; choose from {', '.join(dtypes)}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtypes[dtype], attn_implementation="sdpa").to(device).eval()
+
+
+def run_hf(model, device: str, prompts: list[list[int]], output_lens: list[int],
+           batch_size: int, seed: int) -> tuple[float, int]:
+    """Wall seconds of `model.generate` over the requests in static batches, and the tokens it
+    generated (each batch runs to its longest output, so at least sum(output_lens))."""
+    import torch
+    import transformers
+
     config = model.config
     pad = next((t for t in (config.pad_token_id, config.eos_token_id, 0) if isinstance(t, int)), 0)
     torch.manual_seed(seed)
@@ -212,10 +234,9 @@ def main() -> None:
         if engine_only:
             parser.error(f"{', '.join(engine_only)}: octavo engine settings; --backend hf "
                          "batches by --hf-max-batch-size")
-    elif args.hf_max_batch_size is not None:
-        parser.error("--hf-max-batch-size is for --backend hf")
-    if args.backend == "hf":
         return main_hf(args)
+    if args.hf_max_batch_size is not None:
+        parser.error("--hf-max-batch-size is for --backend hf")
 
     from octavo import LLM, SamplingParams
 
@@ -229,11 +250,7 @@ def main() -> None:
         params = [SamplingParams(temperature=1.0, max_tokens=o, ignore_eos=True, seed=k,
                                  detokenize=not args.no_detokenize)
                   for k, (_, o) in enumerate(lengths)]
-        profiler = contextlib.nullcontext()
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-            profiler = profile(activities=[ProfilerActivity.CUDA])
-        with profiler as prof:
+        with cuda_profiler(args.profile) as prof:
             start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - start
@@ -241,10 +258,6 @@ def main() -> None:
 
     prompt_tokens = sum(i for i, _ in lengths)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    profile_report = {}
-    if args.profile:
-        profile_report = kernel_summary(prof, 1.0)
-        profile_report["gpu_idle_share"] = round(1 - profile_report["gpu_busy_ms"] / 1e3 / wall, 3)
     print(json.dumps({
         **common_report(args, prompt_tokens, output_tokens, wall),
         "detokenize": not args.no_detokenize,
@@ -262,7 +275,7 @@ def main() -> None:
         "startup_graph_capture_s": round(stats.startup_graph_capture_seconds, 3),
         "python_s": round(wall - stats.schedule_seconds - stats.execute_seconds
                           - stats.output_seconds, 3),
-        **profile_report,
+        **(profile_report(prof, wall) if args.profile else {}),
         "commit": commit(),
     }))
 
@@ -291,25 +304,18 @@ def common_report(args, prompt_tokens: int, output_tokens: int, wall: float) -> 
 
 def main_hf(args) -> None:
     """The transformers baseline over the same requests (BENCH.md's peer method)."""
-    import transformers
-
     with model_directory(args.model, args.random_model) as model_dir:
         lengths = workload_lengths(args)
-        vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
-        prompts = random_prompts(lengths, vocab, args.seed)
-        profiler = contextlib.nullcontext()
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-            profiler = profile(activities=[ProfilerActivity.CUDA])
-        with profiler as prof:
-            wall, generated = run_hf(model_dir, args.device, args.dtype, prompts,
-                                     [o for _, o in lengths], args.hf_max_batch_size, args.seed)
-    profile_report = kernel_summary(prof, 1.0) if args.profile else {}
+        model = load_hf_model(model_dir, args.device, args.dtype)
+        prompts = random_prompts(lengths, model.config.vocab_size, args.seed)
+        with cuda_profiler(args.profile) as prof:
+            wall, generated = run_hf(model, args.device, prompts, [o for _, o in lengths],
+                                     args.hf_max_batch_size, args.seed)
     print(json.dumps({
         **common_report(args, sum(i for i, _ in lengths), sum(o for _, o in lengths), wall),
         "hf_max_batch_size": args.hf_max_batch_size,
         "generated_tokens": generated,  # with each static batch's overrun past shorter outputs
-        **profile_report,
+        **(profile_report(prof, wall) if args.profile else {}),
         "commit": commit(),
     }))
 

@@ -713,7 +713,7 @@ def test_rotary_write_kv_row_scale(dtype, mode, case):
                           (600, 14336, 4096), (150, 6144, 700), (70000, 8, 64)])
 def test_activation_row_scale(dtype, act, num_tokens, inter, hidden):
     """Each input row times its stream row's 1 / RMS first; 70,000 rows pass gridDim.y's limit;
-    600 rows get one block a row (many chunks a thread), 150 rows a few blocks a row."""
+    on up to 150 SMs 600 rows get one block a row (many chunks a thread), 150 rows a few."""
     seed_of("act_row_scale", dtype, act, num_tokens, inter, hidden)
     glu = act in (SILU_GLU, GELU_GLU, GELU_TANH_GLU)
     x, x_np = rand((num_tokens, 2 * inter if glu else inter), dtype, 2.0)
